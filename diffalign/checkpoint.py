@@ -1,0 +1,113 @@
+"""Resumable checkpoints written as safetensors + JSON (no pickle), into a temporary folder renamed into place.
+
+A checkpoint holds the LoRA weights, the optimizer state (tensors in safetensors, structure in JSON), the LR
+schedule, the gradient scaler, the torch RNG states and the trainer's position (step, epoch, batch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PATTERN = re.compile(r"^checkpoint-(\d+)$")
+STATE = "trainer_state.json"
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, structure = {}, {"param_groups": state["param_groups"], "state": {}}
+    for idx, entry in state["state"].items():
+        structure["state"][str(idx)] = {}
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+                structure["state"][str(idx)][name] = "tensor"
+            else:
+                structure["state"][str(idx)][name] = value
+    return tensors, structure
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], structure: dict) -> dict:
+    state = {}
+    for idx, entry in structure["state"].items():
+        state[int(idx)] = {name: tensors[f"{idx}.{name}"] if value == "tensor" else value
+                           for name, value in entry.items()}
+    return {"state": state, "param_groups": structure["param_groups"]}
+
+
+def save_checkpoint(folder: Path, lora: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler,
+                    position: dict) -> Path:
+    """Write ``folder`` atomically: everything goes to ``.folder.tmp`` first, then one rename."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(lora, str(tmp / "lora.safetensors"))
+    opt_tensors, opt_structure = _flatten_optimizer(optimizer.state_dict())
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(tmp / "rng.safetensors"))
+    state = {"position": position, "optimizer": opt_structure, "lr_scheduler": lr_scheduler.state_dict(),
+             "scaler": scaler.state_dict() if scaler is not None else None}
+    (tmp / STATE).write_text(json.dumps(state, indent=1, default=_jsonable))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
+
+
+def load_checkpoint(folder: Path, optimizer, lr_scheduler, scaler) -> tuple[dict[str, torch.Tensor], dict]:
+    """Restore optimizer, schedule, scaler and RNG from ``folder``; return ``(lora weights, position)``."""
+    state = json.loads((folder / STATE).read_text())
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")),
+                                                   state["optimizer"]))
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    rng = load_file(str(folder / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    return load_file(str(folder / "lora.safetensors")), state["position"]
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first (half-written ``.tmp`` folders are ignored)."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
+             if (m := PATTERN.match(p.name)) and (p / STATE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def find_resume(output_dir: Path, resume: str) -> Path:
+    """The folder ``train.resume`` names: ``latest`` or an explicit checkpoint path."""
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(f"train.resume=latest: no checkpoint in {output_dir}")
+        return found[-1]
+    path = Path(resume)
+    if not (path / STATE).is_file():
+        raise FileNotFoundError(f"train.resume={resume!r}: not a checkpoint folder (no {STATE})")
+    return path
+
+
+def rotate(output_dir: Path, keep: int) -> None:
+    """Delete the oldest complete checkpoints beyond ``keep``; the newest is never deleted."""
+    for old in list_checkpoints(output_dir)[: -max(keep, 1)]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,298 @@
+"""Run configuration: nested dataclasses, loaded as defaults < YAML recipe < ``--set a.b=value`` overrides.
+
+Every field carries a help string in its metadata; ``__post_init__`` validates values and names the bad one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be turned into a valid :class:`Config`."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _choice(section: str, name: str, value: Any, valid: tuple) -> None:
+    if value not in valid:
+        raise ConfigError(f"{section}.{name}={value!r} is not valid; choose one of {', '.join(map(str, valid))}")
+
+
+def _positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{section}.{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = _f("", "Base model: a hub id or a local diffusers folder (SD1.5 or SDXL layout).")
+    vae: str | None = _f(None, "Optional VAE override (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix.")
+    prediction_type: str | None = _f(
+        None, "epsilon or v_prediction; None reads it from the base model's scheduler config."
+    )
+    revision: str | None = _f(None, "Hub revision of the base model.")
+
+    def __post_init__(self) -> None:
+        if self.prediction_type is not None:
+            _choice("model", "prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("", "Preference pairs: hub id, local dataset dir, parquet file/dir/glob, or a pairs .jsonl/.csv.")
+    split: str = _f("train", "Split to read from a hub or local HF dataset.")
+    resolution: int | None = _f(None, "Training resolution in pixels; None uses 512 for SD1.5 and 1024 for SDXL.")
+    caption_dropout: float = _f(0.0, "Probability per pair of training on the empty prompt (both images alike).")
+    keep_ties: bool = _f(False, "Keep tied pairs (label_0 not in {0, 1}); they are dropped and counted by default.")
+    max_pairs: int | None = _f(None, "Use at most this many pairs (after dropping ties); None uses all.")
+    random_flip: bool = _f(True, "Flip pairs horizontally with probability 0.5; fixed per pair so the cache is exact.")
+    center_crop: bool = _f(False, "Center crop instead of a random crop (the random crop is fixed per pair).")
+    on_bad_image: str = _f("skip", "What to do with undecodable images: 'skip' (counted warning) or 'error'.")
+    num_workers: int = _f(0, "DataLoader worker processes when training from raw images.")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ConfigError(f"data.caption_dropout={self.caption_dropout!r} must be in [0, 1]")
+        _choice("data", "on_bad_image", self.on_bad_image, ("skip", "error"))
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            raise ConfigError(f"data.resolution={self.resolution!r} must be a positive multiple of 8")
+        if self.max_pairs is not None:
+            _positive("data", "max_pairs", self.max_pairs)
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = _f("dpo", "Preference objective, by registered name (built-in: dpo).")
+    beta: float = _f(5000.0, "KL strength β. Diffusion-DPO convention: per-pixel mean MSE with the 1/2 factor.")
+    loss_type: str = _f("sigmoid", "Diffusion-DPO variant: sigmoid (the paper), hinge or ipo.")
+
+    def __post_init__(self) -> None:
+        _positive("objective", "beta", self.beta)
+        _choice("objective", "loss_type", self.loss_type, ("sigmoid", "hinge", "ipo"))
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _f(8, "LoRA rank r.")
+    alpha: float | None = _f(None, "LoRA alpha; None means alpha = rank (scale 1).")
+    targets: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet module names that get adapters.")
+    dropout: float = _f(0.0, "LoRA dropout.")
+
+    def __post_init__(self) -> None:
+        _positive("lora", "rank", self.rank)
+        if not self.targets:
+            raise ConfigError("lora.targets is empty; name at least one module, e.g. to_q")
+
+
+@dataclass
+class OptimConfig:
+    name: str = _f("adamw", "Optimizer: adamw, adamw8bit (needs bitsandbytes) or adafactor.")
+    lr: float = _f(1e-5, "Peak learning rate.")
+    weight_decay: float = _f(1e-2, "Decoupled weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
+    betas: list[float] = _f([0.9, 0.999], "Adam betas.")
+    eps: float = _f(1e-8, "Adam epsilon.")
+    scheduler: str = _f("constant_with_warmup", "LR schedule name from diffusers.optimization (constant, cosine, ...).")
+    warmup_steps: int = _f(0, "Linear warmup steps.")
+
+    def __post_init__(self) -> None:
+        _choice("optim", "name", self.name, ("adamw", "adamw8bit", "adafactor"))
+        _positive("optim", "lr", self.lr)
+        _positive("optim", "max_grad_norm", self.max_grad_norm, allow_zero=True)
+        _positive("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas={self.betas!r} must hold two numbers")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = _f(4, "Pairs per device per micro-step (the UNet sees 2x this many images).")
+    grad_accum: int = _f(1, "Micro-steps accumulated per optimizer step.")
+    max_steps: int = _f(2000, "Optimizer steps.")
+    seed: int = _f(0, "Seed for data order, noise, timesteps, augmentation and caption dropout.")
+    mixed_precision: str = _f("no", "no, fp16 or bf16; frozen weights use it, LoRA parameters stay fp32.")
+    gradient_checkpointing: bool = _f(False, "Trade compute for memory in the UNet.")
+    output_dir: str = _f("runs/diffalign", "Where adapters, checkpoints, logs and the model card go.")
+    checkpoint_every: int = _f(500, "Write a resumable checkpoint every N optimizer steps (0: never).")
+    checkpoints_keep: int = _f(2, "Keep at most this many checkpoints (the newest are kept).")
+    resume: str | None = _f(None, "'latest' or a checkpoint folder to resume from.")
+    validate_every: int = _f(0, "Write a validation image grid every N optimizer steps (0: only at the end).")
+    validation_prompts: list[str] = _f([], "Prompts for validation grids (empty: no validation images).")
+    validation_steps: int = _f(25, "Denoising steps for validation images.")
+    validation_guidance: float = _f(5.0, "Classifier-free guidance scale for validation images.")
+    log_every: int = _f(1, "Log metrics every N optimizer steps.")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "checkpoints_keep", "validation_steps"):
+            _positive("train", name, getattr(self, name))
+        for name in ("checkpoint_every", "validate_every"):
+            _positive("train", name, getattr(self, name), allow_zero=True)
+        _choice("train", "mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+
+
+@dataclass
+class LogConfig:
+    to: str = _f("tensorboard", "Metric sink: tensorboard, wandb or none.")
+    project: str = _f("diffalign", "Project name for the tracker.")
+
+    def __post_init__(self) -> None:
+        _choice("log", "to", self.to, ("tensorboard", "wandb", "none"))
+
+
+@dataclass
+class CacheConfig:
+    enabled: bool = _f(True, "Encode latents and text embeddings once and train from the cache.")
+    dir: str | None = _f(None, "Cache folder; None uses $DIFFALIGN_CACHE or ~/.cache/diffalign.")
+    dtype: str = _f("float32", "Storage dtype of cached tensors: float32 (exact) or float16/bfloat16 (half the disk).")
+
+    def __post_init__(self) -> None:
+        _choice("cache", "dtype", self.dtype, ("float32", "float16", "bfloat16"))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _section_types() -> dict[str, type]:
+    return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+def valid_keys() -> list[str]:
+    """Every dotted key a recipe or ``--set`` may name."""
+    return [f"{s}.{f.name}" for s, cls in _section_types().items() for f in dataclasses.fields(cls)]
+
+
+def _unknown(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, valid_keys(), n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(near)}?" if near else f"; valid keys: {', '.join(valid_keys())}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints become floats where a float is expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} has the wrong type; expected a list")
+        (item,) = typing.get_args(tp)
+        return [_coerce(key, v, item) for v in value]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-5" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}")
+
+
+def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if args:
+        return " or ".join(_type_name(a) for a in args)
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build a validated :class:`Config` from a nested dict, rejecting unknown keys and wrong types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    sections = {}
+    for section, cls in _section_types().items():
+        given = raw.get(section) or {}
+        if not isinstance(given, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping, got {given!r}")
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in given.items():
+            if key not in hints:
+                raise _unknown(f"{section}.{key}")
+            kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+        sections[section] = cls(**kwargs)
+    for section in raw:
+        if section not in sections:
+            raise _unknown(str(section))
+    return Config(**sections)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` strings (values parsed as YAML) onto a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.max_steps=100")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2:
+            raise _unknown(key)
+        section, name = parts
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"--set {item!r}: section {section!r} is not a mapping")
+        raw[section][name] = yaml.safe_load(text) if text.strip() else None
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < YAML recipe at ``path`` < ``overrides`` (``["train.max_steps=10", ...]``)."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
+        source = str(path)
+    try:
+        return config_from_dict(apply_overrides(raw, overrides or []), source)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") if path is not None else e from None

@@ -1,0 +1,162 @@
+"""On-disk cache of VAE latents and text embeddings, so training needs neither the VAE encoder nor the
+text encoders after one pass over the data.
+
+Layout: ``<cache dir>/<key>/shard-00000.safetensors ...``, ``empty_prompt.safetensors`` and ``meta.json``,
+which is written last and marks the cache complete. The key hashes the cache format, the model's frozen
+parts, the dataset's content fingerprint, the resolution and the transform settings. Shards are written
+atomically, so an interrupted build resumes at the first missing shard.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..lora import atomic_write_text
+from ..models import Backbone, Conditioning
+from .dataset import RawPairDataset, encode_batch
+from .readers import BadImageError
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+SHARD_SIZE = 256
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("DIFFALIGN_CACHE", Path.home() / ".cache" / "diffalign"))
+
+
+def cache_key(model_fingerprint: str, raw: RawPairDataset, dtype: str) -> str:
+    parts = [CACHE_VERSION, model_fingerprint, raw.source.fingerprint, raw.source.rows, raw.resolution,
+             raw.seed, raw.random_flip, raw.center_crop, dtype]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+
+
+class CachedPairDataset(Dataset):
+    """Encoded pairs read row by row from memory-mapped safetensors shards."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.shards = self.meta["shards"]
+        self.offsets = [0]
+        for shard in self.shards:
+            self.offsets.append(self.offsets[-1] + shard["size"])
+        self._handles: dict[str, object] = {}
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def _open(self, name: str):
+        if name not in self._handles:
+            self._handles[name] = safe_open(str(self.folder / name), framework="pt", device="cpu")
+        return self._handles[name]
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = bisect.bisect_right(self.offsets, i) - 1
+        f = self._open(self.shards[k]["file"])
+        j = i - self.offsets[k]
+        return {key: f.get_slice(key)[j : j + 1][0].float() if key not in ("geometry", "row")
+                else f.get_slice(key)[j : j + 1][0] for key in f.keys()}
+
+    def empty_prompt(self) -> Conditioning:
+        f = self._open("empty_prompt.safetensors")
+        return Conditioning(f.get_tensor("prompt_embeds").float(),
+                            f.get_tensor("pooled").float() if "pooled" in f.keys() else None)
+
+    def __getstate__(self):  # DataLoader workers reopen the shards themselves
+        return {**self.__dict__, "_handles": {}}
+
+
+def _save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _collate_good(items: list) -> dict | None:
+    from torch.utils.data import default_collate
+
+    good = [x for x in items if x is not None]
+    return default_collate(good) if good else None
+
+
+class _SkipBad(Dataset):
+    def __init__(self, raw: RawPairDataset, policy: str):
+        self.raw, self.policy = raw, policy
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.raw[i]
+        except BadImageError as e:
+            if self.policy == "error":
+                raise
+            log.warning("skipping pair: %s", e)
+            return None
+
+
+def build_cache(backbone: Backbone, raw: RawPairDataset, model_fingerprint: str, root: Path | None = None,
+                dtype: str = "float32", on_bad_image: str = "skip", batch_size: int = 8,
+                num_workers: int = 0) -> CachedPairDataset:
+    """Encode ``raw`` into a cache folder (or reuse a complete one with the same key) and open it."""
+    folder = (root or default_cache_root()) / cache_key(model_fingerprint, raw, dtype)
+    if (folder / "meta.json").is_file():
+        log.info("reusing cache %s", folder)
+        return CachedPairDataset(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    store = DTYPES[dtype]
+    shards, skipped = [], 0
+    n_shards = (len(raw) + SHARD_SIZE - 1) // SHARD_SIZE
+    bar = tqdm(total=len(raw), desc="caching latents", unit="pair", leave=False)
+    for k in range(n_shards):
+        name = f"shard-{k:05d}.safetensors"
+        lo, hi = k * SHARD_SIZE, min(len(raw), (k + 1) * SHARD_SIZE)
+        if (folder / name).is_file():  # finished by an interrupted build
+            with safe_open(str(folder / name), framework="pt") as f:
+                size, bad = len(f.get_slice("row")), int(f.metadata()["skipped"])
+        else:
+            part = torch.utils.data.Subset(_SkipBad(raw, on_bad_image), range(lo, hi))
+            loader = DataLoader(part, batch_size=batch_size, collate_fn=_collate_good, num_workers=num_workers)
+            chunks = [encode_batch(backbone, b, raw.resolution) for b in loader if b is not None]
+            size = sum(len(c["row"]) for c in chunks)
+            bad = (hi - lo) - size
+            if size:
+                tensors = {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
+                tensors = {key: v.to(store) if v.is_floating_point() and key != "scores" else v
+                           for key, v in tensors.items()}
+                _save(tensors, folder / name, {"skipped": str(bad)})
+        bar.update(hi - lo)
+        skipped += bad
+        if size:
+            shards.append({"file": name, "size": size})
+    bar.close()
+    if not shards:
+        raise BadImageError(f"{raw.source.name}: every pair has an undecodable image; nothing to train on")
+    if skipped:
+        log.warning("%s: skipped %d pair(s) with undecodable images", raw.source.name, skipped)
+    empty = backbone.encode_prompt([""])
+    _save({"prompt_embeds": empty.prompt_embeds[0].float().cpu(),
+           **({"pooled": empty.pooled[0].float().cpu()} if empty.pooled is not None else {})},
+          folder / "empty_prompt.safetensors")
+    meta = {"version": CACHE_VERSION, "source": raw.source.name, "pairs": sum(s["size"] for s in shards),
+            "skipped_bad_images": skipped, "ties_dropped": raw.source.ties_dropped, "resolution": raw.resolution,
+            "dtype": dtype, "shards": shards}
+    atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2))
+    return CachedPairDataset(folder)

@@ -1,0 +1,221 @@
+"""Preference-pair readers: Pick-a-Pic (hub / local dataset / parquet) and local pairs (JSONL / CSV).
+
+Every reader yields the same :class:`PairSource`: a list of rows with the caption and both images
+(winner first), decoded lazily. Ties are dropped and counted unless asked to keep them.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from ..config import DataConfig
+
+log = logging.getLogger(__name__)
+
+PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be read as preference pairs; the message names the file, row or column."""
+
+
+class BadImageError(DataError):
+    """One image of one row cannot be decoded."""
+
+
+@dataclass
+class Pair:
+    caption: str
+    winner: Any  # bytes, a path, or a PIL image: decoded by :func:`decode_image`
+    loser: Any
+    score_w: float | None = None
+    score_l: float | None = None
+
+
+@dataclass
+class PairSource:
+    """Preference pairs with their provenance. ``rows[i]`` is the source row index of pair ``i``."""
+
+    name: str
+    fingerprint: str
+    get: Any  # callable: source row index -> Pair
+    rows: list[int]
+    ties_dropped: int = 0
+    stats: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Pair:
+        return self.get(self.rows[i])
+
+
+def decode_image(value: Any, where: str) -> Image.Image:
+    """A fully decoded RGB PIL image from bytes, a path, a datasets image dict or a PIL image."""
+    try:
+        if isinstance(value, Image.Image):
+            img = value
+        elif isinstance(value, dict):  # datasets Image feature without decoding
+            img = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+        elif isinstance(value, (bytes, bytearray)):
+            img = Image.open(io.BytesIO(value))
+        else:
+            img = Image.open(value)
+        img.load()
+        return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, KeyError, TypeError) as e:
+        raise BadImageError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def load_pairs(cfg: DataConfig) -> PairSource:
+    """Open ``cfg.dataset`` with the reader its form calls for, drop ties, apply ``max_pairs``."""
+    spec = cfg.dataset
+    if not spec:
+        raise DataError("data.dataset is empty; name a hub id, a dataset folder, parquet file(s) or a pairs .jsonl/.csv")
+    path = Path(spec)
+    if path.suffix in (".jsonl", ".csv"):
+        source = _local_pairs(path, cfg)
+    else:
+        source = _pickapic(spec, cfg)
+    if len(source) == 0:
+        why = f" ({source.ties_dropped} ties dropped; set data.keep_ties=true to keep them)" if source.ties_dropped else ""
+        raise DataError(f"{source.name}: no usable preference pairs{why}")
+    if source.ties_dropped:
+        log.info("%s: dropped %d tied pairs, %d remain", source.name, source.ties_dropped, len(source))
+    if cfg.max_pairs is not None:
+        source.rows = source.rows[: cfg.max_pairs]
+    return source
+
+
+# ----- Pick-a-Pic and other HF datasets -----
+def _open_hf(spec: str, split: str):
+    import datasets
+
+    path = Path(spec)
+    try:
+        if path.suffix == ".parquet" or (path.is_dir() and not any(path.glob("*.json")) and any(path.rglob("*.parquet"))):
+            files = [str(path)] if path.is_file() else sorted(str(p) for p in path.rglob("*.parquet"))
+            return datasets.load_dataset("parquet", data_files=files, split="train")
+        if any(ch in spec for ch in "*?[") and spec.endswith(".parquet"):
+            files = sorted(glob.glob(spec))
+            if not files:
+                raise DataError(f"data.dataset={spec!r}: the pattern matches no file")
+            return datasets.load_dataset("parquet", data_files=files, split="train")
+        if path.is_dir() and (path / "dataset_info.json").is_file():
+            return datasets.load_from_disk(str(path))
+        if path.is_dir() and (path / "state.json").is_file():
+            return datasets.load_from_disk(str(path))
+        if not path.exists() and (spec.startswith((".", "/")) or spec.endswith(".parquet")):
+            raise DataError(f"data.dataset={spec!r}: no such file or folder")
+        return datasets.load_dataset(spec, split=split)
+    except DataError:
+        raise
+    except Exception as e:  # offline, missing split, unreadable files
+        raise DataError(f"data.dataset={spec!r} (split {split!r}) cannot be opened: {type(e).__name__}: {e}") from None
+
+
+def _pickapic(spec: str, cfg: DataConfig) -> PairSource:
+    ds = _open_hf(spec, cfg.split)
+    missing = [c for c in PICKAPIC_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{spec}: missing column(s) {', '.join(missing)}; Pick-a-Pic layout needs "
+                        f"{', '.join(PICKAPIC_COLUMNS)} (found {', '.join(ds.column_names)})")
+    labels = ds["label_0"]
+    rows, ties = [], 0
+    for i, label in enumerate(labels):
+        if label in (0, 1):
+            rows.append(i)
+        elif cfg.keep_ties:
+            rows.append(i)
+        else:
+            ties += 1
+    score_cols = ("score_0", "score_1") if {"score_0", "score_1"} <= set(ds.column_names) else None
+    images = ds.select_columns(["caption", "jpg_0", "jpg_1"] + list(score_cols or ()))
+
+    def get(i: int) -> Pair:
+        r = images[i]
+        first = labels[i] != 0  # label 1 (or a kept tie): image 0 is the winner
+        w, l = ("0", "1") if first else ("1", "0")
+        return Pair(r["caption"] or "", r[f"jpg_{w}"], r[f"jpg_{l}"],
+                    r.get(f"score_{w}") if score_cols else None, r.get(f"score_{l}") if score_cols else None)
+
+    fingerprint = getattr(ds, "_fingerprint", None) or hashlib.sha256(spec.encode()).hexdigest()
+    return PairSource(spec, f"{fingerprint}:{cfg.keep_ties}", get, rows, ties)
+
+
+# ----- local pairs: JSONL / CSV with image paths relative to the file -----
+LOCAL_REQUIRED = ("prompt", "chosen", "rejected")
+
+
+def _read_local_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise DataError(f"data.dataset={str(path)!r}: no such file")
+    if path.suffix == ".csv":
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in LOCAL_REQUIRED if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(LOCAL_REQUIRED)}")
+            return list(reader)
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in LOCAL_REQUIRED if k not in row]
+        if missing:
+            raise DataError(f"{path}, line {n}: missing key(s) {', '.join(missing)}; expected {', '.join(LOCAL_REQUIRED)}")
+        rows.append(row)
+    return rows
+
+
+def _local_pairs(path: Path, cfg: DataConfig) -> PairSource:
+    root = path.parent.resolve()
+    raw = _read_local_rows(path)
+    line = (lambda i: f"row {i + 2}") if path.suffix == ".csv" else (lambda i: f"line {i + 1}")
+    digest = hashlib.sha256(path.read_bytes())
+    rows, ties, pairs = [], 0, []
+    for i, r in enumerate(raw):
+        where = f"{path}, {line(i)}"
+        files = []
+        for key in ("chosen", "rejected"):
+            f = (root / str(r[key])).resolve()
+            if not f.is_relative_to(root):
+                raise DataError(f"{where}: {key} path {r[key]!r} leaves the dataset folder {root}")
+            if not f.is_file():
+                raise DataError(f"{where}: {key} image {r[key]!r} does not exist")
+            st = f.stat()
+            digest.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+            files.append(f)
+        scores = [_score(r, k, where) for k in ("chosen_score", "rejected_score")]
+        pairs.append(Pair(str(r["prompt"] or ""), files[0], files[1], *scores))
+        if str(r.get("tie", "")).lower() in ("true", "1") and not cfg.keep_ties:
+            ties += 1
+        else:
+            rows.append(i)
+    return PairSource(str(path), f"{digest.hexdigest()}:{cfg.keep_ties}", pairs.__getitem__, rows, ties)
+
+
+def _score(row: dict, key: str, where: str) -> float | None:
+    value = row.get(key)
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: {key}={value!r} is not a number") from None

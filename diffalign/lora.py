@@ -1,0 +1,88 @@
+"""UNet LoRA adapters: add them, switch them off for the reference model, save them in diffusers format."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .config import LoraConfig
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(unet: torch.nn.Module, cfg: LoraConfig) -> list[torch.nn.Parameter]:
+    """Attach a peft LoRA adapter to ``unet`` (via diffusers' ``add_adapter``) and return its parameters,
+    made fp32 whatever the base weights' dtype, so mixed precision never unscales fp16 gradients."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    config = PeftLoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank, lora_dropout=cfg.dropout,
+        init_lora_weights="gaussian", target_modules=list(cfg.targets),
+    )
+    try:
+        unet.add_adapter(config)
+    except ValueError as e:
+        raise ValueError(f"lora.targets={cfg.targets!r}: {e}") from None
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    if not params:
+        raise ValueError(f"lora.targets={cfg.targets!r} matched no UNet module")
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+@contextlib.contextmanager
+def reference_mode(unet: torch.nn.Module) -> Iterator[None]:
+    """The reference model: the same UNet with adapters disabled, under ``no_grad``. Adapters are switched
+    back on even if the body raises."""
+    unet.disable_adapters()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        unet.enable_adapters()
+
+
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights with diffusers' key names (without the ``unet.`` prefix)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
+
+
+def save_lora(unet: torch.nn.Module, out_dir: str | Path, is_sdxl: bool) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` (loadable by ``pipe.load_lora_weights(out_dir)``) into
+    ``out_dir`` atomically: a reader never sees a half-written file."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipeline_cls = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metadata = unet.peft_config["default"].to_dict()
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-lora-") as tmp:
+        pipeline_cls.save_lora_weights(tmp, unet_lora_layers=lora_state_dict(unet),
+                                       unet_lora_adapter_metadata=metadata)
+        os.replace(Path(tmp) / WEIGHT_NAME, out_dir / WEIGHT_NAME)
+    return out_dir / WEIGHT_NAME
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+

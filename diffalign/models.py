@@ -1,0 +1,201 @@
+"""Backbone: the one place that knows SD1.5 from SDXL.
+
+It loads the parts of a base model, encodes prompts (one encoder, or SDXL's two with pooled embedding and
+per-sample ``add_time_ids``), encodes and decodes images, and predicts noise with the UNet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+class ModelLoadError(RuntimeError):
+    """The base model (or VAE) named in the config cannot be found or read."""
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of a batch. SDXL also carries the pooled embedding and per-sample time ids
+    (original size, crop top-left, target size)."""
+
+    prompt_embeds: Tensor
+    pooled: Tensor | None = None
+    time_ids: Tensor | None = None
+
+    def _map(self, fn) -> Conditioning:
+        return Conditioning(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                               for f in fields(self)})
+
+    def to(self, device=None, dtype=None) -> Conditioning:
+        return self._map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+
+    def repeat(self, n: int) -> Conditioning:
+        """Stack the batch ``n`` times: ``[c; c; ...]`` (winners and losers share one caption)."""
+        return self._map(lambda t: torch.cat([t] * n))
+
+    def where(self, mask: Tensor, other: Conditioning) -> Conditioning:
+        """Per-sample choice: ``other`` where ``mask`` is true (caption dropout); time ids stay ours."""
+        def pick(a: Tensor, b: Tensor) -> Tensor:
+            return torch.where(mask.view(-1, *[1] * (a.dim() - 1)).to(a.device), b.to(a), a)
+
+        return replace(self, prompt_embeds=pick(self.prompt_embeds, other.prompt_embeds),
+                       pooled=None if self.pooled is None else pick(self.pooled, other.pooled))
+
+
+def _is_local(path: str) -> bool:
+    return Path(path).exists()
+
+
+def model_kind(pretrained: str, revision: str | None = None) -> str:
+    """``"sdxl"`` or ``"sd15"``, read from the model's ``model_index.json`` (local or hub)."""
+    from diffusers import DiffusionPipeline
+
+    if not pretrained:
+        raise ModelLoadError("model.pretrained is empty; name a hub id or a local diffusers folder")
+    if _is_local(pretrained) and not (Path(pretrained) / "model_index.json").is_file():
+        raise ModelLoadError(f"model.pretrained={pretrained!r}: no model_index.json there (expected a diffusers folder)")
+    try:
+        index = DiffusionPipeline.load_config(pretrained, revision=revision)
+    except Exception as e:  # hub errors, offline mode, malformed json
+        where = "no such folder, and it could not be fetched from the hub" if not _is_local(pretrained) else str(e)
+        raise ModelLoadError(f"model.pretrained={pretrained!r}: {where} ({type(e).__name__})") from None
+    return "sdxl" if "text_encoder_2" in index else "sd15"
+
+
+def model_fingerprint(pretrained: str, vae: str | None, revision: str | None) -> str:
+    """A key that changes when the frozen encoders change: names, plus file sizes and times for local folders."""
+    parts = [pretrained, vae or "", revision or ""]
+    for root in (pretrained, vae):
+        if root and _is_local(root):
+            for f in sorted(Path(root).rglob("*")):
+                if f.is_file() and f.suffix in (".safetensors", ".bin", ".json"):
+                    st = f.stat()
+                    parts.append(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+class Backbone:
+    """Frozen parts of a base model plus its UNet; ``predict`` is the only UNet call the trainer makes."""
+
+    def __init__(self, unet, vae, text_encoders, tokenizers, scheduler, kind: str, pretrained: str = "",
+                 prediction_type: str | None = None):
+        self.unet = unet
+        self.vae = vae
+        self.text_encoders = list(text_encoders)
+        self.tokenizers = list(tokenizers)
+        self.scheduler = scheduler  # the training (DDPM) noise scheduler
+        self.kind = kind
+        self.pretrained = pretrained
+        self.prediction_type = prediction_type or scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ModelLoadError(f"prediction_type={self.prediction_type!r} is not supported; use epsilon or v_prediction")
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.kind == "sdxl"
+
+    @classmethod
+    def load(cls, pretrained: str, vae: str | None = None, prediction_type: str | None = None,
+             revision: str | None = None, dtype: torch.dtype = torch.float32) -> Backbone:
+        """Load UNet, VAE, text encoders and tokenizers of an SD1.5 or SDXL model (weights frozen)."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        kind = model_kind(pretrained, revision)
+        kw = dict(revision=revision)
+        try:
+            scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw)
+            if prediction_type:
+                scheduler.register_to_config(prediction_type=prediction_type)
+            unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", torch_dtype=dtype, **kw)
+            # SDXL's VAE overflows in fp16; it stays fp32 unless a fixed VAE is given.
+            vae_dtype = dtype if (kind == "sd15" or vae) else torch.float32
+            vae_model = (AutoencoderKL.from_pretrained(vae, torch_dtype=vae_dtype) if vae and not _has_subfolder(vae, "vae")
+                         else AutoencoderKL.from_pretrained(vae or pretrained, subfolder="vae", torch_dtype=vae_dtype, **kw))
+            tokenizers = [CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw)]
+            encoders = [CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", torch_dtype=dtype, **kw)]
+            if kind == "sdxl":
+                tokenizers.append(CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", **kw))
+                encoders.append(CLIPTextModelWithProjection.from_pretrained(
+                    pretrained, subfolder="text_encoder_2", torch_dtype=dtype, **kw))
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"model {pretrained!r} (vae {vae!r}): cannot load a component: {e}") from None
+        for m in (unet, vae_model, *encoders):
+            m.requires_grad_(False)
+            m.eval()
+        return cls(unet, vae_model, encoders, tokenizers, scheduler, kind, pretrained, prediction_type)
+
+    # ----- text -----
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> Conditioning:
+        """Text conditioning for ``prompts`` (SD1.5: last hidden state; SDXL: both penultimate states
+        concatenated plus encoder 2's pooled projection). Time ids are added per image by :meth:`time_ids`."""
+        device = self.text_encoders[0].device
+        hidden, pooled = [], None
+        for tok, enc in zip(self.tokenizers, self.text_encoders):
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(device)
+            if not self.is_sdxl:
+                hidden.append(enc(ids)[0])
+                continue
+            out = enc(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            if hasattr(out, "text_embeds"):
+                pooled = out.text_embeds
+        return Conditioning(torch.cat(hidden, dim=-1), pooled)
+
+    def time_ids(self, geometry: Tensor, resolution: int) -> Tensor | None:
+        """SDXL ``add_time_ids`` [B, 6] from per-image ``(orig_h, orig_w, crop_top, crop_left)``."""
+        if not self.is_sdxl:
+            return None
+        target = torch.tensor([resolution, resolution], dtype=geometry.dtype).expand(len(geometry), 2)
+        return torch.cat([geometry, target], dim=1).float()
+
+    # ----- images -----
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        """Latents (scaled by the VAE's factor) of ``pixels`` in [-1, 1]; the posterior mean, so a cache
+        of it is exact."""
+        vae = self.vae
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        z = dist.mode().float()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Pixels in [0, 1] from scaled latents."""
+        vae = self.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        x = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.device, vae.dtype)).sample
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
+    def free_encoders(self) -> None:
+        """Drop the text encoders once everything they would compute is cached."""
+        self.text_encoders = []
+
+    # ----- noise -----
+    def target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """What the UNet is trained to output: ε, or the velocity for v-prediction."""
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(latents, noise, timesteps)
+        return noise
+
+    def predict(self, x_t: Tensor, timesteps: Tensor, cond: Conditioning, unet=None) -> Tensor:
+        """UNet output at ``(x_t, t)`` under ``cond``. ``unet`` defaults to ours (pass the accelerate-wrapped
+        module when training so gradient sync happens)."""
+        unet = unet or self.unet
+        kwargs = {}
+        if self.is_sdxl:
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+        return unet(x_t, timesteps, encoder_hidden_states=cond.prompt_embeds, **kwargs).sample
+
+
+def _has_subfolder(path: str, name: str) -> bool:
+    return _is_local(path) and (Path(path) / name).is_dir()

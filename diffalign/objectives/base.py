@@ -1,0 +1,36 @@
+"""The objective protocol: what an objective needs from the trainer and how it turns errors into a loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from torch import Tensor
+
+
+@dataclass
+class PairErrors:
+    """Per-pair denoising errors ``e = mean over (C,H,W) of (prediction - target)^2`` in fp32, shape [B].
+    ``ref_*`` are None for reference-free objectives."""
+
+    model_w: Tensor
+    model_l: Tensor
+    ref_w: Tensor | None = None
+    ref_l: Tensor | None = None
+
+
+class Objective(Protocol):
+    """A preference objective. The trainer reads the three declarations to decide what to compute."""
+
+    needs_reference: bool
+    noising: Literal["forward", "ddim_inversion", "renoise"]
+    data: Literal["pairs", "soft_pairs", "rollouts"]
+
+    def __call__(self, errors: PairErrors) -> tuple[Tensor, dict[str, float]]:
+        """Return ``(loss, metrics)``; metrics are plain floats for logging."""
+        ...
+
+
+def implicit_accuracy(inside: Tensor) -> Tensor:
+    """Fraction of pairs whose implicit reward margin is positive; exact ties count 0.5."""
+    return ((inside > 0).float() + 0.5 * (inside == 0).float()).mean()

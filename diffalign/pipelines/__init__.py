@@ -1,0 +1,74 @@
+"""Inference with aligned adapters: stock diffusers pipelines with our LoRA loaded."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..lora import WEIGHT_NAME
+from ..models import model_kind
+
+
+def stock_pipeline(base: str, revision: str | None = None, with_text_encoders: bool = True,
+                   torch_dtype: torch.dtype | None = None, **components):
+    """The base model's own diffusers pipeline class (``StableDiffusionPipeline`` or
+    ``StableDiffusionXLPipeline``), with ``components`` substituted and, if asked, no text encoders."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    kind = model_kind(base, revision)
+    cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+    if not with_text_encoders:
+        components.setdefault("text_encoder", None)
+        if kind == "sdxl":
+            components.setdefault("text_encoder_2", None)
+    if kind == "sd15":
+        components.setdefault("safety_checker", None)
+        components.setdefault("requires_safety_checker", False)
+    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    return cls.from_pretrained(base, revision=revision, **components, **kwargs)
+
+
+def _adapter_file(adapter: str | Path) -> Path:
+    path = Path(adapter)
+    file = path / WEIGHT_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"adapter {str(adapter)!r}: no {WEIGHT_NAME} there (expected a diffalign output folder)")
+    return file
+
+
+def load_aligned_pipeline(base: str, adapters: str | Path | list[str | Path] = (), scales: float | list[float] = 1.0,
+                          device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None,
+                          revision: str | None = None):
+    """A stock ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` for ``base`` with each adapter
+    loaded through ``pipe.load_lora_weights`` and activated at its scale (scale 0 reproduces the base)."""
+    adapters = [adapters] if isinstance(adapters, (str, Path)) else list(adapters)
+    scales = [scales] * len(adapters) if isinstance(scales, (int, float)) else list(scales)
+    if len(scales) != len(adapters):
+        raise ValueError(f"{len(adapters)} adapter(s) but {len(scales)} scale(s)")
+    pipe = stock_pipeline(base, revision=revision, torch_dtype=torch_dtype)
+    names = []
+    for i, adapter in enumerate(adapters):
+        file = _adapter_file(adapter)
+        name = f"aligned_{i}"
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+        names.append(name)
+    if names:
+        pipe.set_adapters(names, adapter_weights=[float(s) for s in scales])
+    if device is not None:
+        pipe.to(device)
+    pipe.set_progress_bar_config(leave=False)
+    return pipe
+
+
+def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    """Images pasted row by row into one picture."""
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid

@@ -1,0 +1,325 @@
+"""The one training loop: preference pairs -> LoRA adapter, on accelerate.
+
+Each step draws one timestep and one noise per pair (shared by winner and loser), runs winners and
+losers as one 2B batch through the UNet, runs the reference (same UNet, adapters off) when the
+objective needs it, and hands per-pair errors to the objective.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import Config
+from .data.cache import CachedPairDataset, build_cache
+from .data.dataset import RawPairDataset, batch_conditioning, encode_batch
+from .data.readers import load_pairs
+from .lora import add_lora, atomic_write_text, reference_mode, save_lora
+from .models import Backbone, Conditioning, model_fingerprint
+from .objectives.base import PairErrors
+from .registry import build_objective
+
+log = logging.getLogger(__name__)
+
+
+class OutputDirError(OSError):
+    """``train.output_dir`` cannot be written."""
+
+
+def check_writable(path: Path) -> None:
+    """Fail early, without creating anything, when ``path`` cannot be created or written."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputDirError(f"train.output_dir={str(path)!r} is not writable ({probe} is not a writable folder)")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter: Path
+    steps: int
+    history: list[dict] = field(default_factory=list)  # metrics per optimizer step
+
+
+class Trainer:
+    """Builds everything a run needs from a :class:`Config`; :meth:`train` runs it."""
+
+    def __init__(self, cfg: Config):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        self.cfg = cfg
+        self.output_dir = Path(cfg.train.output_dir)
+        check_writable(self.output_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
+            log_with=None if cfg.log.to == "none" else cfg.log.to,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+        )
+        self.device = self.accelerator.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision, torch.float32)
+        self.objective = build_objective(cfg.objective)
+
+        m = cfg.model
+        self.backbone = Backbone.load(m.pretrained, m.vae, m.prediction_type, m.revision, self.weight_dtype)
+        self.resolution = cfg.data.resolution or (1024 if self.backbone.is_sdxl else 512)
+        self.dataset, self.empty_prompt = self._prepare_data()
+        self.validation_cond = self._validation_conditioning()
+        if cfg.cache.enabled:
+            self.backbone.free_encoders()
+        self.backbone.unet.to(self.device)
+        self.backbone.vae.to(self.device)
+        self.lora_params = add_lora(self.backbone.unet, cfg.lora)
+        if cfg.train.gradient_checkpointing:
+            self.backbone.unet.enable_gradient_checkpointing()
+        self.optimizer = _optimizer(self.lora_params, cfg)
+        from diffusers.optimization import get_scheduler
+
+        # accelerate steps a prepared schedule once per process per optimizer step
+        n = self.accelerator.num_processes
+        self.lr_scheduler = get_scheduler(cfg.optim.scheduler, self.optimizer, num_warmup_steps=cfg.optim.warmup_steps * n,
+                                          num_training_steps=cfg.train.max_steps * n)
+        self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+            self.backbone.unet, self.optimizer, self.lr_scheduler)
+
+    # ----- data -----
+    def _prepare_data(self) -> tuple[torch.utils.data.Dataset, Conditioning]:
+        d, b = self.cfg.data, self.backbone
+        raw = RawPairDataset(load_pairs(d), self.resolution, self.cfg.train.seed, d.random_flip, d.center_crop)
+        for enc in b.text_encoders:
+            enc.to(self.device)
+        b.vae.to(self.device)
+        if self.cfg.cache.enabled:
+            root = Path(self.cfg.cache.dir) if self.cfg.cache.dir else None
+            fingerprint = model_fingerprint(self.cfg.model.pretrained, self.cfg.model.vae, self.cfg.model.revision)
+            with self.accelerator.main_process_first():
+                cached = build_cache(b, raw, fingerprint, root, self.cfg.cache.dtype, d.on_bad_image)
+            empty = cached.empty_prompt()
+            return cached, Conditioning(empty.prompt_embeds[None], None if empty.pooled is None else empty.pooled[None])
+        raw.drop_bad_rows(d.on_bad_image)
+        return raw, b.encode_prompt([""])
+
+    def _validation_conditioning(self) -> tuple[Conditioning, Conditioning] | None:
+        prompts = self.cfg.train.validation_prompts
+        if not prompts:
+            return None
+        return self.backbone.encode_prompt(prompts), self.backbone.encode_prompt([""] * len(prompts))
+
+    def _epoch_loader(self, epoch: int) -> DataLoader:
+        """Batches of one epoch: a seeded permutation, sharded across processes by accelerate."""
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch))
+        loader = DataLoader(Subset(self.dataset, order.tolist()), batch_size=self.cfg.train.batch_size,
+                            num_workers=self.cfg.data.num_workers if isinstance(self.dataset, RawPairDataset) else 0)
+        return self.accelerator.prepare_data_loader(loader, device_placement=False)
+
+    def encoded(self, batch: dict) -> dict:
+        """The encoded form of a batch (a no-op for cached batches)."""
+        if "latents_w" in batch:
+            return batch
+        return encode_batch(self.backbone, batch, self.resolution)
+
+    # ----- one step -----
+    def _generator(self, micro_step: int) -> torch.Generator:
+        rank = self.accelerator.process_index
+        return torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + micro_step) * 1009 + rank)
+
+    def compute_loss(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss and metrics of one encoded batch; noise, timesteps and caption dropout come from a generator
+        seeded by ``(seed, micro_step, rank)``, so runs and resumes are reproducible."""
+        b, dev = self.backbone, self.device
+        z_w, z_l = batch["latents_w"].to(dev, torch.float32), batch["latents_l"].to(dev, torch.float32)
+        n = len(z_w)
+        g = self._generator(micro_step)
+        t = torch.randint(0, b.scheduler.config.num_train_timesteps, (n,), generator=g)
+        noise = torch.randn(z_w.shape, generator=g)
+        drop = torch.rand(n, generator=g) < self.cfg.data.caption_dropout
+        t, noise = t.to(dev), noise.to(dev)
+        cond = batch_conditioning(b, batch, self.resolution)
+        if drop.any():
+            cond = cond.where(drop, self.empty_prompt.repeat(n))
+        cond2 = cond.repeat(2).to(dev)
+        latents = torch.cat([z_w, z_l])
+        t2, noise2 = torch.cat([t, t]), torch.cat([noise, noise])
+        x_t = b.scheduler.add_noise(latents, noise2, t2)
+        target = b.target(latents, noise2, t2).float()
+
+        def errors(unet) -> tuple[torch.Tensor, torch.Tensor]:
+            with self.accelerator.autocast():
+                pred = b.predict(x_t, t2, cond2, unet=unet)
+            return ((pred.float() - target) ** 2).mean(dim=(1, 2, 3)).chunk(2)
+
+        model_w, model_l = errors(self.unet)
+        ref_w = ref_l = None
+        if self.objective.needs_reference:
+            with reference_mode(self.accelerator.unwrap_model(self.unet)):
+                ref_w, ref_l = errors(self.unet)
+        loss, metrics = self.objective(PairErrors(model_w, model_l, ref_w, ref_l))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at micro-step {micro_step}: {metrics}")
+        return loss, metrics
+
+    # ----- the loop -----
+    def train(self) -> TrainResult:
+        cfg, acc = self.cfg, self.accelerator
+        step, epoch, batch_in_epoch = 0, 0, 0
+        if cfg.train.resume:
+            step, epoch, batch_in_epoch = self._resume(ckpt.find_resume(self.output_dir, cfg.train.resume))
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if cfg.log.to != "none":
+                acc.init_trackers(cfg.log.project, config=_flat(cfg.to_dict()))
+        history: list[dict] = []
+        bar = tqdm(total=cfg.train.max_steps, initial=step, desc="training", disable=not acc.is_local_main_process)
+        pending: list[dict] = []
+        self.unet.train()
+        while step < cfg.train.max_steps:
+            loader = self._epoch_loader(epoch)
+            if batch_in_epoch:
+                loader = acc.skip_first_batches(loader, batch_in_epoch)
+            for batch in loader:
+                micro = step * cfg.train.grad_accum + len(pending)
+                with acc.accumulate(self.unet):
+                    loss, metrics = self.compute_loss(self.encoded(batch), micro)
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
+                        acc.clip_grad_norm_(self.lora_params, cfg.optim.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                batch_in_epoch += 1
+                pending.append(metrics)
+                if not acc.sync_gradients:
+                    continue
+                step += 1
+                logged = {k: sum(m[k] for m in pending) / len(pending) for k in pending[0]}
+                logged["lr"] = self.lr_scheduler.get_last_lr()[0]
+                pending = []
+                history.append(logged)
+                bar.update(1)
+                bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['implicit_acc']:.2f}", lr=f"{logged['lr']:.2e}")
+                if cfg.log.to != "none" and step % cfg.train.log_every == 0:
+                    acc.log(logged, step=step)
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                    self._checkpoint(step, epoch, batch_in_epoch)
+                if cfg.train.validate_every and step % cfg.train.validate_every == 0:
+                    self.validate(step)
+                if step >= cfg.train.max_steps:
+                    break
+            else:
+                epoch, batch_in_epoch = epoch + 1, 0
+        bar.close()
+        return self._finish(step, history)
+
+    def _checkpoint(self, step: int, epoch: int, batch_in_epoch: int) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            position = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+            ckpt.save_checkpoint(self.output_dir / f"checkpoint-{step}", self._peft_state(), self.optimizer,
+                                 self.lr_scheduler, self.accelerator.scaler, position)
+            ckpt.rotate(self.output_dir, self.cfg.train.checkpoints_keep)
+
+    def _peft_state(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.accelerator.unwrap_model(self.unet)).items()}
+
+    def _resume(self, folder: Path) -> tuple[int, int, int]:
+        from peft.utils import set_peft_model_state_dict
+
+        weights, pos = ckpt.load_checkpoint(folder, self.optimizer, self.lr_scheduler, self.accelerator.scaler)
+        set_peft_model_state_dict(self.accelerator.unwrap_model(self.unet), weights)
+        log.info("resumed from %s at step %d", folder, pos["step"])
+        return pos["step"], pos["epoch"], pos["batch_in_epoch"]
+
+    def _finish(self, step: int, history: list[dict]) -> TrainResult:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        unet = acc.unwrap_model(self.unet)
+        adapter = self.output_dir / "pytorch_lora_weights.safetensors"
+        if acc.is_main_process:
+            save_lora(unet, self.output_dir, self.backbone.is_sdxl)
+            atomic_write_text(self.output_dir / "config.yaml", self.cfg.to_yaml())
+            atomic_write_text(self.output_dir / "metrics.json", json.dumps(history, indent=1))
+            self.validate(step)
+            from .card import write_model_card
+
+            write_model_card(self.output_dir, self.cfg, self.backbone.kind, step, history)
+        acc.end_training()
+        return TrainResult(self.output_dir, adapter, step, history)
+
+    # ----- validation images -----
+    @torch.no_grad()
+    def validate(self, step: int) -> Path | None:
+        """A grid of validation images (one per prompt, fixed seeds) from a stock pipeline with our UNet."""
+        if self.validation_cond is None or not self.accelerator.is_main_process:
+            return None
+        from .pipelines import image_grid, stock_pipeline
+
+        cond, neg = self.validation_cond
+        unet = self.accelerator.unwrap_model(self.unet)
+        pipe = stock_pipeline(self.cfg.model.pretrained, unet=unet, vae=self.backbone.vae, with_text_encoders=False,
+                              revision=self.cfg.model.revision)
+        kw = dict(prompt_embeds=cond.prompt_embeds, negative_prompt_embeds=neg.prompt_embeds)
+        if self.backbone.is_sdxl:
+            kw.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=neg.pooled)
+        images = []
+        was_training = unet.training
+        unet.eval()
+        for i in range(len(cond.prompt_embeds)):
+            one = {k: v[i : i + 1].to(self.device) for k, v in kw.items()}
+            g = torch.Generator().manual_seed(self.cfg.train.seed + i)
+            images += pipe(**one, num_inference_steps=self.cfg.train.validation_steps, generator=g,
+                           guidance_scale=self.cfg.train.validation_guidance, height=self.resolution,
+                           width=self.resolution).images
+        unet.train(was_training)
+        path = self.output_dir / "validation" / f"step-{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(images).save(path)
+        return path
+
+
+def _optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if o.name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ImportError("optim.name=adamw8bit needs bitsandbytes: pip install 'diffalign[bnb]'") from None
+        return bnb.optim.AdamW8bit(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    from transformers.optimization import Adafactor
+
+    return Adafactor(params, lr=o.lr, weight_decay=o.weight_decay, scale_parameter=False, relative_step=False,
+                     warmup_init=False)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{key}."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def train(cfg: Config) -> TrainResult:
+    """Train an adapter as ``cfg`` says and write it to ``cfg.train.output_dir``."""
+    start = time.time()
+    result = Trainer(cfg).train()
+    log.info("trained %d steps in %.1fs", result.steps, time.time() - start)
+    return result
+
