@@ -102,21 +102,21 @@ def _open_hf(spec: str, split: str):
     import datasets
 
     path = Path(spec)
+    is_glob = any(ch in spec for ch in "*?[")
+    if not path.exists() and not is_glob and (spec.startswith((".", "/", "~")) or path.suffix == ".parquet"):
+        raise DataError(f"data.dataset={spec!r}: no such file or folder")
     try:
         if path.suffix == ".parquet" or (path.is_dir() and not any(path.glob("*.json")) and any(path.rglob("*.parquet"))):
             files = [str(path)] if path.is_file() else sorted(str(p) for p in path.rglob("*.parquet"))
             return datasets.load_dataset("parquet", data_files=files, split="train")
-        if any(ch in spec for ch in "*?[") and spec.endswith(".parquet"):
+        if is_glob and spec.endswith(".parquet"):
             files = sorted(glob.glob(spec))
             if not files:
                 raise DataError(f"data.dataset={spec!r}: the pattern matches no file")
             return datasets.load_dataset("parquet", data_files=files, split="train")
-        if path.is_dir() and (path / "dataset_info.json").is_file():
-            return datasets.load_from_disk(str(path))
-        if path.is_dir() and (path / "state.json").is_file():
-            return datasets.load_from_disk(str(path))
-        if not path.exists() and (spec.startswith((".", "/")) or spec.endswith(".parquet")):
-            raise DataError(f"data.dataset={spec!r}: no such file or folder")
+        if path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(str(path))  # save_to_disk output: one Dataset or a DatasetDict
+            return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
         return datasets.load_dataset(spec, split=split)
     except DataError:
         raise

@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+
+from diffalign.config import Config, ConfigError, load_config
+
+RECIPES = sorted((Path(__file__).parents[1] / "assets" / "recipes").glob("*.yaml"))
+
+
+def test_defaults_are_valid():
+    cfg = load_config()
+    assert isinstance(cfg, Config) and cfg.objective.beta == 5000.0 and cfg.lora.rank == 8
+
+
+def test_yaml_then_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  max_steps: 7\n  batch_size: 3\noptim:\n  lr: 1e-4\n")
+    cfg = load_config(recipe, ["train.max_steps=9", "lora.targets=[to_q, to_v]", "model.vae=null"])
+    assert (cfg.train.max_steps, cfg.train.batch_size) == (9, 3)
+    assert cfg.optim.lr == pytest.approx(1e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.lora.targets == ["to_q", "to_v"] and cfg.model.vae is None
+
+
+def test_unknown_key_suggests_the_near_one():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.max_step'.*train.max_steps"):
+        load_config(None, ["train.max_step=3"])
+    with pytest.raises(ConfigError, match="unknown config key 'trian'"):
+        load_config(None, ["trian.max_steps=3"])
+
+
+def test_unknown_key_in_recipe_names_the_file(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("objective:\n  betta: 10\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*objective.betta.*objective.beta"):
+        load_config(recipe)
+
+
+def test_wrong_type_and_bad_choice_name_the_key():
+    with pytest.raises(ConfigError, match=r"train.max_steps='abc'.*expected int"):
+        load_config(None, ["train.max_steps=abc"])
+    with pytest.raises(ConfigError, match=r"train.gradient_checkpointing=3.*expected bool"):
+        load_config(None, ["train.gradient_checkpointing=3"])
+    with pytest.raises(ConfigError, match=r"objective.loss_type='square'.*sigmoid, hinge, ipo"):
+        load_config(None, ["objective.loss_type=square"])
+    with pytest.raises(ConfigError, match=r"data.caption_dropout=1.5"):
+        load_config(None, ["data.caption_dropout=1.5"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["train.max_steps"])
+
+
+def test_missing_recipe_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("no/such/recipe.yaml")
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_load(recipe):
+    cfg = load_config(recipe)
+    assert cfg.objective.name == "dpo"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.max_steps=11", "lora.alpha=16"])
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
