@@ -102,8 +102,9 @@ class Backbone:
 
     @classmethod
     def load(cls, pretrained: str, vae: str | None = None, prediction_type: str | None = None,
-             revision: str | None = None, dtype: torch.dtype = torch.float32) -> Backbone:
-        """Load UNet, VAE, text encoders and tokenizers of an SD1.5 or SDXL model (weights frozen)."""
+             revision: str | None = None, dtype: torch.dtype = torch.float32, text_encoders: bool = True) -> Backbone:
+        """Load UNet, VAE, text encoders and tokenizers of an SD1.5 or SDXL model (weights frozen).
+        ``text_encoders=False`` skips them (training from a complete cache needs none)."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -118,9 +119,11 @@ class Backbone:
             vae_dtype = dtype if (kind == "sd15" or vae) else torch.float32
             vae_model = (AutoencoderKL.from_pretrained(vae, torch_dtype=vae_dtype) if vae and not _has_subfolder(vae, "vae")
                          else AutoencoderKL.from_pretrained(vae or pretrained, subfolder="vae", torch_dtype=vae_dtype, **kw))
-            tokenizers = [CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw)]
-            encoders = [CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", torch_dtype=dtype, **kw)]
-            if kind == "sdxl":
+            tokenizers, encoders = [], []
+            if text_encoders:
+                tokenizers.append(CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw))
+                encoders.append(CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", torch_dtype=dtype, **kw))
+            if text_encoders and kind == "sdxl":
                 tokenizers.append(CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", **kw))
                 encoders.append(CLIPTextModelWithProjection.from_pretrained(
                     pretrained, subfolder="text_encoder_2", torch_dtype=dtype, **kw))
@@ -136,6 +139,8 @@ class Backbone:
     def encode_prompt(self, prompts: list[str]) -> Conditioning:
         """Text conditioning for ``prompts`` (SD1.5: last hidden state; SDXL: both penultimate states
         concatenated plus encoder 2's pooled projection). Time ids are added per image by :meth:`time_ids`."""
+        if not self.text_encoders:
+            raise RuntimeError("this Backbone was loaded without text encoders; load it with text_encoders=True")
         device = self.text_encoders[0].device
         hidden, pooled = [], None
         for tok, enc in zip(self.tokenizers, self.text_encoders):

@@ -20,11 +20,11 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config
-from .data.cache import CachedPairDataset, build_cache
+from .data.cache import build_cache, cache_folder, is_complete
 from .data.dataset import RawPairDataset, batch_conditioning, encode_batch
 from .data.readers import load_pairs
 from .lora import add_lora, atomic_write_text, reference_mode, save_lora
-from .models import Backbone, Conditioning, model_fingerprint
+from .models import Backbone, Conditioning, model_fingerprint, model_kind
 from .objectives.base import PairErrors
 from .registry import build_objective
 
@@ -71,15 +71,26 @@ class Trainer:
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision, torch.float32)
         self.objective = build_objective(cfg.objective)
 
-        m = cfg.model
-        self.backbone = Backbone.load(m.pretrained, m.vae, m.prediction_type, m.revision, self.weight_dtype)
-        self.resolution = cfg.data.resolution or (1024 if self.backbone.is_sdxl else 512)
-        self.dataset, self.empty_prompt = self._prepare_data()
+        m, d = cfg.model, cfg.data
+        raw_pairs = load_pairs(d)  # bad data fails before the model loads
+        self.resolution = d.resolution or (1024 if model_kind(m.pretrained, m.revision) == "sdxl" else 512)
+        raw = RawPairDataset(raw_pairs, self.resolution, cfg.train.seed, d.random_flip, d.center_crop)
+        cache = None
+        if cfg.cache.enabled:
+            root = Path(cfg.cache.dir) if cfg.cache.dir else None
+            cache = cache_folder(model_fingerprint(m.pretrained, m.vae, m.revision), raw, cfg.cache.dtype, root)
+        # With a complete cache and nothing to validate, the text encoders are never loaded at all.
+        need_text = cache is None or not is_complete(cache) or bool(cfg.train.validation_prompts)
+        self.backbone = Backbone.load(m.pretrained, m.vae, m.prediction_type, m.revision, self.weight_dtype,
+                                      text_encoders=need_text)
+        self.dataset, self.empty_prompt = self._prepare_data(raw, cache)
         self.validation_cond = self._validation_conditioning()
         if cfg.cache.enabled:
             self.backbone.free_encoders()
         self.backbone.unet.to(self.device)
-        self.backbone.vae.to(self.device)
+        # From the cache the VAE only decodes validation images: keep it off the accelerator until then.
+        self.vae_device = torch.device("cpu") if cfg.cache.enabled else self.device
+        self.backbone.vae.to(self.vae_device)
         self.lora_params = add_lora(self.backbone.unet, cfg.lora)
         if cfg.train.gradient_checkpointing:
             self.backbone.unet.enable_gradient_checkpointing()
@@ -94,19 +105,18 @@ class Trainer:
             self.backbone.unet, self.optimizer, self.lr_scheduler)
 
     # ----- data -----
-    def _prepare_data(self) -> tuple[torch.utils.data.Dataset, Conditioning]:
+    def _prepare_data(self, raw: RawPairDataset, cache: Path | None) -> tuple[torch.utils.data.Dataset, Conditioning]:
         d, b = self.cfg.data, self.backbone
-        raw = RawPairDataset(load_pairs(d), self.resolution, self.cfg.train.seed, d.random_flip, d.center_crop)
         for enc in b.text_encoders:
             enc.to(self.device)
-        b.vae.to(self.device)
-        if self.cfg.cache.enabled:
-            root = Path(self.cfg.cache.dir) if self.cfg.cache.dir else None
-            fingerprint = model_fingerprint(self.cfg.model.pretrained, self.cfg.model.vae, self.cfg.model.revision)
+        if cache is not None:
+            if not is_complete(cache):
+                b.vae.to(self.device)
             with self.accelerator.main_process_first():
-                cached = build_cache(b, raw, fingerprint, root, self.cfg.cache.dtype, d.on_bad_image)
+                cached = build_cache(b, raw, cache, self.cfg.cache.dtype, d.on_bad_image)
             empty = cached.empty_prompt()
             return cached, Conditioning(empty.prompt_embeds[None], None if empty.pooled is None else empty.pooled[None])
+        b.vae.to(self.device)
         raw.drop_bad_rows(d.on_bad_image)
         return raw, b.encode_prompt([""])
 
@@ -169,6 +179,19 @@ class Trainer:
             raise FloatingPointError(f"non-finite loss at micro-step {micro_step}: {metrics}")
         return loss, metrics
 
+    def training_step(self, batch: dict, micro_step: int) -> dict[str, float]:
+        """One micro-step: encode if needed, loss, backward; on accumulation boundaries also clip and update."""
+        acc = self.accelerator
+        with acc.accumulate(self.unet):
+            loss, metrics = self.compute_loss(self.encoded(batch), micro_step)
+            acc.backward(loss)
+            if acc.sync_gradients and self.cfg.optim.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.lora_params, self.cfg.optim.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return metrics
+
     # ----- the loop -----
     def train(self) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
@@ -188,15 +211,7 @@ class Trainer:
             if batch_in_epoch:
                 loader = acc.skip_first_batches(loader, batch_in_epoch)
             for batch in loader:
-                micro = step * cfg.train.grad_accum + len(pending)
-                with acc.accumulate(self.unet):
-                    loss, metrics = self.compute_loss(self.encoded(batch), micro)
-                    acc.backward(loss)
-                    if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
-                        acc.clip_grad_norm_(self.lora_params, cfg.optim.max_grad_norm)
-                    self.optimizer.step()
-                    self.lr_scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                metrics = self.training_step(batch, step * cfg.train.grad_accum + len(pending))
                 batch_in_epoch += 1
                 pending.append(metrics)
                 if not acc.sync_gradients:
@@ -268,6 +283,7 @@ class Trainer:
 
         cond, neg = self.validation_cond
         unet = self.accelerator.unwrap_model(self.unet)
+        self.backbone.vae.to(self.device)
         pipe = stock_pipeline(self.cfg.model.pretrained, unet=unet, vae=self.backbone.vae, with_text_encoders=False,
                               revision=self.cfg.model.revision)
         kw = dict(prompt_embeds=cond.prompt_embeds, negative_prompt_embeds=neg.prompt_embeds)
@@ -283,6 +299,7 @@ class Trainer:
                            guidance_scale=self.cfg.train.validation_guidance, height=self.resolution,
                            width=self.resolution).images
         unet.train(was_training)
+        self.backbone.vae.to(self.vae_device)
         path = self.output_dir / "validation" / f"step-{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image_grid(images).save(path)

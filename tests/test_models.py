@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from diffalign.lora import add_lora, reference_mode
 from diffalign.config import LoraConfig
+from diffalign.lora import add_lora, reference_mode
 from diffalign.models import Backbone, ModelLoadError, model_kind
 
 

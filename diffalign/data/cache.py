@@ -112,41 +112,47 @@ class _SkipBad(Dataset):
             return None
 
 
-def build_cache(backbone: Backbone, raw: RawPairDataset, model_fingerprint: str, root: Path | None = None,
-                dtype: str = "float32", on_bad_image: str = "skip", batch_size: int = 8,
-                num_workers: int = 0) -> CachedPairDataset:
-    """Encode ``raw`` into a cache folder (or reuse a complete one with the same key) and open it."""
-    folder = (root or default_cache_root()) / cache_key(model_fingerprint, raw, dtype)
-    if (folder / "meta.json").is_file():
+def cache_folder(model_fingerprint: str, raw: RawPairDataset, dtype: str, root: Path | None = None) -> Path:
+    """Where the cache of ``raw`` encoded by the model with ``model_fingerprint`` lives."""
+    return (root or default_cache_root()) / cache_key(model_fingerprint, raw, dtype)
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / "meta.json").is_file()
+
+
+def build_cache(backbone: Backbone, raw: RawPairDataset, folder: Path, dtype: str = "float32",
+                on_bad_image: str = "skip", batch_size: int = 8, num_workers: int = 0) -> CachedPairDataset:
+    """Encode ``raw`` into ``folder`` (or reuse it if complete) and open it."""
+    if is_complete(folder):
         log.info("reusing cache %s", folder)
         return CachedPairDataset(folder)
     folder.mkdir(parents=True, exist_ok=True)
     store = DTYPES[dtype]
     shards, skipped = [], 0
     n_shards = (len(raw) + SHARD_SIZE - 1) // SHARD_SIZE
-    bar = tqdm(total=len(raw), desc="caching latents", unit="pair", leave=False)
-    for k in range(n_shards):
-        name = f"shard-{k:05d}.safetensors"
-        lo, hi = k * SHARD_SIZE, min(len(raw), (k + 1) * SHARD_SIZE)
-        if (folder / name).is_file():  # finished by an interrupted build
-            with safe_open(str(folder / name), framework="pt") as f:
-                size, bad = len(f.get_slice("row")), int(f.metadata()["skipped"])
-        else:
-            part = torch.utils.data.Subset(_SkipBad(raw, on_bad_image), range(lo, hi))
-            loader = DataLoader(part, batch_size=batch_size, collate_fn=_collate_good, num_workers=num_workers)
-            chunks = [encode_batch(backbone, b, raw.resolution) for b in loader if b is not None]
-            size = sum(len(c["row"]) for c in chunks)
-            bad = (hi - lo) - size
+    with tqdm(total=len(raw), desc="caching latents", unit="pair", leave=False) as bar:
+        for k in range(n_shards):
+            name = f"shard-{k:05d}.safetensors"
+            lo, hi = k * SHARD_SIZE, min(len(raw), (k + 1) * SHARD_SIZE)
+            if (folder / name).is_file():  # finished by an interrupted build
+                with safe_open(str(folder / name), framework="pt") as f:
+                    size, bad = f.get_slice("row").get_shape()[0], int(f.metadata()["skipped"])
+            else:
+                part = torch.utils.data.Subset(_SkipBad(raw, on_bad_image), range(lo, hi))
+                loader = DataLoader(part, batch_size=batch_size, collate_fn=_collate_good, num_workers=num_workers)
+                chunks = [encode_batch(backbone, b, raw.resolution) for b in loader if b is not None]
+                size = sum(len(c["row"]) for c in chunks)
+                bad = (hi - lo) - size
+                if size:
+                    tensors = {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
+                    tensors = {key: v.to(store) if v.is_floating_point() and key != "scores" else v
+                               for key, v in tensors.items()}
+                    _save(tensors, folder / name, {"skipped": str(bad)})
+            bar.update(hi - lo)
+            skipped += bad
             if size:
-                tensors = {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
-                tensors = {key: v.to(store) if v.is_floating_point() and key != "scores" else v
-                           for key, v in tensors.items()}
-                _save(tensors, folder / name, {"skipped": str(bad)})
-        bar.update(hi - lo)
-        skipped += bad
-        if size:
-            shards.append({"file": name, "size": size})
-    bar.close()
+                shards.append({"file": name, "size": size})
     if not shards:
         raise BadImageError(f"{raw.source.name}: every pair has an undecodable image; nothing to train on")
     if skipped:

@@ -74,7 +74,8 @@ def decode_image(value: Any, where: str) -> Image.Image:
         img.load()
         return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, KeyError, TypeError) as e:
-        raise BadImageError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
+        detail = "not an image format PIL can read" if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+        raise BadImageError(f"{where}: cannot decode image ({detail})") from None
 
 
 def load_pairs(cfg: DataConfig) -> PairSource:

@@ -1,0 +1,82 @@
+"""CLI smoke tests and the bad-input matrix: one clear message, exit code 2, nothing half-written."""
+
+from pathlib import Path
+
+import pytest
+
+from diffalign.cli import main
+
+RECIPE = Path(__file__).parents[1] / "assets" / "recipes" / "tiny-sd15-dpo.yaml"
+
+
+def _train(tmp_path, model, data, *extra):
+    return main(["train", "--config", str(RECIPE), "--set", f"model.pretrained={model}", "--set",
+                 f"data.dataset={data}", "--set", f"train.output_dir={tmp_path / 'out'}", "--set",
+                 f"cache.dir={tmp_path / 'cache'}", "--set", "train.max_steps=2", "--set", "log.to=none",
+                 "--set", "train.validation_prompts=[]", *[a for kv in extra for a in ("--set", kv)]])
+
+
+def test_train_then_generate(tmp_path, tiny_sd15, pickapic, capsys):
+    assert _train(tmp_path, tiny_sd15, pickapic) == 0
+    assert "adapter:" in capsys.readouterr().out
+    code = main(["generate", "--base", str(tiny_sd15), "--adapter", str(tmp_path / "out"), "--scale", "0.8",
+                 "--prompt", "a red square", "--prompt", "a blue square", "--steps", "2", "--height", "32",
+                 "--width", "32", "--out", str(tmp_path / "gen")])
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["000.png", "001.png", "grid.png"]
+
+
+def test_demo(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "before_after.png" in out and (tmp_path / "demo" / "before_after.png").is_file()
+    assert (tmp_path / "demo" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def _bad_parquet(tmp_path, **kw):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diffalign.testing import make_pickapic_rows
+
+    rows = make_pickapic_rows(4, 40, ties=kw.get("ties", 0))
+    if kw.get("broken"):
+        for r in rows:
+            r["jpg_0"] = b"garbage"
+    cols = {k: [r[k] for r in rows] for k in rows[0] if k not in kw.get("drop", ())}
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table(cols), path)
+    return path
+
+
+CASES = {
+    "missing column": (lambda t: {"data": _bad_parquet(t, drop=("caption",))}, r"missing column\(s\) caption"),
+    "all ties": (lambda t: {"data": _bad_parquet(t, ties=4)}, r"no usable preference pairs \(4 ties dropped"),
+    "undecodable, stop": (lambda t: {"data": _bad_parquet(t, broken=True), "extra": ["data.on_bad_image=error"]},
+                          r"bad.parquet, row 0 \(\w+ image\): cannot decode"),
+    "undecodable, all skipped": (lambda t: {"data": _bad_parquet(t, broken=True)}, "every pair has an undecodable image"),
+    "empty dataset": (lambda t: {"data": (t / "e.jsonl", (t / "e.jsonl").write_text(""))[0]}, "no usable preference pairs"),
+    "missing dataset": (lambda t: {"data": t / "nope.parquet"}, "no such file or folder"),
+    "unknown key": (lambda t: {"extra": ["train.learning_rate=1"]}, "unknown config key 'train.learning_rate'"),
+    "wrong type": (lambda t: {"extra": ["train.batch_size=two"]}, r"train.batch_size='two' has the wrong type"),
+    "no such model": (lambda t: {"model": t / "no-model"}, r"no-model.*no such folder"),
+    "not a model folder": (lambda t: {"model": t}, "no model_index.json"),
+    "unwritable output": (lambda t: {"extra": [f"train.output_dir={(t / 'f', (t / 'f').write_text(''))[0] / 'sub'}"]},
+                          "is not writable"),
+    "unknown objective": (lambda t: {"extra": ["objective.name=ppo"]}, "unknown objective 'ppo'"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(case, tmp_path, tiny_sd15, pickapic, capsys):
+    build, message = CASES[case]
+    spec = build(tmp_path)
+    code = _train(tmp_path, spec.get("model", tiny_sd15), spec.get("data", pickapic), *spec.get("extra", []))
+    err = capsys.readouterr().err
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in err
+    import re
+
+    assert re.search(message, last), err
+    assert not (tmp_path / "out").exists()  # nothing half-written
