@@ -19,9 +19,12 @@ REPO_RECIPES = Path(__file__).resolve().parents[1] / "assets" / "recipes"
 def _train(args: argparse.Namespace) -> None:
     from .trainer import train
 
+    from accelerate import PartialState
+
     cfg = load_config(args.config, args.set)
     result = train(cfg)
-    print(f"adapter: {result.adapter}\nmodel card: {result.output_dir / 'README.md'}")
+    if PartialState().is_main_process:
+        print(f"adapter: {result.adapter}\nmodel card: {result.output_dir / 'README.md'}")
 
 
 def _generate(args: argparse.Namespace) -> None:

@@ -59,9 +59,14 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
+        from accelerate.state import AcceleratorState
+
         self.cfg = cfg
         self.output_dir = Path(cfg.train.output_dir)
         check_writable(self.output_dir)
+        # accelerate keeps one process-wide state; a second run in one process (a notebook, the tests) may use
+        # another precision. The distributed state (PartialState) is kept.
+        AcceleratorState._reset_state()
         self.accelerator = Accelerator(
             mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
             log_with=None if cfg.log.to == "none" else cfg.log.to,

@@ -4,8 +4,10 @@
   (b) uncached - the same step, decoding images and running the VAE and text encoders every step
   (c) bare     - only the UNet work of a DPO step: policy forward + backward on 2B latents, reference forward
 
-Seconds per step = (time of N2 steps - time of N1 steps) / (N2 - N1), so start-up does not count. Each mode
-runs in its own subprocess so its peak memory (GPU: max allocated; CPU: peak RSS) is its own.
+Seconds per step = (time of N2 steps - time of N1 steps) / (N2 - N1), so start-up does not count. The three
+paths are timed in one process, interleaved round-robin and summarised by the median, because a shared 2-core
+machine drifts by 30% over minutes; peak memory (GPU: max allocated; CPU: peak RSS after a reset) comes from a
+fresh process per path that loads only what that path needs.
 
     python scripts/bench_train.py assets/recipes/tiny-sdxl-dpo.yaml            # tiny model, built offline
     python scripts/bench_train.py RECIPE --set model.pretrained=... --set data.dataset=...
@@ -51,76 +53,102 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _timed(step, n1: int, n2: int) -> float:
-    """Steady-state seconds per call of ``step``."""
+def _block_time(step, n: int) -> float:
     import torch
 
-    def run(n: int) -> float:
-        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        for _ in range(n):
-            step()
-        sync()
-        return time.perf_counter() - start
-
-    run(2)  # warm-up
-    _reset_peak_memory()
-    t1, t2 = run(n1), run(n2)
-    return (t2 - t1) / (n2 - n1)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync()
+    return time.perf_counter() - start
 
 
-def worker(mode: str, recipe: str, overrides: list[str], n1: int, n2: int) -> dict:
+def _steppers(trainer, cached_dataset) -> dict:
+    """One step function per path, all on the same trainer (the uncached one, which has the encoders)."""
     import torch
+    from torch.utils.data import DataLoader
 
+    from diffalign.lora import reference_mode
+    from diffalign.models import Conditioning
+
+    n, dev, backbone, unet = trainer.cfg.train.batch_size, trainer.device, trainer.backbone, trainer.unet
+
+    def cycling(make_loader):
+        state = {"it": iter(()), "micro": 0}
+
+        def next_batch():
+            batch = next(state["it"], None)
+            if batch is None:
+                state["it"] = iter(make_loader())
+                batch = next(state["it"])
+            state["micro"] += 1
+            return batch, state["micro"]
+        return next_batch
+
+    cached_batches = cycling(lambda: DataLoader(cached_dataset, batch_size=n, shuffle=True, drop_last=True))
+    raw_batches = cycling(lambda: trainer._epoch_loader(0))
+
+    item = cached_dataset[0]
+    x = torch.randn(2 * n, *item["latents_w"].shape, device=dev)
+    t = torch.randint(0, 1000, (2 * n,), device=dev)
+    cond = Conditioning(item["prompt_embeds"][None], item["pooled"][None] if "pooled" in item else None,
+                        backbone.time_ids(item["geometry"][None], trainer.resolution)).repeat(2 * n).to(dev)
+
+    def bare():
+        with trainer.accelerator.autocast():
+            pred = backbone.predict(x, t, cond, unet=unet)
+        trainer.accelerator.backward(pred.float().pow(2).mean())
+        with reference_mode(trainer.accelerator.unwrap_model(unet)), trainer.accelerator.autocast():
+            backbone.predict(x, t, cond, unet=unet)
+        for p in trainer.lora_params:
+            p.grad = None
+
+    return {"cached": lambda: trainer.training_step(*cached_batches()),
+            "uncached": lambda: trainer.training_step(*raw_batches()),
+            "bare": bare}
+
+
+def worker(mode: str, recipe: str, overrides: list[str], n1: int, n2: int, repeats: int) -> dict:
+    """``prepare``: build the cache. ``timing``: all paths in this process, interleaved, so machine drift hits
+    them alike. ``memory-<path>``: a few steps of one path in a fresh process, for its own peak memory."""
     from diffalign.config import load_config
+    from diffalign.data.cache import CachedPairDataset, cache_folder
+    from diffalign.models import model_fingerprint
     from diffalign.trainer import Trainer
 
-    cached = mode != "uncached"
+    path = mode.removeprefix("memory-")
+    # the uncached path needs the encoders loaded; the others train from the cache without them
+    cached = mode == "prepare" or (mode.startswith("memory-") and path != "uncached")
     cfg = load_config(recipe, overrides + [f"cache.enabled={str(cached).lower()}", "log.to=none",
                                            "train.validation_prompts=[]", "train.checkpoint_every=0"])
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
-    setup = time.perf_counter() - t0
     if mode == "prepare":
-        return {"mode": mode, "setup_s": setup}
-
-    if mode in ("cached", "uncached"):
-        state = {"it": iter(()), "micro": 0, "epoch": 0}
-
-        def step():
-            batch = next(state["it"], None)
-            if batch is None:
-                state["epoch"] += 1
-                state["it"] = iter(trainer._epoch_loader(state["epoch"]))
-                batch = next(state["it"])
-            trainer.training_step(batch, state["micro"])
-            state["micro"] += 1
+        return {"mode": mode, "setup_s": time.perf_counter() - t0, "device": str(trainer.device)}
+    if cached:
+        dataset = trainer.dataset
     else:
-        item = trainer.dataset[0]
-        n = cfg.train.batch_size
-        unet, backbone = trainer.unet, trainer.backbone
-        from diffalign.lora import reference_mode
-        from diffalign.models import Conditioning
+        m = cfg.model
+        dataset = CachedPairDataset(cache_folder(model_fingerprint(m.pretrained, m.vae, m.revision), trainer.dataset,
+                                                 cfg.cache.dtype, Path(cfg.cache.dir)))
+    steps = _steppers(trainer, dataset)
+    if mode.startswith("memory-"):
+        steps[path]()
+        _reset_peak_memory()
+        _block_time(steps[path], 4)
+        return {"mode": mode, "peak_mb": _peak_memory_mb()}
+    import statistics
 
-        dev = trainer.device
-        x = torch.randn(2 * n, *item["latents_w"].shape, device=dev)
-        t = torch.randint(0, 1000, (2 * n,), device=dev)
-        cond = Conditioning(item["prompt_embeds"][None], item["pooled"][None] if "pooled" in item else None,
-                            backbone.time_ids(item["geometry"][None], trainer.resolution)).repeat(2 * n).to(dev)
-
-        def step():
-            with trainer.accelerator.autocast():
-                pred = backbone.predict(x, t, cond, unet=unet)
-            trainer.accelerator.backward(pred.float().pow(2).mean())
-            with reference_mode(trainer.accelerator.unwrap_model(unet)), trainer.accelerator.autocast():
-                backbone.predict(x, t, cond, unet=unet)
-            for p in trainer.lora_params:
-                p.grad = None
-
-    sec = _timed(step, n1, n2)
-    return {"mode": mode, "sec_per_step": sec, "peak_mb": _peak_memory_mb(), "setup_s": setup,
-            "device": str(trainer.device), "pairs_per_step": cfg.train.batch_size}
+    for step in steps.values():  # warm-up
+        _block_time(step, 2)
+    samples: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            samples[name].append((_block_time(step, n2) - _block_time(step, n1)) / (n2 - n1))
+    return {"mode": mode, "sec_per_step": {k: statistics.median(v) for k, v in samples.items()},
+            "samples": samples, "device": str(trainer.device)}
 
 
 def _tiny_setup(recipe: str, work: Path, pairs: int, resolution: int) -> list[str]:
@@ -144,11 +172,12 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4, help="pairs per step")
     parser.add_argument("--n1", type=int, default=3)
-    parser.add_argument("--n2", type=int, default=23)
+    parser.add_argument("--n2", type=int, default=13)
+    parser.add_argument("--repeats", type=int, default=5, help="median over this many measurements")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.recipe, args.set, args.n1, args.n2)))
+        print(json.dumps(worker(args.worker, args.recipe, args.set, args.n1, args.n2, args.repeats)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -156,21 +185,24 @@ def main() -> None:
             f"data.resolution={args.resolution}", f"train.batch_size={args.batch}", "train.grad_accum=1",
             f"cache.dir={work / 'cache'}", f"train.output_dir={work / 'out'}"] + args.set
         results = {}
-        for mode in ("prepare", "cached", "uncached", "bare"):  # "prepare" builds the cache the others reuse
-            cmd = [sys.executable, __file__, args.recipe, "--worker", mode, "--n1", str(args.n1), "--n2", str(args.n2)]
+        modes = ["prepare", "timing", "memory-cached", "memory-uncached", "memory-bare"]
+        for mode in modes:  # "prepare" builds the cache the others reuse
+            cmd = [sys.executable, __file__, args.recipe, "--worker", mode, "--n1", str(args.n1), "--n2", str(args.n2),
+                   "--repeats", str(args.repeats)]
             cmd += [a for kv in overrides for a in ("--set", kv)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             results[mode] = json.loads(out.strip().splitlines()[-1])
-    a, b, c = results["cached"], results["uncached"], results["bare"]
-    print(f"\n{args.recipe}: {args.resolution} px, {args.batch} pairs/step, steps {args.n1}->{args.n2}, "
-          f"device {a['device']}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}\n")
+    sec = results["timing"]["sec_per_step"]
+    mem = {k: results[f"memory-{k}"]["peak_mb"] for k in sec}
+    print(f"\n{args.recipe}: {args.resolution} px, {args.batch} pairs/step, device {results['timing']['device']}; "
+          f"s/step = median over {args.repeats} interleaved rounds of (T({args.n2}) - T({args.n1})) / {args.n2 - args.n1}\n")
     print("| path | s/step | peak memory (MB) |\n|---|---|---|")
-    for name, r in (("(a) cached", a), ("(b) uncached", b), ("(c) bare UNet", c)):
-        print(f"| {name} | {r['sec_per_step']:.4f} | {r['peak_mb']:.0f} |")
-    print(f"\n(a)/(b) time = {a['sec_per_step'] / b['sec_per_step']:.3f}   (target <= 0.85)")
-    print(f"(a)/(c) time = {a['sec_per_step'] / c['sec_per_step']:.3f}   (target <= 1.10)")
-    print(f"(a)/(b) peak memory = {a['peak_mb'] / b['peak_mb']:.3f}   (target < 1)")
-
+    for name, key in (("(a) cached", "cached"), ("(b) uncached", "uncached"), ("(c) bare UNet", "bare")):
+        print(f"| {name} | {sec[key]:.4f} | {mem[key]:.0f} |")
+    print(f"\n(a)/(b) time = {sec['cached'] / sec['uncached']:.3f}   (target <= 0.85)")
+    print(f"(a)/(c) time = {sec['cached'] / sec['bare']:.3f}   (target <= 1.10)")
+    print(f"(a)/(b) peak memory = {mem['cached'] / mem['uncached']:.3f}   (target < 1)")
+    print("raw samples (s/step):", json.dumps(results["timing"]["samples"]))
 
 if __name__ == "__main__":
     main()

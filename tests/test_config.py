@@ -64,3 +64,11 @@ def test_resolved_config_round_trips(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
+
+
+def test_readme_documents_every_key():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    from diffalign.config import valid_keys
+
+    missing = [k for k in valid_keys() if f"`{k}`" not in readme]
+    assert not missing, f"README's configuration reference lacks {missing}"

@@ -111,3 +111,23 @@ def test_interrupted_cache_build_resumes_from_written_shards(tiny_sd15, make_con
     monkeypatch.setattr(cache_mod, "encode_batch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-encoded")))
     again = Trainer(make_config(tiny_sd15, out="second"))
     assert again.dataset.folder == folder and json.loads((folder / "meta.json").read_text()) == meta
+
+
+def test_bf16_keeps_lora_fp32_and_options_run(tiny_sdxl, make_config):
+    trainer = Trainer(make_config(tiny_sdxl, "train.mixed_precision=bf16", "train.gradient_checkpointing=true",
+                                  "optim.name=adafactor", "train.max_steps=2"))
+    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    assert unet.conv_in.weight.dtype == torch.bfloat16  # frozen base weights follow mixed precision
+    assert all(p.dtype == torch.float32 for p in trainer.lora_params)  # trained weights never do
+    before = _lora(trainer)
+    result = trainer.train()
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    assert any(not torch.equal(before[n], p) for n, p in _lora(trainer).items())
+
+
+def test_adamw8bit_without_bitsandbytes_says_how_to_install(tiny_sd15, make_config, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(ImportError, match=r"pip install 'diffalign\[bnb\]'"):
+        Trainer(make_config(tiny_sd15, "optim.name=adamw8bit"))
