@@ -17,9 +17,9 @@ REPO_RECIPES = Path(__file__).resolve().parents[1] / "assets" / "recipes"
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .trainer import train
-
     from accelerate import PartialState
+
+    from .trainer import train
 
     cfg = load_config(args.config, args.set)
     result = train(cfg)

@@ -57,9 +57,8 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
-
         from accelerate.state import AcceleratorState
+        from accelerate.utils import ProjectConfiguration
 
         self.cfg = cfg
         self.output_dir = Path(cfg.train.output_dir)
@@ -96,12 +95,17 @@ class Trainer:
         # From the cache the VAE only decodes validation images: keep it off the accelerator until then.
         self.vae_device = torch.device("cpu") if cfg.cache.enabled else self.device
         self.backbone.vae.to(self.vae_device)
+        self._prepare_optimization()
+
+    def _prepare_optimization(self) -> None:
+        """LoRA adapters, optimizer and LR schedule, handed to accelerate."""
+        from diffusers.optimization import get_scheduler
+
+        cfg = self.cfg
         self.lora_params = add_lora(self.backbone.unet, cfg.lora)
         if cfg.train.gradient_checkpointing:
             self.backbone.unet.enable_gradient_checkpointing()
         self.optimizer = _optimizer(self.lora_params, cfg)
-        from diffusers.optimization import get_scheduler
-
         # accelerate steps a prepared schedule once per process per optimizer step
         n = self.accelerator.num_processes
         self.lr_scheduler = get_scheduler(cfg.optim.scheduler, self.optimizer, num_warmup_steps=cfg.optim.warmup_steps * n,
@@ -119,8 +123,7 @@ class Trainer:
                 b.vae.to(self.device)
             with self.accelerator.main_process_first():
                 cached = build_cache(b, raw, cache, self.cfg.cache.dtype, d.on_bad_image)
-            empty = cached.empty_prompt()
-            return cached, Conditioning(empty.prompt_embeds[None], None if empty.pooled is None else empty.pooled[None])
+            return cached, cached.empty_prompt()
         b.vae.to(self.device)
         raw.drop_bad_rows(d.on_bad_image)
         return raw, b.encode_prompt([""])

@@ -42,10 +42,14 @@ def test_cached_and_raw_training_give_the_same_losses(tiny_sdxl, make_config):
     raw = train(make_config(tiny_sdxl, *common, "cache.enabled=false", out="raw"))
     assert len(cached.history) == len(raw.history) == 4
     for a, b in zip(cached.history, raw.history):
-        for key in ("err_policy_w", "err_policy_l", "err_ref_w", "err_ref_l"):
+        for key in ("err_ref_w", "err_ref_l"):  # depend on the inputs alone
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
+        for key in ("err_policy_w", "err_policy_l"):  # also on weights that moved by ~lr in noisy directions
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
-    assert cached.history[0]["loss"] == pytest.approx(raw.history[0]["loss"], rel=1e-6)
+    first_c, first_r = cached.history[0], raw.history[0]  # before any update: identical up to rounding
+    for key in first_c:
+        assert first_c[key] == pytest.approx(first_r[key], rel=1e-5, abs=1e-7), key
 
 def test_cached_items_equal_freshly_encoded_ones(tiny_sdxl, make_config):
     from diffalign.data.dataset import RawPairDataset, encode_batch

@@ -74,9 +74,10 @@ class CachedPairDataset(Dataset):
                 else f.get_slice(key)[j : j + 1][0] for key in f.keys()}
 
     def empty_prompt(self) -> Conditioning:
+        """The cached conditioning of the empty prompt (caption dropout), batch size 1."""
         f = self._open("empty_prompt.safetensors")
-        return Conditioning(f.get_tensor("prompt_embeds").float(),
-                            f.get_tensor("pooled").float() if "pooled" in f.keys() else None)
+        return Conditioning(f.get_tensor("prompt_embeds").float()[None],
+                            f.get_tensor("pooled").float()[None] if "pooled" in f.keys() else None)
 
     def __getstate__(self):  # DataLoader workers reopen the shards themselves
         return {**self.__dict__, "_handles": {}}
