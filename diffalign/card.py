@@ -10,7 +10,7 @@ from .config import Config
 from .lora import atomic_write_text
 
 
-def write_model_card(out_dir: Path, cfg: Config, kind: str, steps: int, history: list[dict]) -> Path:
+def write_model_card(out_dir: Path, cfg: Config, kind: str, steps: int, history: list[dict], beta: float) -> Path:
     """README.md with YAML metadata (base model, tags), how the adapter was trained and its last metrics."""
     meta = {"base_model": cfg.model.pretrained, "library_name": "diffusers", "license": "other",
             "tags": ["diffalign", "lora", "text-to-image", kind, f"diffalign-{cfg.objective.name}"]}
@@ -23,7 +23,7 @@ def write_model_card(out_dir: Path, cfg: Config, kind: str, steps: int, history:
 
 # {cfg.objective.name} LoRA for {cfg.model.pretrained}
 
-Trained with [diffalign](https://github.com/) objective `{o.name}` (β = {o.beta:g}, loss `{o.loss_type}`) on
+Trained with [diffalign](https://github.com/) objective `{o.name}` (β = {beta:g}) on
 `{cfg.data.dataset}` at {cfg.data.resolution or "default"} px for {steps} optimizer steps.
 
 | setting | value |

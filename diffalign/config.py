@@ -75,13 +75,26 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = _f("dpo", "Preference objective, by registered name (built-in: dpo).")
-    beta: float = _f(5000.0, "KL strength β. Diffusion-DPO convention: per-pixel mean MSE with the 1/2 factor.")
+    name: str = _f("dpo", "Preference objective by registered name: dpo, mapo, inpo, smpo, or 'pkg.module:Class'.")
+    beta: float | None = _f(
+        None, "β; None uses the objective's default (dpo/inpo/smpo 5000: per-pixel mean MSE with the 1/2 factor; "
+              "mapo 0.1).")
     loss_type: str = _f("sigmoid", "Diffusion-DPO variant: sigmoid (the paper), hinge or ipo.")
+    mapo_scale: float = _f(0.5, "MaPO: s in f(s·e) (the official code's snr_value).")
+    inversion_steps: int = _f(10, "InPO/SmPO: inversion grid steps; the grid to t has spacing <= T/inversion_steps.")
+    inversion_model: str = _f("policy", "InPO/SmPO: invert with the policy (official) or the reference (adapters off).")
+    renoise_iters: int = _f(1, "SmPO: ReNoise iterations K per inversion step (0 = plain DDIM inversion).")
+    gamma: float = _f(10.0, "SmPO: label-smoothing strength γ in β·γ·(2p-1).")
 
     def __post_init__(self) -> None:
-        _positive("objective", "beta", self.beta)
+        if self.beta is not None:
+            _positive("objective", "beta", self.beta)
         _choice("objective", "loss_type", self.loss_type, ("sigmoid", "hinge", "ipo"))
+        _choice("objective", "inversion_model", self.inversion_model, ("policy", "reference"))
+        _positive("objective", "mapo_scale", self.mapo_scale)
+        _positive("objective", "inversion_steps", self.inversion_steps)
+        _positive("objective", "renoise_iters", self.renoise_iters, allow_zero=True)
+        _positive("objective", "gamma", self.gamma)
 
 
 @dataclass

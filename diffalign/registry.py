@@ -8,7 +8,10 @@ from typing import Any
 
 from .config import ObjectiveConfig
 
-BUILTIN_OBJECTIVES = {"dpo": "diffalign.objectives.dpo:DPO"}
+BUILTIN_OBJECTIVES = {
+    "dpo": "diffalign.objectives.dpo:DPO",
+    "mapo": "diffalign.objectives.mapo:MaPO",
+}
 
 
 def resolve(name: str, builtins: dict[str, str], group: str, what: str) -> Any:
@@ -32,6 +35,11 @@ def resolve(name: str, builtins: dict[str, str], group: str, what: str) -> Any:
     return obj
 
 
-def build_objective(cfg: ObjectiveConfig):
-    """The objective named by ``cfg.name``, constructed from ``cfg``."""
-    return resolve(cfg.name, BUILTIN_OBJECTIVES, "diffalign.objectives", "objective")(cfg)
+def objective_class(cfg: ObjectiveConfig):
+    """The objective class named by ``cfg.name`` (resolved without building anything)."""
+    return resolve(cfg.name, BUILTIN_OBJECTIVES, "diffalign.objectives", "objective")
+
+
+def build_objective(cfg: ObjectiveConfig, num_timesteps: int = 1000):
+    """The objective named by ``cfg.name``, built as ``Class(cfg, num_timesteps=T)``."""
+    return objective_class(cfg)(cfg, num_timesteps=num_timesteps)

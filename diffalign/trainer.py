@@ -26,7 +26,7 @@ from .data.readers import load_pairs
 from .lora import add_lora, atomic_write_text, reference_mode, save_lora
 from .models import Backbone, Conditioning, model_fingerprint, model_kind
 from .objectives.base import PairErrors
-from .registry import build_objective
+from .registry import objective_class
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Trainer:
         )
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision, torch.float32)
-        self.objective = build_objective(cfg.objective)
+        objective_cls = objective_class(cfg.objective)  # an unknown name fails before anything loads
 
         m, d = cfg.model, cfg.data
         raw_pairs = load_pairs(d)  # bad data fails before the model loads
@@ -87,6 +87,7 @@ class Trainer:
         need_text = cache is None or not is_complete(cache) or bool(cfg.train.validation_prompts)
         self.backbone = Backbone.load(m.pretrained, m.vae, m.prediction_type, m.revision, self.weight_dtype,
                                       text_encoders=need_text)
+        self.objective = objective_cls(cfg.objective, num_timesteps=self.backbone.scheduler.config.num_train_timesteps)
         self.dataset, self.empty_prompt = self._prepare_data(raw, cache)
         self.validation_cond = self._validation_conditioning()
         if cfg.cache.enabled:
@@ -277,7 +278,7 @@ class Trainer:
             self.validate(step)
             from .card import write_model_card
 
-            write_model_card(self.output_dir, self.cfg, self.backbone.kind, step, history)
+            write_model_card(self.output_dir, self.cfg, self.backbone.kind, step, history, self.objective.beta)
         acc.end_training()
         return TrainResult(self.output_dir, adapter, step, history)
 

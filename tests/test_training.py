@@ -13,10 +13,14 @@ def _lora(trainer):
     return {n: p.detach().clone() for n, p in unet.named_parameters() if "lora_" in n}
 
 
+OBJECTIVES = ["dpo", "mapo"]
+
+
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
-def test_steps_move_every_lora_parameter_and_lower_the_loss(kind, request, make_config):
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_steps_move_every_lora_parameter_and_lower_the_loss(kind, objective, request, make_config):
     model = request.getfixturevalue(f"tiny_{kind}")
-    trainer = Trainer(make_config(model, "optim.lr=2e-3", "data.caption_dropout=0"))
+    trainer = Trainer(make_config(model, "optim.lr=2e-3", "data.caption_dropout=0", f"objective.name={objective}"))
     before = _lora(trainer)
     batch = next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=2)))
     losses = []
@@ -26,8 +30,9 @@ def test_steps_move_every_lora_parameter_and_lower_the_loss(kind, request, make_
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
         losses.append(loss.item())
-    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)  # LoRA starts as the identity: policy == reference
-    assert losses[-1] < losses[0] - 0.05, losses
+    if trainer.objective.needs_reference:
+        assert losses[0] == pytest.approx(math.log(2), abs=1e-6)  # LoRA starts as the identity: policy == reference
+    assert losses[-1] < losses[0] - 0.01 * abs(losses[0]), losses
     after = _lora(trainer)
     unchanged = [n for n in before if torch.equal(before[n], after[n])]
     assert not unchanged, f"{len(unchanged)} LoRA tensors did not move, e.g. {unchanged[:3]}"

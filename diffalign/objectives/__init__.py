@@ -2,5 +2,6 @@
 
 from .base import Objective, PairErrors
 from .dpo import DPO, dpo_loss
+from .mapo import MaPO, mapo_loss
 
-__all__ = ["DPO", "Objective", "PairErrors", "dpo_loss"]
+__all__ = ["DPO", "MaPO", "Objective", "PairErrors", "dpo_loss", "mapo_loss"]

@@ -20,7 +20,8 @@ class PairErrors:
 
 
 class Objective(Protocol):
-    """A preference objective. The trainer reads the three declarations to decide what to compute."""
+    """A preference objective, constructed as ``Class(cfg: ObjectiveConfig, num_timesteps=T)``. The trainer
+    reads the three declarations to decide what to compute."""
 
     needs_reference: bool
     noising: Literal["forward", "ddim_inversion", "renoise"]

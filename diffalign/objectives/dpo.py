@@ -55,8 +55,10 @@ class DPO:
     noising = "forward"
     data = "pairs"
 
-    def __init__(self, cfg: ObjectiveConfig):
-        self.beta = cfg.beta
+    default_beta = 5000.0
+
+    def __init__(self, cfg: ObjectiveConfig, num_timesteps: int = 1000):
+        self.beta = cfg.beta if cfg.beta is not None else self.default_beta
         self.loss_type = cfg.loss_type
 
     def __call__(self, errors: PairErrors) -> tuple[Tensor, dict[str, float]]:
