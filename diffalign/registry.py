@@ -11,6 +11,8 @@ from .config import ObjectiveConfig
 BUILTIN_OBJECTIVES = {
     "dpo": "diffalign.objectives.dpo:DPO",
     "mapo": "diffalign.objectives.mapo:MaPO",
+    "inpo": "diffalign.objectives.inpo:InPO",
+    "smpo": "diffalign.objectives.smpo:SmPO",
 }
 
 

@@ -157,8 +157,9 @@ def _scene(colour: str, background: str, size: int, rng: random.Random, quality:
 
 
 def make_pickapic_rows(n: int = 16, size: int = 48, seed: int = 0, ties: int = 0) -> list[dict]:
-    """Rows in Pick-a-Pic v2 layout (caption, jpg_0, jpg_1, label_0): the preferred image has a larger,
-    centred square. The last ``ties`` rows are ties (label 0.5)."""
+    """Rows in Pick-a-Pic v2 layout (caption, jpg_0, jpg_1, label_0, label_1, score_0, score_1): the preferred
+    image has a larger, centred square. The last ``ties`` rows are ties (label 0.5). The scores stand in for a
+    reward model: higher for the preferred image, except on every fifth row, where the reward disagrees."""
     rng = random.Random(seed)
     names = list(COLOURS)
     rows = []
@@ -167,18 +168,25 @@ def make_pickapic_rows(n: int = 16, size: int = 48, seed: int = 0, ties: int = 0
         good = _scene(colour, background, size, rng, 1.0)
         bad = _scene(colour, background, size, rng, 0.0)
         first_wins = rng.random() < 0.5
+        good_score, bad_score = 0.6 + 0.3 * rng.random(), 0.2 + 0.3 * rng.random()
+        if i % 5 == 4:
+            good_score, bad_score = bad_score, good_score
         rows.append({
             "caption": f"a {colour} square on a {background} background",
             "jpg_0": good if first_wins else bad,
             "jpg_1": bad if first_wins else good,
             "label_0": 0.5 if i >= n - ties else (1.0 if first_wins else 0.0),
             "label_1": 0.5 if i >= n - ties else (0.0 if first_wins else 1.0),
+            "score_0": good_score if first_wins else bad_score,
+            "score_1": bad_score if first_wins else good_score,
         })
     return rows
 
 
-def write_pickapic_parquet(path: str | Path, n: int = 16, size: int = 48, seed: int = 0, ties: int = 0) -> Path:
-    """Write :func:`make_pickapic_rows` to a parquet file (the layout of ``yuvalkirstain/pickapic_v2``)."""
+def write_pickapic_parquet(path: str | Path, n: int = 16, size: int = 48, seed: int = 0, ties: int = 0,
+                           scores: bool = False) -> Path:
+    """Write :func:`make_pickapic_rows` to a parquet file (the layout of ``yuvalkirstain/pickapic_v2``), with the
+    ``score_0``/``score_1`` reward columns if ``scores``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -191,6 +199,7 @@ def write_pickapic_parquet(path: str | Path, n: int = 16, size: int = 48, seed: 
         "jpg_1": pa.array([r["jpg_1"] for r in rows], type=pa.binary()),
         "label_0": [r["label_0"] for r in rows],
         "label_1": [r["label_1"] for r in rows],
+        **({"score_0": [r["score_0"] for r in rows], "score_1": [r["score_1"] for r in rows]} if scores else {}),
     })
     pq.write_table(table, path)
     return path

@@ -7,6 +7,7 @@ objective needs it, and hands per-pair errors to the objective.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,9 +23,10 @@ from . import checkpoint as ckpt
 from .config import Config
 from .data.cache import build_cache, cache_folder, is_complete
 from .data.dataset import RawPairDataset, batch_conditioning, encode_batch
-from .data.readers import load_pairs
+from .data.readers import DataError, PairSource, load_pairs
 from .lora import add_lora, atomic_write_text, reference_mode, save_lora
 from .models import Backbone, Conditioning, model_fingerprint, model_kind
+from .noising import ddim_invert, inverted_noise
 from .objectives.base import PairErrors
 from .registry import objective_class
 
@@ -79,6 +81,7 @@ class Trainer:
         raw_pairs = load_pairs(d)  # bad data fails before the model loads
         self.resolution = d.resolution or (1024 if model_kind(m.pretrained, m.revision) == "sdxl" else 512)
         raw = RawPairDataset(raw_pairs, self.resolution, cfg.train.seed, d.random_flip, d.center_crop)
+        self.score_range = _score_range(raw_pairs) if objective_cls.data == "soft_pairs" else None
         cache = None
         if cfg.cache.enabled:
             root = Path(cfg.cache.dir) if cfg.cache.dir else None
@@ -170,7 +173,11 @@ class Trainer:
         cond2 = cond.repeat(2).to(dev)
         latents = torch.cat([z_w, z_l])
         t2, noise2 = torch.cat([t, t]), torch.cat([noise, noise])
-        x_t = b.scheduler.add_noise(latents, noise2, t2)
+        if self.objective.noising == "forward":
+            x_t = b.scheduler.add_noise(latents, noise2, t2)
+        else:  # InPO / SmPO: each latent's own inverted noise replaces the shared ε
+            x_t = self._invert(latents, t2, cond2)
+            noise2 = inverted_noise(latents, x_t, t2, b.scheduler.alphas_cumprod)
         target = b.target(latents, noise2, t2).float()
 
         def errors(unet) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +190,11 @@ class Trainer:
         if self.objective.needs_reference:
             with reference_mode(self.accelerator.unwrap_model(self.unet)):
                 ref_w, ref_l = errors(self.unet)
-        loss, metrics = self.objective(PairErrors(model_w, model_l, ref_w, ref_l))
+        scores = [None, None]
+        if self.score_range is not None:
+            lo, hi = self.score_range
+            scores = ((batch["scores"].to(dev, torch.float32) - lo) / (hi - lo)).unbind(1)
+        loss, metrics = self.objective(PairErrors(model_w, model_l, ref_w, ref_l, *scores))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at micro-step {micro_step}: {metrics}")
         return loss, metrics
@@ -200,6 +211,18 @@ class Trainer:
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return metrics
+
+    @torch.no_grad()
+    def _invert(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """DDIM (InPO) or ReNoise (SmPO) inversion of clean latents exactly to ``timesteps``, conditional, no CFG,
+        with the policy (the official codes) or the reference (adapters off)."""
+        o, b = self.cfg.objective, self.backbone
+        unet = self.accelerator.unwrap_model(self.unet)
+        renoise = o.renoise_iters if self.objective.noising == "renoise" else 0
+        context = reference_mode(unet) if o.inversion_model == "reference" else contextlib.nullcontext()
+        with context, self.accelerator.autocast():
+            return ddim_invert(lambda x, t: b.predict(x, t, cond, unet=unet), latents, timesteps,
+                               b.scheduler.alphas_cumprod, o.inversion_steps, renoise)
 
     # ----- the loop -----
     def train(self) -> TrainResult:
@@ -313,6 +336,15 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         image_grid(images).save(path)
         return path
+
+
+def _score_range(pairs: PairSource) -> tuple[float, float]:
+    """(min, max) of the reward scores over the training pairs, for SmPO's min-max normalisation."""
+    scores = torch.tensor(pairs.score_pairs())
+    lo, hi = scores.min().item(), scores.max().item()
+    if hi <= lo:
+        raise DataError(f"{pairs.name}: every reward score is {lo}; soft labels need scores that differ")
+    return lo, hi
 
 
 def _optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:

@@ -34,6 +34,12 @@ def pickapic(tmp_path_factory):
     return write_pickapic_parquet(tmp_path_factory.mktemp("data") / "pickapic.parquet", n=12, size=40, ties=2)
 
 
+@pytest.fixture(scope="session")
+def scored_pickapic(tmp_path_factory):
+    """12 rows with reward scores (score_0/score_1), the reward disagreeing with the label on rows 4 and 9."""
+    return write_pickapic_parquet(tmp_path_factory.mktemp("data") / "scored.parquet", n=12, size=40, scores=True)
+
+
 @pytest.fixture
 def make_config(tmp_path, pickapic):
     """A tiny, fast training config; keyword ``overrides`` are ``section.key=value`` strings."""

@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +51,25 @@ class PairSource:
     get: Any  # callable: source row index -> Pair
     rows: list[int]
     ties_dropped: int = 0
-    stats: dict = field(default_factory=dict)
+    scores: Any = None  # callable: source row index -> (score_w, score_l), read without decoding images
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> Pair:
         return self.get(self.rows[i])
+
+    def score_pairs(self) -> list[tuple[float, float]]:
+        """``(score_w, score_l)`` of every pair, in label order; an error naming the first row without both."""
+        out = []
+        for row in self.rows:
+            w, l = self.scores(row) if self.scores else (None, None)
+            if w is None or l is None or w != w or l != l:
+                raise DataError(f"{self.name}, row {row}: no reward scores; soft-label objectives (smpo) need "
+                                "score_0/score_1 columns (Pick-a-Pic layout) or chosen_score/rejected_score (local "
+                                "pairs) on every pair, e.g. written by `diffalign score` (planned) or your reward model")
+            out.append((float(w), float(l)))
+        return out
 
 
 def decode_image(value: Any, where: str) -> Image.Image:
@@ -140,18 +152,21 @@ def _pickapic(spec: str, cfg: DataConfig) -> PairSource:
             rows.append(i)
         else:
             ties += 1
-    score_cols = ("score_0", "score_1") if {"score_0", "score_1"} <= set(ds.column_names) else None
-    images = ds.select_columns(["caption", "jpg_0", "jpg_1"] + list(score_cols or ()))
+    has_scores = {"score_0", "score_1"} <= set(ds.column_names)
+    s0, s1 = (ds["score_0"], ds["score_1"]) if has_scores else ([None] * len(labels), [None] * len(labels))
+    images = ds.select_columns(["caption", "jpg_0", "jpg_1"])
+
+    def scores(i: int) -> tuple[float | None, float | None]:
+        return (s0[i], s1[i]) if labels[i] != 0 else (s1[i], s0[i])
 
     def get(i: int) -> Pair:
         r = images[i]
         first = labels[i] != 0  # label 1 (or a kept tie): image 0 is the winner
         w, l = ("0", "1") if first else ("1", "0")
-        return Pair(r["caption"] or "", r[f"jpg_{w}"], r[f"jpg_{l}"],
-                    r.get(f"score_{w}") if score_cols else None, r.get(f"score_{l}") if score_cols else None)
+        return Pair(r["caption"] or "", r[f"jpg_{w}"], r[f"jpg_{l}"], *scores(i))
 
     fingerprint = getattr(ds, "_fingerprint", None) or hashlib.sha256(spec.encode()).hexdigest()
-    return PairSource(spec, f"{fingerprint}:{cfg.keep_ties}", get, rows, ties)
+    return PairSource(spec, f"{fingerprint}:{cfg.keep_ties}", get, rows, ties, scores)
 
 
 # ----- local pairs: JSONL / CSV with image paths relative to the file -----
@@ -209,7 +224,8 @@ def _local_pairs(path: Path, cfg: DataConfig) -> PairSource:
             ties += 1
         else:
             rows.append(i)
-    return PairSource(str(path), f"{digest.hexdigest()}:{cfg.keep_ties}", pairs.__getitem__, rows, ties)
+    return PairSource(str(path), f"{digest.hexdigest()}:{cfg.keep_ties}", pairs.__getitem__, rows, ties,
+                      lambda i: (pairs[i].score_w, pairs[i].score_l))
 
 
 def _score(row: dict, key: str, where: str) -> float | None:

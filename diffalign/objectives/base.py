@@ -11,12 +11,14 @@ from torch import Tensor
 @dataclass
 class PairErrors:
     """Per-pair denoising errors ``e = mean over (C,H,W) of (prediction - target)^2`` in fp32, shape [B].
-    ``ref_*`` are None for reference-free objectives."""
+    ``ref_*`` are None for reference-free objectives; ``score_*`` are given to ``soft_pairs`` objectives."""
 
     model_w: Tensor
     model_l: Tensor
     ref_w: Tensor | None = None
     ref_l: Tensor | None = None
+    score_w: Tensor | None = None  # reward scores normalised on the training set (soft_pairs objectives)
+    score_l: Tensor | None = None
 
 
 class Objective(Protocol):
