@@ -83,6 +83,10 @@ class ObjectiveConfig:
     mapo_scale: float = _f(0.5, "MaPO: s in f(s·e) (the official code's snr_value).")
     inversion_steps: int = _f(10, "InPO/SmPO: inversion grid steps; the grid to t has spacing <= T/inversion_steps.")
     inversion_model: str = _f("policy", "InPO/SmPO: invert with the policy (official) or the reference (adapters off).")
+    inversion_cache: bool = _f(
+        False, "InPO/SmPO: cache each latent's reference inversion at the shared grid levels once; every step then "
+               "runs one live inversion step instead of ~t/100. Needs inversion_model=reference, "
+               "data.caption_dropout=0 and cache.enabled.")
     renoise_iters: int = _f(1, "SmPO: ReNoise iterations K per inversion step (0 = plain DDIM inversion).")
     gamma: float = _f(10.0, "SmPO: label-smoothing strength γ in β·γ·(2p-1).")
 
@@ -185,6 +189,15 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+
+    def __post_init__(self) -> None:
+        if self.objective.inversion_cache:
+            # the cached inversions must not depend on θ or on a per-step random prompt
+            needs = {"objective.inversion_model": (self.objective.inversion_model, "reference"),
+                     "data.caption_dropout": (self.data.caption_dropout, 0.0), "cache.enabled": (self.cache.enabled, True)}
+            for key, (value, required) in needs.items():
+                if value != required:
+                    raise ConfigError(f"objective.inversion_cache=true needs {key}={required!r} (got {value!r})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

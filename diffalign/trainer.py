@@ -21,12 +21,12 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config
-from .data.cache import build_cache, cache_folder, is_complete
+from .data.cache import WithTrajectories, build_cache, build_trajectory_cache, cache_folder, is_complete
 from .data.dataset import RawPairDataset, batch_conditioning, encode_batch
 from .data.readers import DataError, PairSource, load_pairs
 from .lora import add_lora, atomic_write_text, reference_mode, save_lora
 from .models import Backbone, Conditioning, model_fingerprint, model_kind
-from .noising import ddim_invert, inverted_noise
+from .noising import ddim_invert, finish_inversion, invert_to_shared_levels, inverted_noise
 from .objectives.base import PairErrors
 from .registry import objective_class
 
@@ -96,6 +96,8 @@ class Trainer:
         if cfg.cache.enabled:
             self.backbone.free_encoders()
         self.backbone.unet.to(self.device)
+        if cfg.objective.inversion_cache and self.objective.noising != "forward":
+            self.dataset = self._with_trajectories(self.dataset)  # before LoRA: the UNet is the reference
         # From the cache the VAE only decodes validation images: keep it off the accelerator until then.
         self.vae_device = torch.device("cpu") if cfg.cache.enabled else self.device
         self.backbone.vae.to(self.vae_device)
@@ -176,7 +178,8 @@ class Trainer:
         if self.objective.noising == "forward":
             x_t = b.scheduler.add_noise(latents, noise2, t2)
         else:  # InPO / SmPO: each latent's own inverted noise replaces the shared ε
-            x_t = self._invert(latents, t2, cond2)
+            shared = torch.cat([batch["traj_w"], batch["traj_l"]]).to(dev) if "traj_w" in batch else None
+            x_t = self._invert(latents, t2, cond2, shared)
             noise2 = inverted_noise(latents, x_t, t2, b.scheduler.alphas_cumprod)
         target = b.target(latents, noise2, t2).float()
 
@@ -213,16 +216,39 @@ class Trainer:
         return metrics
 
     @torch.no_grad()
-    def _invert(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def _invert(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                shared: torch.Tensor | None = None) -> torch.Tensor:
         """DDIM (InPO) or ReNoise (SmPO) inversion of clean latents exactly to ``timesteps``, conditional, no CFG,
-        with the policy (the official codes) or the reference (adapters off)."""
+        with the policy (the official codes) or the reference (adapters off); from cached ``shared`` levels only
+        the last step runs."""
         o, b = self.cfg.objective, self.backbone
         unet = self.accelerator.unwrap_model(self.unet)
         renoise = o.renoise_iters if self.objective.noising == "renoise" else 0
         context = reference_mode(unet) if o.inversion_model == "reference" else contextlib.nullcontext()
+        predict = lambda x, t: b.predict(x, t, cond, unet=unet)  # noqa: E731
+        alphas = b.scheduler.alphas_cumprod
         with context, self.accelerator.autocast():
-            return ddim_invert(lambda x, t: b.predict(x, t, cond, unet=unet), latents, timesteps,
-                               b.scheduler.alphas_cumprod, o.inversion_steps, renoise)
+            if shared is not None:
+                return finish_inversion(predict, latents, shared, timesteps, alphas, o.inversion_steps, renoise)
+            return ddim_invert(predict, latents, timesteps, alphas, o.inversion_steps, renoise)
+
+    @torch.no_grad()
+    def _with_trajectories(self, pairs) -> WithTrajectories:
+        """Cache every latent's reference inversion at the shared levels (built once, next to the latent cache)."""
+        o, b = self.cfg.objective, self.backbone
+        renoise = o.renoise_iters if self.objective.noising == "renoise" else 0
+        folder = pairs.folder / f"inversion-n{o.inversion_steps}-k{renoise}"
+
+        def invert(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+            cond = batch_conditioning(b, batch, self.resolution).repeat(2).to(self.device)
+            z = torch.cat([batch["latents_w"], batch["latents_l"]]).to(self.device)
+            with self.accelerator.autocast():
+                traj = invert_to_shared_levels(lambda x, t: b.predict(x, t, cond), z, b.scheduler.alphas_cumprod,
+                                               o.inversion_steps, renoise)
+            return traj.chunk(2)
+
+        with self.accelerator.main_process_first():
+            return build_trajectory_cache(pairs, folder, invert, self.cfg.cache.dtype)
 
     # ----- the loop -----
     def train(self) -> TrainResult:

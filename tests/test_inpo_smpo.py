@@ -84,3 +84,37 @@ def test_inversion_uses_the_chosen_model(mode, tiny_sd15, make_config):
     after = trainer._invert(z, t, cond)
     assert before.shape == z.shape and torch.isfinite(before).all()
     assert torch.equal(before, after) == (mode == "reference")  # the reference does not depend on θ
+
+
+@pytest.mark.parametrize("objective", ["inpo", "smpo"])
+def test_cached_reference_inversion_gives_the_uncached_loss(objective, tiny_sdxl, make_config, scored_pickapic):
+    common = [f"objective.name={objective}", f"data.dataset={scored_pickapic}", "objective.inversion_model=reference",
+              "data.caption_dropout=0", "objective.inversion_steps=5"]
+    live = Trainer(make_config(tiny_sdxl, *common, out="live"))
+    cached = Trainer(make_config(tiny_sdxl, *common, "objective.inversion_cache=true", out="cached"))
+    item = cached.dataset[0]
+    assert item["traj_w"].shape == (4, 4, 16, 16)  # the shared levels 200, 400, 600, 800
+    for micro in range(3):  # different timesteps each time
+        batch = next(iter(torch.utils.data.DataLoader(cached.dataset, batch_size=4)))
+        plain = {k: v for k, v in batch.items() if not k.startswith("traj")}
+        a, ma = cached.compute_loss(batch, micro)
+        b, mb = live.compute_loss(plain, micro)
+        assert a.item() == pytest.approx(b.item(), rel=1e-4)
+        assert ma["err_policy_w"] == pytest.approx(mb["err_policy_w"], rel=1e-5)
+    again = Trainer(make_config(tiny_sdxl, *common, "objective.inversion_cache=true", out="again"))
+    assert again.dataset.trajectories.folder == cached.dataset.trajectories.folder
+
+
+@pytest.mark.parametrize("override, key", [
+    ("objective.inversion_model=policy", "objective.inversion_model"),
+    ("data.caption_dropout=0.2", "data.caption_dropout"),
+    ("cache.enabled=false", "cache.enabled"),
+])
+def test_inversion_cache_refuses_settings_that_would_make_it_wrong(override, key):
+    from diffalign.config import ConfigError, load_config
+
+    base = ["objective.name=inpo", "objective.inversion_cache=true", "objective.inversion_model=reference",
+            "data.caption_dropout=0"]
+    load_config(None, base)
+    with pytest.raises(ConfigError, match=f"inversion_cache=true needs {key}"):
+        load_config(None, base + [override])

@@ -46,17 +46,14 @@ def test_grid_ends_exactly_at_t_with_bounded_spacing():
 
 
 def _reference_inversion(predict, z, t, num_steps):
-    """One sample at a time, levels listed by hand: clean -> round(j t / K)."""
-    import math
-
+    """One sample at a time, levels listed by hand: clean -> the multiples of 100 below t -> t."""
     out = []
     for zi, ti in zip(z, t.tolist()):
         x = zi[None]
         if ti == 0:
             out.append(x)
             continue
-        k = math.ceil(ti * num_steps / 1000)
-        levels = [None] + [round(j * ti / k) for j in range(1, k + 1)]
+        levels = [None] + [100 * j for j in range(1, 10) if 100 * j < ti] + [ti]  # num_steps = 10
         for prev, nxt in zip(levels, levels[1:]):
             if prev == nxt:
                 continue
@@ -120,3 +117,18 @@ def test_inversion_then_ddim_denoising_returns_the_latent():
     assert (x - z).abs().max() < 0.05
     exact = ddim_invert(constant(torch.ones(1, 4, 8, 8)), z, t, ALPHAS, num_steps=7)
     assert exact.shape == z.shape
+
+
+@pytest.mark.parametrize("renoise_iters", [0, 1])
+def test_cached_shared_levels_plus_one_live_step_equal_the_full_inversion(renoise_iters):
+    from diffalign.noising import finish_inversion, invert_to_shared_levels
+
+    torch.manual_seed(4)
+    z = torch.randn(7, 4, 8, 8)
+    t = torch.tensor([0, 5, 100, 101, 450, 900, 999])  # below, on and above shared levels
+    shared = invert_to_shared_levels(_smooth, z, ALPHAS, num_steps=10, renoise_iters=renoise_iters)
+    assert shared.shape == (7, 9, 4, 8, 8)
+    got = finish_inversion(_smooth, z, shared, t, ALPHAS, num_steps=10, renoise_iters=renoise_iters)
+    full = ddim_invert(_smooth, z, t, ALPHAS, num_steps=10, renoise_iters=renoise_iters)
+    assert torch.equal(got[0], z[0])
+    assert torch.allclose(got, full, atol=1e-5)

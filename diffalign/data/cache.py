@@ -167,3 +167,44 @@ def build_cache(backbone: Backbone, raw: RawPairDataset, folder: Path, dtype: st
             "dtype": dtype, "shards": shards}
     atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2))
     return CachedPairDataset(folder)
+
+
+class WithTrajectories(Dataset):
+    """A cached pair dataset whose items also carry each latent's reference inversion at the shared levels
+    (``traj_w``, ``traj_l``: [n - 1, C, H, W]), read from their own shards."""
+
+    def __init__(self, pairs: CachedPairDataset, trajectories: CachedPairDataset):
+        if len(pairs) != len(trajectories):
+            raise ValueError(f"{trajectories.folder}: {len(trajectories)} trajectories for {len(pairs)} pairs")
+        self.pairs, self.trajectories = pairs, trajectories
+        self.folder = pairs.folder
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.pairs[i], **self.trajectories[i]}
+
+    def empty_prompt(self) -> Conditioning:
+        return self.pairs.empty_prompt()
+
+
+def build_trajectory_cache(pairs: CachedPairDataset, folder: Path, invert, dtype: str = "float32",
+                           batch_size: int = 8) -> WithTrajectories:
+    """Run ``invert(batch) -> (traj_w, traj_l)`` over ``pairs`` once, in order, into ``folder`` (reused when
+    complete; resumed shard by shard when interrupted), and return the pairs with their trajectories."""
+    if not is_complete(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        store, shards = DTYPES[dtype], []
+        with tqdm(total=len(pairs), desc="caching inversions", unit="pair", leave=False) as bar:
+            for k, lo in enumerate(range(0, len(pairs), SHARD_SIZE)):
+                hi, name = min(len(pairs), lo + SHARD_SIZE), f"shard-{k:05d}.safetensors"
+                if not (folder / name).is_file():
+                    loader = DataLoader(torch.utils.data.Subset(pairs, range(lo, hi)), batch_size=batch_size)
+                    parts = [invert(batch) for batch in loader]
+                    _save({"traj_w": torch.cat([w for w, _ in parts]).to(store).cpu(),
+                           "traj_l": torch.cat([l for _, l in parts]).to(store).cpu()}, folder / name)
+                shards.append({"file": name, "size": hi - lo})
+                bar.update(hi - lo)
+        atomic_write_text(folder / "meta.json", json.dumps({"version": CACHE_VERSION, "shards": shards}, indent=2))
+    return WithTrajectories(pairs, CachedPairDataset(folder))
