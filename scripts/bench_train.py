@@ -1,13 +1,18 @@
-"""Steady-state cost of a Diffusion-DPO step, measured in one run, three ways:
+"""Steady-state cost of a training step, measured in one run.
 
+The cache (issue: foundation), on Diffusion-DPO:
   (a) cached   - the trainer's real step, training from the latent + text-embedding cache
   (b) uncached - the same step, decoding images and running the VAE and text encoders every step
   (c) bare     - only the UNet work of a DPO step: policy forward + backward on 2B latents, reference forward
+The objectives, each from the cache, as a ratio to (a): MaPO, InPO (policy inversion, the official code),
+InPO (cached reference inversion), SmPO (policy ReNoise inversion).
 
-Seconds per step = (time of N2 steps - time of N1 steps) / (N2 - N1), so start-up does not count. The three
-paths are timed in one process, interleaved round-robin, and each ratio is the median of per-round ratios, because a shared 2-core
-machine drifts by 30% over minutes; peak memory (GPU: max allocated; CPU: peak RSS after a reset) comes from a
-fresh process per path that loads only what that path needs.
+Seconds per step = (time of N2 steps - time of N1 steps) / (N2 - N1), so start-up does not count. All paths are
+timed in one process, interleaved round-robin, and each ratio is the median of per-round ratios, because a shared
+2-core machine drifts by 30% over minutes; peak memory (GPU: max allocated; CPU: peak RSS after a reset) comes
+from a fresh process per path that loads only what that path needs, with the step's own (transient) memory
+beside it: the peak minus what was resident just before the timed steps, which the ~1 GB floor of a CPU
+process would otherwise hide.
 
     python scripts/bench_train.py assets/recipes/tiny-sdxl-dpo.yaml            # tiny model, built offline
     python scripts/bench_train.py RECIPE --set model.pretrained=... --set data.dataset=...
@@ -42,6 +47,17 @@ def _reset_peak_memory() -> None:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak resident set size (VmHWM)
 
 
+def _current_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _peak_memory_mb() -> float:
     import torch
 
@@ -65,38 +81,57 @@ def _block_time(step, n: int) -> float:
     return time.perf_counter() - start
 
 
-def _steppers(trainer, cached_dataset) -> dict:
-    """One step function per path, all on the same trainer (the uncached one, which has the encoders)."""
+# config overrides per path; "bare" runs on the "uncached" trainer
+VARIANTS = {
+    "cached": [],
+    "uncached": ["cache.enabled=false"],
+    "mapo": ["objective.name=mapo"],
+    "inpo-policy": ["objective.name=inpo"],
+    "inpo-cached": ["objective.name=inpo", "objective.inversion_model=reference", "objective.inversion_cache=true",
+                    "data.caption_dropout=0"],
+    "smpo": ["objective.name=smpo", "objective.beta=500"],
+}
+
+
+def _trainer(recipe: str, overrides: list[str], variant: str):
+    from diffalign.config import load_config
+    from diffalign.trainer import Trainer
+
+    cfg = load_config(recipe, overrides + ["log.to=none", "train.validation_prompts=[]", "train.checkpoint_every=0",
+                                           "objective.name=dpo"] + VARIANTS[variant])
+    return Trainer(cfg)
+
+
+def _cycling_step(trainer):
+    """The trainer's real step over its own epochs."""
+    state = {"it": iter(()), "micro": 0, "epoch": 0}
+
+    def step():
+        batch = next(state["it"], None)
+        if batch is None:
+            state["it"], state["epoch"] = iter(trainer._epoch_loader(state["epoch"])), state["epoch"] + 1
+            batch = next(state["it"])
+        trainer.training_step(batch, state["micro"])
+        state["micro"] += 1
+    return step
+
+
+def _bare_step(trainer):
+    """Only the UNet work of a DPO step on the trainer's shapes."""
     import torch
-    from torch.utils.data import DataLoader
 
     from diffalign.lora import reference_mode
     from diffalign.models import Conditioning
 
     n, dev, backbone, unet = trainer.cfg.train.batch_size, trainer.device, trainer.backbone, trainer.unet
-
-    def cycling(make_loader):
-        state = {"it": iter(()), "micro": 0}
-
-        def next_batch():
-            batch = next(state["it"], None)
-            if batch is None:
-                state["it"] = iter(make_loader())
-                batch = next(state["it"])
-            state["micro"] += 1
-            return batch, state["micro"]
-        return next_batch
-
-    cached_batches = cycling(lambda: DataLoader(cached_dataset, batch_size=n, shuffle=True, drop_last=True))
-    raw_batches = cycling(lambda: trainer._epoch_loader(0))
-
-    item = cached_dataset[0]
+    item = next(iter(trainer._epoch_loader(0)))
+    item = {k: v[0] for k, v in trainer.encoded(item).items()}
     x = torch.randn(2 * n, *item["latents_w"].shape, device=dev)
     t = torch.randint(0, 1000, (2 * n,), device=dev)
     cond = Conditioning(item["prompt_embeds"][None], item["pooled"][None] if "pooled" in item else None,
                         backbone.time_ids(item["geometry"][None], trainer.resolution)).repeat(2 * n).to(dev)
 
-    def bare():
+    def step():
         with trainer.accelerator.autocast():
             pred = backbone.predict(x, t, cond, unet=unet)
         trainer.accelerator.backward(pred.float().pow(2).mean())
@@ -104,55 +139,44 @@ def _steppers(trainer, cached_dataset) -> dict:
             backbone.predict(x, t, cond, unet=unet)
         for p in trainer.lora_params:
             p.grad = None
-
-    return {"cached": lambda: trainer.training_step(*cached_batches()),
-            "uncached": lambda: trainer.training_step(*raw_batches()),
-            "bare": bare}
+    return step
 
 
-def worker(mode: str, recipe: str, overrides: list[str], n1: int, n2: int, repeats: int) -> dict:
-    """``prepare``: build the cache. ``timing``: all paths in this process, interleaved, so machine drift hits
+def worker(mode: str, recipe: str, overrides: list[str], n1: int, n2: int, repeats: int, paths: list[str]) -> dict:
+    """``prepare``: build the caches. ``timing``: all paths in this process, interleaved, so machine drift hits
     them alike. ``memory-<path>``: a few steps of one path in a fresh process, for its own peak memory."""
-    from diffalign.config import load_config
-    from diffalign.data.cache import CachedPairDataset, cache_folder
-    from diffalign.models import model_fingerprint
-    from diffalign.trainer import Trainer
-
-    path = mode.removeprefix("memory-")
-    # the uncached path needs the encoders loaded; the others train from the cache without them
-    cached = mode == "prepare" or (mode.startswith("memory-") and path != "uncached")
-    cfg = load_config(recipe, overrides + [f"cache.enabled={str(cached).lower()}", "log.to=none",
-                                           "train.validation_prompts=[]", "train.checkpoint_every=0"])
-    t0 = time.perf_counter()
-    trainer = Trainer(cfg)
-    if mode == "prepare":
-        return {"mode": mode, "setup_s": time.perf_counter() - t0, "device": str(trainer.device)}
-    if cached:
-        dataset = trainer.dataset
-    else:
-        m = cfg.model
-        dataset = CachedPairDataset(cache_folder(model_fingerprint(m.pretrained, m.vae, m.revision), trainer.dataset,
-                                                 cfg.cache.dtype, Path(cfg.cache.dir)))
-    steps = _steppers(trainer, dataset)
-    if mode.startswith("memory-"):
-        steps[path]()
-        _reset_peak_memory()
-        _block_time(steps[path], 4)
-        return {"mode": mode, "peak_mb": _peak_memory_mb()}
     import statistics
 
+    if mode == "prepare":
+        for variant in ("cached", "inpo-cached"):
+            _trainer(recipe, overrides, variant)
+        return {"mode": mode}
+    if mode.startswith("memory-"):
+        path = mode.removeprefix("memory-")
+        trainer = _trainer(recipe, overrides, "cached" if path == "bare" else path)
+        step = _bare_step(trainer) if path == "bare" else _cycling_step(trainer)
+        step()  # optimizer state and caches exist from here on
+        _reset_peak_memory()
+        before = _current_memory_mb()
+        _block_time(step, 3)
+        peak = _peak_memory_mb()
+        return {"mode": mode, "peak_mb": peak, "step_mb": peak - before}
+    trainers = {v: _trainer(recipe, overrides, v) for v in paths if v != "bare"}
+    steps = {v: _cycling_step(t) for v, t in trainers.items()}
+    if "bare" in paths:
+        steps["bare"] = _bare_step(trainers["uncached"])
     for step in steps.values():  # warm-up
         _block_time(step, 2)
     samples: dict[str, list[float]] = {k: [] for k in steps}
     names = list(steps)
     for r in range(repeats):
-        for name in names[r % 3:] + names[: r % 3]:  # rotate, so no path always runs first
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate, so no path always runs first
             samples[name].append((_block_time(steps[name], n2) - _block_time(steps[name], n1)) / (n2 - n1))
     # The paths of one round share the machine's drift: the median of per-round ratios cancels most of it.
-    ratios = {f"{a}/{b}": statistics.median(x / y for x, y in zip(samples[a], samples[b]))
-              for a, b in (("cached", "uncached"), ("cached", "bare"))}
+    ratios = {name: statistics.median(x / y for x, y in zip(samples[name], samples["cached"])) for name in names}
+    device = str(next(iter(trainers.values())).device)
     return {"mode": mode, "sec_per_step": {k: statistics.median(v) for k, v in samples.items()},
-            "ratios": ratios, "samples": samples, "device": str(trainer.device)}
+            "ratio_to_cached": ratios, "samples": samples, "device": device}
 
 
 def _tiny_setup(recipe: str, work: Path, pairs: int, resolution: int) -> list[str]:
@@ -164,7 +188,7 @@ def _tiny_setup(recipe: str, work: Path, pairs: int, resolution: int) -> list[st
         return []
     kind = "sd15" if "sd15" in Path(recipe).name else "sdxl"
     model = save_tiny_pipeline(work / f"tiny-{kind}", kind)
-    data = write_pickapic_parquet(work / "pairs.parquet", n=pairs, size=int(resolution * 1.5))
+    data = write_pickapic_parquet(work / "pairs.parquet", n=pairs, size=int(resolution * 1.5), scores=True)
     return [f"model.pretrained={model}", f"data.dataset={data}"]
 
 
@@ -175,13 +199,16 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=64, help="pairs in the generated dataset (tiny recipes)")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4, help="pairs per step")
-    parser.add_argument("--n1", type=int, default=3)
-    parser.add_argument("--n2", type=int, default=13)
-    parser.add_argument("--repeats", type=int, default=7, help="median over this many measurements")
+    parser.add_argument("--n1", type=int, default=2)
+    parser.add_argument("--n2", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; medians over them")
+    parser.add_argument("--paths", default="cached,uncached,bare,mapo,inpo-policy,inpo-cached,smpo",
+                        help="comma-separated paths to measure")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    paths = args.paths.split(",")
     if args.worker:
-        print(json.dumps(worker(args.worker, args.recipe, args.set, args.n1, args.n2, args.repeats)))
+        print(json.dumps(worker(args.worker, args.recipe, args.set, args.n1, args.n2, args.repeats, paths)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -189,25 +216,34 @@ def main() -> None:
             f"data.resolution={args.resolution}", f"train.batch_size={args.batch}", "train.grad_accum=1",
             f"cache.dir={work / 'cache'}", f"train.output_dir={work / 'out'}"] + args.set
         results = {}
-        modes = ["prepare", "timing", "memory-cached", "memory-uncached", "memory-bare"]
-        for mode in modes:  # "prepare" builds the cache the others reuse
+        for mode in ["prepare", "timing"] + [f"memory-{p}" for p in paths]:
             cmd = [sys.executable, __file__, args.recipe, "--worker", mode, "--n1", str(args.n1), "--n2", str(args.n2),
-                   "--repeats", str(args.repeats)]
+                   "--repeats", str(args.repeats), "--paths", args.paths]
             cmd += [a for kv in overrides for a in ("--set", kv)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             results[mode] = json.loads(out.strip().splitlines()[-1])
-    sec = results["timing"]["sec_per_step"]
-    mem = {k: results[f"memory-{k}"]["peak_mb"] for k in sec}
-    print(f"\n{args.recipe}: {args.resolution} px, {args.batch} pairs/step, device {results['timing']['device']}; "
-          f"s/step = median over {args.repeats} interleaved rounds of (T({args.n2}) - T({args.n1})) / {args.n2 - args.n1}\n")
-    print("| path | s/step | peak memory (MB) |\n|---|---|---|")
-    for name, key in (("(a) cached", "cached"), ("(b) uncached", "uncached"), ("(c) bare UNet", "bare")):
-        print(f"| {name} | {sec[key]:.4f} | {mem[key]:.0f} |")
-    ratios = results["timing"]["ratios"]
-    print(f"\n(a)/(b) time = {ratios['cached/uncached']:.3f}   (target <= 0.85; median of per-round ratios)")
-    print(f"(a)/(c) time = {ratios['cached/bare']:.3f}   (target <= 1.10; median of per-round ratios)")
-    print(f"(a)/(b) peak memory = {mem['cached'] / mem['uncached']:.3f}   (target < 1)")
-    print("raw samples (s/step):", json.dumps(results["timing"]["samples"]))
+    timing = results["timing"]
+    sec, ratio = timing["sec_per_step"], timing["ratio_to_cached"]
+    mem = {p: results[f"memory-{p}"]["peak_mb"] for p in paths}
+    step_mem = {p: results[f"memory-{p}"]["step_mb"] for p in paths}
+    print(f"\n{args.recipe}: {args.resolution} px, {args.batch} pairs/step, device {timing['device']}; s/step = median "
+          f"over {args.repeats} interleaved rounds of (T({args.n2}) - T({args.n1})) / {args.n2 - args.n1}\n")
+    print("| path | s/step | time vs (a) cached DPO | peak memory (MB) | memory vs (a) | step's own memory (MB) |\n"
+          "|---|---|---|---|---|---|")
+    for p in paths:
+        print(f"| {p} | {sec[p]:.4f} | {ratio[p]:.3f} | {mem[p]:.0f} | {mem[p] / mem['cached']:.3f} | "
+              f"{step_mem[p]:.0f} |")
+    targets = {"uncached": ("(a)/(b) time <= 0.85", 1 / ratio.get("uncached", float("nan"))),
+               "bare": ("(a)/(c) time <= 1.10", 1 / ratio.get("bare", float("nan"))),
+               "mapo": ("MaPO/DPO time <= 0.80", ratio.get("mapo", float("nan"))),
+               "inpo-cached": ("cached InPO/DPO time <= 1.30", ratio.get("inpo-cached", float("nan")))}
+    print()
+    for p, (label, value) in targets.items():
+        if p in paths:
+            print(f"{label}: {value:.3f}")
+    if "uncached" in paths:
+        print(f"(a)/(b) peak memory < 1: {mem['cached'] / mem['uncached']:.3f}")
+    print("raw samples (s/step):", json.dumps(timing["samples"]))
 
 if __name__ == "__main__":
     main()
