@@ -28,6 +28,7 @@ from .lora import add_lora, atomic_write_text, reference_mode, save_lora
 from .models import Backbone, Conditioning, model_fingerprint, model_kind
 from .noising import ddim_invert, finish_inversion, invert_to_shared_levels, inverted_noise
 from .objectives.base import PairErrors
+from .optim import build_optimizer
 from .registry import objective_class
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class Trainer:
         self.lora_params = add_lora(self.backbone.unet, cfg.lora)
         if cfg.train.gradient_checkpointing:
             self.backbone.unet.enable_gradient_checkpointing()
-        self.optimizer = _optimizer(self.lora_params, cfg)
+        self.optimizer = build_optimizer(self.lora_params, cfg.optim)
         # accelerate steps a prepared schedule once per process per optimizer step
         n = self.accelerator.num_processes
         self.lr_scheduler = get_scheduler(cfg.optim.scheduler, self.optimizer, num_warmup_steps=cfg.optim.warmup_steps * n,
@@ -371,22 +372,6 @@ def _score_range(pairs: PairSource) -> tuple[float, float]:
     if hi <= lo:
         raise DataError(f"{pairs.name}: every reward score is {lo}; soft labels need scores that differ")
     return lo, hi
-
-
-def _optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
-    o = cfg.optim
-    if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    if o.name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ImportError("optim.name=adamw8bit needs bitsandbytes: pip install 'diffalign[bnb]'") from None
-        return bnb.optim.AdamW8bit(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    from transformers.optimization import Adafactor
-
-    return Adafactor(params, lr=o.lr, weight_decay=o.weight_decay, scale_parameter=False, relative_step=False,
-                     warmup_init=False)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

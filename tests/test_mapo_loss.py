@@ -70,3 +70,17 @@ def test_objective_is_reference_free_and_uses_its_own_beta():
     loss, _ = obj(PairErrors(e, e.flip(0)))
     assert loss.item() == pytest.approx(mapo_loss(e, e.flip(0))[0].item())
     assert build_objective(ObjectiveConfig(name="mapo", beta=0.5)).beta == 0.5
+
+
+@pytest.mark.parametrize("objective, passes", [("mapo", 1), ("dpo", 2)])
+def test_mapo_runs_the_unet_once_per_step(objective, passes, tiny_sd15, make_config):
+    from diffalign.trainer import Trainer
+
+    trainer = Trainer(make_config(tiny_sd15, f"objective.name={objective}"))
+    calls = []
+    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    handle = unet.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    batch = next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=2)))
+    trainer.compute_loss(batch, 0)
+    handle.remove()
+    assert calls == [4] * passes  # one 2B batch (winners; losers) per pass; MaPO has no reference pass
