@@ -37,3 +37,16 @@ class Objective(Protocol):
 def implicit_accuracy(inside: Tensor) -> Tensor:
     """Fraction of pairs whose implicit reward margin is positive; exact ties count 0.5."""
     return ((inside > 0).float() + 0.5 * (inside == 0).float()).mean()
+
+
+def pair_metrics(loss: Tensor, model_w: Tensor, model_l: Tensor, ref_w: Tensor | None, ref_l: Tensor | None,
+                 margin: Tensor, preferred: Tensor | None = None, **extra: Tensor) -> dict[str, float]:
+    """The metrics every objective logs: loss, policy (and reference) errors of winners and losers, the mean
+    margin, and implicit accuracy (the sign of ``preferred``, default the margin; ties 0.5)."""
+    metrics = {"loss": loss.item(), "err_policy_w": model_w.mean().item(), "err_policy_l": model_l.mean().item()}
+    if ref_w is not None and ref_l is not None:
+        metrics.update(err_ref_w=ref_w.mean().item(), err_ref_l=ref_l.mean().item())
+    metrics.update(margin=margin.mean().item(),
+                   implicit_acc=implicit_accuracy(margin if preferred is None else preferred).item())
+    metrics.update({k: v.float().mean().item() for k, v in extra.items()})
+    return metrics

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import ObjectiveConfig
-from .base import PairErrors, implicit_accuracy
+from .base import PairErrors, pair_metrics
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
@@ -36,15 +36,7 @@ def dpo_loss(model_err_w: Tensor, model_err_l: Tensor, ref_err_w: Tensor, ref_er
     else:
         losses = (h - 1 / (2 * beta)) ** 2
     loss = losses.mean()
-    metrics = {
-        "loss": loss.item(),
-        "err_policy_w": model_err_w.mean().item(),
-        "err_policy_l": model_err_l.mean().item(),
-        "err_ref_w": ref_err_w.mean().item(),
-        "err_ref_l": ref_err_l.mean().item(),
-        "margin": inside.mean().item(),
-        "implicit_acc": implicit_accuracy(inside).item(),
-    }
+    metrics = pair_metrics(loss, model_err_w, model_err_l, ref_err_w, ref_err_l, inside)
     return loss, metrics
 
 

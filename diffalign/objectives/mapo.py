@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import ObjectiveConfig
-from .base import PairErrors, implicit_accuracy
+from .base import PairErrors, pair_metrics
 
 
 def mapo_f(u: Tensor) -> Tensor:
@@ -36,13 +36,7 @@ def mapo_loss(model_err_w: Tensor, model_err_l: Tensor, beta: float = 0.1, scale
     margin = mapo_f(scale * model_err_w.to(wide)) - mapo_f(scale * model_err_l.to(wide))
     inside = num_timesteps * margin
     loss = (model_err_w.to(wide).mean() - beta * F.logsigmoid(inside).mean()).float()
-    metrics = {
-        "loss": loss.item(),
-        "err_policy_w": model_err_w.mean().item(),
-        "err_policy_l": model_err_l.mean().item(),
-        "margin": inside.mean().item(),
-        "implicit_acc": implicit_accuracy(inside).item(),
-    }
+    metrics = pair_metrics(loss, model_err_w, model_err_l, None, None, inside)
     return loss, metrics
 
 

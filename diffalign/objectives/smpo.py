@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import ObjectiveConfig
-from .base import PairErrors, implicit_accuracy
+from .base import PairErrors, pair_metrics
 
 
 def smpo_loss(model_err_w: Tensor, model_err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor, score_w: Tensor,
@@ -29,19 +29,10 @@ def smpo_loss(model_err_w: Tensor, model_err_l: Tensor, ref_err_w: Tensor, ref_e
     p = torch.sigmoid((score_w - score_l).abs())
     beta_eff = beta * gamma * (2 * p - 1)
     h = (r_w - r_l) - (e_w - e_l)
-    losses = -F.logsigmoid(0.5 * beta_eff * h)
-    loss = losses.mean()
-    metrics = {
-        "loss": loss.item(),
-        "err_policy_w": e_w.mean().item(),
-        "err_policy_l": e_l.mean().item(),
-        "err_ref_w": r_w.mean().item(),
-        "err_ref_l": r_l.mean().item(),
-        "margin": (0.5 * beta_eff * h).mean().item(),
-        "implicit_acc": implicit_accuracy(h).item(),
-        "soft_label": p.mean().item(),
-        "swapped": swap.float().mean().item(),
-    }
+    inside = 0.5 * beta_eff * h
+    loss = -F.logsigmoid(inside).mean()
+    # accuracy from h itself: with equal rewards inside is 0 whatever the model prefers
+    metrics = pair_metrics(loss, e_w, e_l, r_w, r_l, inside, preferred=h, soft_label=p, swapped=swap)
     return loss, metrics
 
 
