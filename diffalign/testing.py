@@ -218,3 +218,19 @@ def write_pairs_jsonl(folder: str | Path, n: int = 8, size: int = 48, seed: int 
     path = folder / "pairs.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def save_tiny_clip(path: str | Path, projection_dim: int = 32, seed: int = 0) -> Path:
+    """A random-weight ``CLIPModel`` of the real class (224 px, patch 32, tiny widths) with the real CLIP
+    tokenizer, saved to ``path`` for reward-head tests."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                              image_size=224, patch_size=32)
+    config = CLIPConfig(text_config=_text_config(projection_dim).to_dict(), vision_config=vision.to_dict(),
+                        projection_dim=projection_dim)
+    path = Path(path)
+    CLIPModel(config).save_pretrained(path)
+    write_clip_tokenizer(path)
+    return path

@@ -1,0 +1,93 @@
+"""The reward interface: ``reward(images, prompts) -> Tensor[B]``, plus input/output checks and combinations.
+
+``images`` is a float tensor [B, 3, H, W] in [0, 1]; ``prompts`` a list of B strings. A reward is a class with
+``name``, ``differentiable`` and ``higher_is_better`` attributes, or a plain function with that signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+class RewardError(ValueError):
+    """Bad input to, or bad output from, a reward head; the message names the head."""
+
+
+@runtime_checkable
+class RewardModel(Protocol):
+    name: str
+    differentiable: bool
+    higher_is_better: bool
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> Tensor: ...
+
+
+class FunctionReward:
+    """A plain ``fn(images, prompts) -> Tensor[B]`` as a :class:`RewardModel` (not differentiable unless said)."""
+
+    def __init__(self, fn: Callable[[Tensor, list[str]], Tensor], name: str | None = None,
+                 differentiable: bool = False, higher_is_better: bool = True):
+        self.fn, self.name = fn, name or getattr(fn, "__name__", "reward")
+        self.differentiable, self.higher_is_better = differentiable, higher_is_better
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
+        return self.fn(images, prompts)
+
+
+def as_reward(obj) -> RewardModel:
+    """``obj`` if it already is a reward model, else a :class:`FunctionReward` around the callable."""
+    if isinstance(obj, RewardModel):
+        return obj
+    if callable(obj):
+        return FunctionReward(obj)
+    raise RewardError(f"{obj!r} is not a reward: expected a RewardModel or a function (images, prompts) -> Tensor[B]")
+
+
+def check_inputs(name: str, images: Tensor, prompts: Sequence[str]) -> None:
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise RewardError(f"reward {name!r}: images must be a tensor [B, 3, H, W], got {shape}")
+    if len(prompts) != len(images):
+        raise RewardError(f"reward {name!r}: {len(images)} images but {len(prompts)} prompts")
+    lo, hi = images.min().item(), images.max().item()
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise RewardError(f"reward {name!r}: images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+
+
+def score(reward: RewardModel, images: Tensor, prompts: Sequence[str]) -> Tensor:
+    """``reward(images, prompts)`` with both sides checked: a [B] float tensor of finite values."""
+    reward = as_reward(reward)
+    check_inputs(reward.name, images, prompts)
+    out = reward(images, list(prompts))
+    if not isinstance(out, Tensor) or out.shape != (len(images),):
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise RewardError(f"reward {reward.name!r} returned {shape}; expected a tensor of shape ({len(images)},)")
+    if not torch.isfinite(out).all():
+        raise RewardError(f"reward {reward.name!r} returned non-finite values: {out.tolist()}")
+    return out.float()
+
+
+def weighted_sum(rewards: Sequence[RewardModel], weights: Sequence[float], images: Tensor,
+                 prompts: Sequence[str]) -> Tensor:
+    """Σ w_i · r_i(images, prompts); a weight is negated for heads where lower is better."""
+    if len(rewards) != len(weights):
+        raise RewardError(f"{len(rewards)} rewards but {len(weights)} weights")
+    total = torch.zeros(len(images))
+    for r, w in zip(rewards, weights):
+        r = as_reward(r)
+        total = total + (w if r.higher_is_better else -w) * score(r, images, prompts).to(total.device)
+    return total
+
+
+def pareto_dominates(a: Tensor, b: Tensor) -> bool:
+    """True if score vector ``a`` is >= ``b`` on every reward and > on at least one (higher is better)."""
+    return bool((a >= b).all() and (a > b).any())
+
+
+def pareto_preference(a: Tensor, b: Tensor) -> int:
+    """1 if ``a`` dominates ``b``, -1 if ``b`` dominates ``a``, 0 for a tie (no pair, no gradient)."""
+    return 1 if pareto_dominates(a, b) else -1 if pareto_dominates(b, a) else 0
