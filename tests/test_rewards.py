@@ -165,4 +165,29 @@ def test_aesthetic_published_layout_loads_strictly(tmp_path, tiny_clip768):
 
 
 def test_builtin_names_resolve():
-    assert {"clip", "aesthetic", "brightness", "jpeg_compressibility", "jpeg_incompressibility"} <= set(BUILTIN_REWARDS)
+    assert {"clip", "aesthetic", "pickscore", "brightness", "jpeg_compressibility", "jpeg_incompressibility"} <= set(BUILTIN_REWARDS)
+
+
+def test_pickscore_is_scaled_cosine(tiny_clip):
+    head = load_reward("pickscore", model=str(tiny_clip), tokenizer=str(tiny_clip))
+    clip = load_reward("clip", model=str(tiny_clip))
+    x, prompts = torch.rand(2, 3, 32, 32), ["a red square", "a dog"]
+    expected = head.model.logit_scale.exp() * clip.similarity(x, prompts) / 100
+    assert torch.allclose(score(head, x, prompts), expected, atol=1e-5)
+    probs = torch.softmax(head(x, [prompts[0]] * 2), dim=0)  # one prompt, two candidates
+    assert probs.sum().item() == pytest.approx(1.0)
+
+
+def test_reward_from_an_installed_entry_point(tmp_path, monkeypatch):
+    # a tiny installed distribution: its dist-info declares an entry point in the diffalign.rewards group
+    (tmp_path / "shiny_rewards.py").write_text("def shininess(images, prompts):\n    return images.amax(dim=(1, 2, 3))\n")
+    info = tmp_path / "shiny_rewards-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: shiny-rewards\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[diffalign.rewards]\nshiny = shiny_rewards:shininess\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    x = torch.zeros(2, 3, 4, 4)
+    x[1, 2, 0, 0] = 0.5
+    head = load_reward("shiny")
+    assert head.name == "shiny" and score(head, x, ["", ""]).tolist() == [0.0, 0.5]
+    sys.modules.pop("shiny_rewards", None)

@@ -21,6 +21,7 @@ from .base import (
 BUILTIN_REWARDS = {
     "clip": "diffalign.rewards.clip:ClipScore",
     "aesthetic": "diffalign.rewards.clip:Aesthetic",
+    "pickscore": "diffalign.rewards.clip:PickScore",
     "brightness": "diffalign.rewards.simple:Brightness",
     "jpeg_compressibility": "diffalign.rewards.simple:JpegCompressibility",
     "jpeg_incompressibility": "diffalign.rewards.simple:JpegIncompressibility",

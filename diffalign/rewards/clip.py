@@ -1,4 +1,4 @@
-"""CLIP-based heads: CLIPScore and the LAION improved-aesthetic predictor.
+"""CLIP-based heads: CLIPScore, PickScore and the LAION improved-aesthetic predictor.
 
 Preprocessing is done with tensor ops (bicubic resize with antialias, centre crop, OpenAI mean/std), so the heads
 are differentiable with respect to the images. Weights load when a head is built, from a local folder or a hub
@@ -33,18 +33,21 @@ def clip_preprocess(images: Tensor, size: int, mean=OPENAI_MEAN, std=OPENAI_STD)
     return (x - m) / s
 
 
-def load_clip(source: str, head: str, device: str | torch.device | None = None):
-    """``(CLIPModel, CLIPTokenizer)`` from a local folder or hub id, frozen, with a clear error when missing."""
+def load_clip(source: str, head: str, device: str | torch.device | None = None, model: bool = True,
+              tokenizer: bool = True):
+    """``(CLIPModel, CLIPTokenizer)`` from a local folder or hub id (either may be skipped: None), the model frozen,
+    with a clear error when missing."""
     from transformers import CLIPModel, CLIPTokenizer
 
     try:
-        model = CLIPModel.from_pretrained(source)
-        tokenizer = CLIPTokenizer.from_pretrained(source)
+        clip = CLIPModel.from_pretrained(source) if model else None
+        tok = CLIPTokenizer.from_pretrained(source) if tokenizer else None
     except OSError as e:
         raise RewardError(f"reward {head!r}: cannot load CLIP weights from {source!r} ({type(e).__name__}); download "
                           f"them first (`huggingface-cli download {source}`) or pass a local folder") from None
-    model.requires_grad_(False).eval()
-    return model.to(device or "cpu"), tokenizer
+    if clip is not None:
+        clip = clip.requires_grad_(False).eval().to(device or "cpu")
+    return clip, tok
 
 
 def _features(out) -> Tensor:
@@ -71,6 +74,21 @@ class ClipScore:
 
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
         return self.similarity(images, prompts).clamp(min=0)
+
+
+class PickScore(ClipScore):
+    """PickScore: ``logit_scale.exp() · cos(text, image)`` with the PickScore_v1 CLIP and the tokenizer of
+    CLIP-ViT-H-14; a softmax over one prompt's candidates gives preference probabilities. Scale ~18-24."""
+
+    name = "pickscore"
+
+    def __init__(self, model: str = "yuvalkirstain/PickScore_v1",
+                 tokenizer: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", device: str | torch.device | None = None):
+        self.model, _ = load_clip(model, self.name, device, tokenizer=False)
+        _, self.tokenizer = load_clip(tokenizer, self.name, device, model=False)
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
+        return self.model.logit_scale.exp() * self.similarity(images, prompts) / 100
 
 
 class AestheticMLP(nn.Module):
