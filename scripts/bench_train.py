@@ -47,26 +47,24 @@ def _reset_peak_memory() -> None:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak resident set size (VmHWM)
 
 
+def _proc_status_mb(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS: now, VmHWM: peak since the last reset) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _current_memory_mb() -> float:
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.memory_allocated() / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else _proc_status_mb("VmRSS")
 
 
 def _peak_memory_mb() -> float:
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _proc_status_mb("VmHWM")
 
 
 def _block_time(step, n: int) -> float:
