@@ -1,4 +1,4 @@
-"""Command line: ``diffalign train | generate | demo``."""
+"""Command line: ``diffalign train | generate | score | make-pairs | demo``."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 from .config import ConfigError, load_config
 from .data.readers import DataError
 from .models import ModelLoadError
+from .rewards.base import RewardError
 from .trainer import OutputDirError
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, OutputDirError, FileNotFoundError, KeyError, ImportError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, OutputDirError, RewardError, FileNotFoundError, KeyError, ImportError)
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "assets" / "recipes"
 
 
@@ -51,6 +52,53 @@ def _generate(args: argparse.Namespace) -> None:
         print(out / "grid.png")
 
 
+def _rewards(args: argparse.Namespace):
+    from .rewards import load_rewards, parse_reward_options
+
+    return load_rewards(args.reward, parse_reward_options(args.reward_option))
+
+
+def _weights(args: argparse.Namespace) -> list[float] | None:
+    if args.weights is None:
+        return None
+    try:
+        weights = [float(w) for w in args.weights.split(",")]
+    except ValueError:
+        raise RewardError(f"--weights {args.weights!r}: expected comma-separated numbers") from None
+    if len(weights) != len(args.reward.split(",")):
+        raise RewardError(f"--weights has {len(weights)} number(s) for {len(args.reward.split(','))} reward(s)")
+    return weights
+
+
+def _score(args: argparse.Namespace) -> None:
+    from .scoring import score_dataset, score_folder
+
+    if bool(args.dataset) == bool(args.images or args.prompts) or bool(args.images) != bool(args.prompts):
+        raise DataError("give either --images DIR with --prompts FILE, or --dataset PAIRS")
+    weights, rewards = _weights(args), _rewards(args)
+    if args.dataset:
+        print(score_dataset(rewards, args.dataset, args.out, weights, args.batch_size))
+    else:
+        print(score_folder(rewards, args.images, args.prompts, args.out or "scores.jsonl", args.batch_size))
+
+
+def _make_pairs(args: argparse.Namespace) -> None:
+    from .make_pairs import make_pairs
+
+    weights, rewards = _weights(args), _rewards(args)
+    print(make_pairs(args.base, args.prompts, rewards, args.out, per_prompt=args.per_prompt, adapter=args.adapter,
+                     pairing=args.pairing, margin=args.margin, weights=weights, steps=args.steps,
+                     guidance=args.guidance, seed=args.seed, height=args.height, width=args.width))
+
+
+def _reward_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reward", required=True, help="reward head(s), comma-separated: built-in name, entry point or "
+                   "package.module:attr")
+    p.add_argument("--reward-option", action="append", default=[], metavar="HEAD.KEY=VALUE",
+                   help="keyword argument for a head, e.g. aesthetic.weights=sac+logos+ava1-l14-linearMSE.pth")
+    p.add_argument("--weights", default=None, help="comma-separated weights of the heads' sum (default: all 1)")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -79,6 +127,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     p.add_argument("--out", default="generated", help="output folder")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("score", help="score images, or the two images of every pair of a dataset, with reward heads")
+    _reward_args(p)
+    p.add_argument("--images", help="folder of images, scored in file-name order")
+    p.add_argument("--prompts", help="prompts of --images: .txt (one per line, or one for all) or .jsonl")
+    p.add_argument("--dataset", help="pairs dataset: local .jsonl/.csv, or Pick-a-Pic parquet / folder / hub id")
+    p.add_argument("--out", help="output: .jsonl (images, or local pairs in their own folder) or .parquet (Pick-a-Pic)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per reward call")
+    p.set_defaults(func=_score)
+
+    p = sub.add_parser("make-pairs", help="generate K images per prompt, score them and write a local-pairs dataset")
+    _reward_args(p)
+    p.add_argument("--base", required=True, help="base model: hub id or local diffusers folder")
+    p.add_argument("--adapter", default=None, help="adapter folder to generate with (default: the base alone)")
+    p.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with \"prompt\"")
+    p.add_argument("--per-prompt", type=int, default=4, help="images per prompt (K)")
+    p.add_argument("--pairing", default="best-worst", choices=["best-worst", "all", "pareto"],
+                   help="best vs worst, all ordered pairs above --margin, or Pareto dominance across heads")
+    p.add_argument("--margin", type=float, default=0.0, help="minimum combined-score gap for a pair")
+    p.add_argument("--seed", type=int, default=0, help="image k of prompt i uses seed + i*K + k")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    p.add_argument("--out", required=True, help="output folder (rerun with the same settings to resume)")
+    p.set_defaults(func=_make_pairs)
 
     p = sub.add_parser("demo", help="offline end-to-end run on a tiny SDXL-architecture model")
     p.add_argument("--out", default="runs/demo", help="output folder")

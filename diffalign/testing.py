@@ -234,3 +234,18 @@ def save_tiny_clip(path: str | Path, projection_dim: int = 32, seed: int = 0) ->
     CLIPModel(config).save_pretrained(path)
     write_clip_tokenizer(path)
     return path
+
+
+def write_plugin_distribution(folder: str | Path, module: str, source: str, entry_points: dict[str, str],
+                              group: str = "diffalign.rewards") -> Path:
+    """An "installed" distribution in ``folder`` (put it on ``sys.path``): module ``module`` with ``source`` and a
+    dist-info declaring ``entry_points`` (name -> "module:attr") in ``group``, as ``pip install`` would."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{module}.py").write_text(source)
+    info = folder / f"{module}-0.1.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[{group}]\n{lines}")
+    return folder

@@ -18,7 +18,7 @@ from diffalign.rewards import (
     weighted_sum,
 )
 from diffalign.rewards.clip import AestheticMLP, clip_preprocess
-from diffalign.testing import save_tiny_clip
+from diffalign.testing import save_tiny_clip, write_plugin_distribution
 
 
 @pytest.fixture(scope="module")
@@ -179,12 +179,8 @@ def test_pickscore_is_scaled_cosine(tiny_clip):
 
 
 def test_reward_from_an_installed_entry_point(tmp_path, monkeypatch):
-    # a tiny installed distribution: its dist-info declares an entry point in the diffalign.rewards group
-    (tmp_path / "shiny_rewards.py").write_text("def shininess(images, prompts):\n    return images.amax(dim=(1, 2, 3))\n")
-    info = tmp_path / "shiny_rewards-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: shiny-rewards\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[diffalign.rewards]\nshiny = shiny_rewards:shininess\n")
+    write_plugin_distribution(tmp_path, "shiny_rewards", "def shininess(images, prompts):\n"
+                              "    return images.amax(dim=(1, 2, 3))\n", {"shiny": "shiny_rewards:shininess"})
     monkeypatch.syspath_prepend(str(tmp_path))
     x = torch.zeros(2, 3, 4, 4)
     x[1, 2, 0, 0] = 0.5

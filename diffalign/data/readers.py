@@ -111,7 +111,7 @@ def load_pairs(cfg: DataConfig) -> PairSource:
 
 
 # ----- Pick-a-Pic and other HF datasets -----
-def _open_hf(spec: str, split: str):
+def open_hf_dataset(spec: str, split: str):
     import datasets
 
     path = Path(spec)
@@ -138,7 +138,7 @@ def _open_hf(spec: str, split: str):
 
 
 def _pickapic(spec: str, cfg: DataConfig) -> PairSource:
-    ds = _open_hf(spec, cfg.split)
+    ds = open_hf_dataset(spec, cfg.split)
     missing = [c for c in PICKAPIC_COLUMNS if c not in ds.column_names]
     if missing:
         raise DataError(f"{spec}: missing column(s) {', '.join(missing)}; Pick-a-Pic layout needs "
@@ -173,7 +173,7 @@ def _pickapic(spec: str, cfg: DataConfig) -> PairSource:
 LOCAL_REQUIRED = ("prompt", "chosen", "rejected")
 
 
-def _read_local_rows(path: Path) -> list[dict]:
+def read_local_rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"data.dataset={str(path)!r}: no such file")
     if path.suffix == ".csv":
@@ -202,7 +202,7 @@ def _read_local_rows(path: Path) -> list[dict]:
 
 def _local_pairs(path: Path, cfg: DataConfig) -> PairSource:
     root = path.parent.resolve()
-    raw = _read_local_rows(path)
+    raw = read_local_rows(path)
     line = (lambda i: f"row {i + 2}") if path.suffix == ".csv" else (lambda i: f"line {i + 1}")
     digest = hashlib.sha256(path.read_bytes())
     rows, ties, pairs = [], 0, []

@@ -1,0 +1,32 @@
+"""Prompt lists: a ``.txt`` file with one prompt per line, or ``.jsonl`` with a ``"prompt"`` key per line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .readers import DataError
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts in ``path`` in file order; blank lines are skipped; an error names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"prompts file {str(path)!r} does not exist (expected .txt, one prompt per line, or .jsonl)")
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            prompts.append(line.strip())
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise DataError(f"{path}, line {n}: expected an object with a string \"prompt\"")
+        prompts.append(row["prompt"])
+    if not prompts:
+        raise DataError(f"prompts file {str(path)!r} holds no prompts")
+    return prompts

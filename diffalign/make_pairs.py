@@ -1,0 +1,142 @@
+"""``diffalign make-pairs``: generate K images per prompt, score them, and write a local-pairs dataset.
+
+Layout of the output folder::
+
+    images/p00003_2.png   image k of prompt 3 (seed = seed + 3·K + k)
+    scores.jsonl          one line per finished prompt: prompt, image paths, seeds, every head's scores
+    pairs.jsonl           the local-pairs dataset (data.md), rebuilt from scores.jsonl at the end
+    make_pairs.json       the settings; a rerun with the same settings resumes, skipping finished prompts
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data.prompts import read_prompts
+from .data.readers import DataError
+from .lora import atomic_write_text
+from .rewards import RewardModel, pareto_dominates
+from .scoring import combine, score_images
+
+log = logging.getLogger(__name__)
+PAIRINGS = ("best-worst", "all", "pareto")
+
+
+def select_pairs(scores: Mapping[str, list[float]], combined: list[float], pairing: str = "best-worst",
+                 margin: float = 0.0, higher_is_better: Mapping[str, bool] | None = None) -> list[tuple[int, int]]:
+    """``(winner, loser)`` image indices of one prompt.
+
+    ``best-worst``: the best against the worst by the combined score, if they differ by more than ``margin``;
+    ``all``: every ordered pair more than ``margin`` apart; ``pareto``: every pair where one image is at least as
+    good on every head and better on one (ties on all heads, or trade-offs, give no pair)."""
+    n = len(combined)
+    if pairing == "best-worst":
+        best = max(range(n), key=combined.__getitem__)
+        worst = min(range(n), key=combined.__getitem__)
+        return [(best, worst)] if combined[best] - combined[worst] > margin else []
+    if pairing == "all":
+        return [(i, j) for i, j in itertools.permutations(range(n), 2) if combined[i] - combined[j] > margin]
+    if pairing == "pareto":
+        sign = {h: 1.0 if (higher_is_better or {}).get(h, True) else -1.0 for h in scores}
+        vec = torch.tensor([[sign[h] * scores[h][i] for h in scores] for i in range(n)])
+        return [(i, j) for i, j in itertools.permutations(range(n), 2) if pareto_dominates(vec[i], vec[j])]
+    raise ValueError(f"pairing {pairing!r}: choose one of {', '.join(PAIRINGS)}")
+
+
+def _finished(out: Path, prompts: list[str]) -> dict[int, dict]:
+    """Records of prompts already done, keeping only whole lines whose images exist (a kill mid-write loses at
+    most the prompt being written)."""
+    done: dict[int, dict] = {}
+    file = out / "scores.jsonl"
+    if not file.is_file():
+        return done
+    for line in file.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        pid = rec.get("prompt_id")
+        if isinstance(pid, int) and pid < len(prompts) and rec.get("prompt") == prompts[pid] \
+                and all((out / p).is_file() for p in rec.get("images", [])):
+            done[pid] = rec
+    return done
+
+
+def _check_settings(out: Path, settings: dict) -> None:
+    file = out / "make_pairs.json"
+    if file.is_file():
+        old = json.loads(file.read_text())
+        changed = sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k))
+        if changed:
+            raise DataError(f"{out} was made with other settings ({', '.join(changed)} differ); use a new --out or "
+                            "the same settings to resume")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(file, json.dumps(settings, indent=2) + "\n")
+
+
+def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, RewardModel], out: str | Path,
+               per_prompt: int = 4, adapter: str | None = None, pairing: str = "best-worst", margin: float = 0.0,
+               weights: list[float] | None = None, steps: int = 30, guidance: float = 5.0, seed: int = 0,
+               height: int | None = None, width: int | None = None, device: str | None = None) -> Path:
+    """Generate, score and pair; returns the path of ``pairs.jsonl``. Resumable: finished prompts are skipped."""
+    from .pipelines import load_aligned_pipeline
+
+    if per_prompt < 2:
+        raise DataError(f"--per-prompt {per_prompt}: need at least 2 images per prompt to make a pair")
+    if pairing not in PAIRINGS:
+        raise DataError(f"pairing {pairing!r}: choose one of {', '.join(PAIRINGS)}")
+    out, prompts = Path(out), read_prompts(prompts_file)
+    settings = {"base": str(base), "adapter": str(adapter) if adapter else None, "prompts": prompts,
+                "per_prompt": per_prompt, "rewards": list(rewards), "weights": weights, "steps": steps,
+                "guidance": guidance, "seed": seed, "height": height, "width": width}
+    _check_settings(out, settings)
+    done = _finished(out, prompts)
+    todo = [i for i in range(len(prompts)) if i not in done]
+    if todo:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe = load_aligned_pipeline(base, [adapter] if adapter else [], device=device)
+        pipe.set_progress_bar_config(disable=True)
+        (out / "images").mkdir(exist_ok=True)
+        size = {k: v for k, v in (("height", height), ("width", width)) if v}
+        for pid in tqdm(todo, desc="prompts", unit="prompt", initial=len(done), total=len(prompts)):
+            seeds = [seed + pid * per_prompt + k for k in range(per_prompt)]
+            images = pipe(prompts[pid], num_images_per_prompt=per_prompt, num_inference_steps=steps,
+                          guidance_scale=guidance, generator=[torch.Generator().manual_seed(s) for s in seeds],
+                          **size).images
+            files = [f"images/p{pid:05d}_{k}.png" for k in range(per_prompt)]
+            for img, f in zip(images, files):
+                img.save(out / f)
+            scores = score_images(rewards, images, [prompts[pid]] * per_prompt)
+            done[pid] = {"prompt_id": pid, "prompt": prompts[pid], "images": files, "seeds": seeds, "scores": scores}
+            with (out / "scores.jsonl").open("a") as f:
+                f.write(json.dumps(done[pid]) + "\n")
+    return write_pairs(out, [done[i] for i in sorted(done)], rewards, pairing, margin, weights)
+
+
+def write_pairs(out: Path, records: list[dict], rewards: Mapping[str, RewardModel], pairing: str, margin: float,
+                weights: list[float] | None) -> Path:
+    """Rebuild ``pairs.jsonl`` (and a clean ``scores.jsonl``) from the per-prompt records."""
+    lines, higher = [], {name: r.higher_is_better for name, r in rewards.items()}
+    for rec in records:
+        combined = combine(rewards, rec["scores"], weights)
+        for w, l in select_pairs(rec["scores"], combined, pairing, margin, higher):
+            row = {"prompt": rec["prompt"], "chosen": rec["images"][w], "rejected": rec["images"][l],
+                   "chosen_score": combined[w], "rejected_score": combined[l]}
+            for name in rewards:
+                row[f"chosen_{name}"], row[f"rejected_{name}"] = rec["scores"][name][w], rec["scores"][name][l]
+            lines.append(json.dumps(row) + "\n")
+    if not lines:
+        raise DataError(f"{out}: no pairs: every prompt's images tie within margin {margin} ({pairing}); lower "
+                        "--margin or raise --per-prompt")
+    atomic_write_text(out / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(out / "pairs.jsonl", "".join(lines))
+    log.info("%s: %d pairs from %d prompts", out / "pairs.jsonl", len(lines), len(records))
+    return out / "pairs.jsonl"
