@@ -27,6 +27,8 @@ BUILTIN_REWARDS = {
     "clip": "diffalign.rewards.clip:ClipScore",
     "aesthetic": "diffalign.rewards.clip:Aesthetic",
     "pickscore": "diffalign.rewards.clip:PickScore",
+    "imagereward": "diffalign.rewards.imagereward:ImageReward",
+    "hps": "diffalign.rewards.hps:HPSv2",
     "brightness": "diffalign.rewards.simple:Brightness",
     "jpeg_compressibility": "diffalign.rewards.simple:JpegCompressibility",
     "jpeg_incompressibility": "diffalign.rewards.simple:JpegIncompressibility",
