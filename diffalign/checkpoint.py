@@ -41,8 +41,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], structure: dict) -> d
 
 
 def save_checkpoint(folder: Path, lora: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler,
-                    position: dict) -> Path:
-    """Write ``folder`` atomically: everything goes to ``.folder.tmp`` first, then one rename."""
+                    position: dict, extra=None) -> Path:
+    """Write ``folder`` atomically: everything goes to ``.folder.tmp`` first, then one rename. ``extra(tmp)``
+    may write more files (D3PO: the current round's rollouts)."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -55,6 +56,8 @@ def save_checkpoint(folder: Path, lora: dict[str, torch.Tensor], optimizer, lr_s
     save_file(rng, str(tmp / "rng.safetensors"))
     state = {"position": position, "optimizer": opt_structure, "lr_scheduler": lr_scheduler.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None}
+    if extra is not None:
+        extra(tmp)
     (tmp / STATE).write_text(json.dumps(state, indent=1, default=_jsonable))
     if folder.exists():
         shutil.rmtree(folder)

@@ -1,4 +1,4 @@
-"""Command line: ``diffalign train | generate | score | make-pairs | demo``."""
+"""Command line: ``diffalign train | generate | score | make-pairs | sample | demo``."""
 
 from __future__ import annotations
 
@@ -91,6 +91,13 @@ def _make_pairs(args: argparse.Namespace) -> None:
                      guidance=args.guidance, seed=args.seed, height=args.height, width=args.width))
 
 
+def _sample(args: argparse.Namespace) -> None:
+    from .human import sample_to_folder
+
+    print(sample_to_folder(args.base, args.prompts, args.out, per_prompt=args.per_prompt, steps=args.steps,
+                           guidance=args.guidance, eta=args.eta, seed=args.seed, resolution=args.resolution))
+
+
 def _reward_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reward", required=True, help="reward head(s), comma-separated: built-in name, entry point or "
                    "package.module:attr")
@@ -153,6 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     p.add_argument("--out", required=True, help="output folder (rerun with the same settings to resume)")
     p.set_defaults(func=_make_pairs)
+
+    p = sub.add_parser("sample", help="D3PO human feedback: K images per prompt from one initial latent, with their "
+                       "trajectories, for people to score")
+    p.add_argument("--base", required=True, help="base model: hub id or local diffusers folder")
+    p.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with \"prompt\"")
+    p.add_argument("--per-prompt", type=int, default=7, help="images per prompt (the D3PO paper: 7)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (> 0)")
+    p.add_argument("--seed", type=int, default=0, help="prompt i's initial latent and noise use seed and i")
+    p.add_argument("--resolution", type=int, default=None, help="image size (default 512 SD1.5, 1024 SDXL)")
+    p.add_argument("--out", required=True, help="output folder (images/, trajectories/, manifest.json)")
+    p.set_defaults(func=_sample)
 
     p = sub.add_parser("demo", help="offline end-to-end run on a tiny SDXL-architecture model")
     p.add_argument("--out", default="runs/demo", help="output folder")

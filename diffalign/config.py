@@ -62,6 +62,11 @@ class DataConfig:
     center_crop: bool = _f(False, "Center crop instead of a random crop (the random crop is fixed per pair).")
     on_bad_image: str = _f("skip", "What to do with undecodable images: 'skip' (counted warning) or 'error'.")
     num_workers: int = _f(0, "DataLoader worker processes when training from raw images.")
+    prompts: str = _f("", "D3PO online: prompts file (.txt one per line, or .jsonl with \"prompt\").")
+    eval_prompts: str = _f("", "D3PO online: held-out prompts for the mean-reward evaluation.")
+    labels: str = _f("", "D3PO human feedback: label JSONL ({prompt_id, scores, annotator}) for `diffalign sample` "
+                         "output.")
+    rollouts: str = _f("", "D3PO human feedback: the `diffalign sample` folder; empty: the labels file's folder.")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.caption_dropout <= 1.0:
@@ -71,6 +76,8 @@ class DataConfig:
             raise ConfigError(f"data.resolution={self.resolution!r} must be a positive multiple of 8")
         if self.max_pairs is not None:
             _positive("data", "max_pairs", self.max_pairs)
+        if self.prompts and self.labels:
+            raise ConfigError("data.prompts (online D3PO) and data.labels (human feedback) are both set; choose one")
 
 
 @dataclass
@@ -78,7 +85,7 @@ class ObjectiveConfig:
     name: str = _f("dpo", "Preference objective by registered name: dpo, mapo, inpo, smpo, or 'pkg.module:Class'.")
     beta: float | None = _f(
         None, "β; None uses the objective's default (dpo/inpo/smpo 5000: per-pixel mean MSE with the 1/2 factor; "
-              "mapo 0.1).")
+              "mapo and d3po 0.1).")
     loss_type: str = _f("sigmoid", "Diffusion-DPO variant: sigmoid (the paper), hinge or ipo.")
     mapo_scale: float = _f(0.5, "MaPO: s in f(s·e) (the official code's snr_value).")
     inversion_steps: int = _f(10, "InPO/SmPO: inversion grid steps; the grid to t has spacing <= T/inversion_steps.")
@@ -89,6 +96,16 @@ class ObjectiveConfig:
                "data.caption_dropout=0 and cache.enabled.")
     renoise_iters: int = _f(1, "SmPO: ReNoise iterations K per inversion step (0 = plain DDIM inversion).")
     gamma: float = _f(10.0, "SmPO: label-smoothing strength γ in β·γ·(2p-1).")
+    reward: list[str] = _f([], "D3PO online: reward head(s) that label rollouts (several: Pareto dominance).")
+    reward_options: list[str] = _f([], "D3PO online: head keyword arguments as HEAD.KEY=VALUE strings.")
+    clip_range: float = _f(0.1, "D3PO: ε of the ratio clamp [1-ε, 1+ε].")
+    eta: float = _f(1.0, "D3PO: DDIM η of the rollouts (> 0: the step log-probability needs noise).")
+    sample_steps: int = _f(20, "D3PO: DDIM steps per rollout.")
+    guidance: float = _f(5.0, "D3PO: CFG scale in sampling and, identically, in the training forward.")
+    per_prompt: int = _f(2, "D3PO online: trajectories per prompt, all from one initial latent.")
+    prompts_per_round: int = _f(20, "D3PO online: prompts sampled per round (the paper: 10 prompts x 2 batches).")
+    timestep_fraction: float = _f(1.0, "D3PO: fraction of each trajectory's steps trained (a random subset).")
+    eval_every: int = _f(0, "D3PO online: mean reward on data.eval_prompts every N rounds (0: never).")
 
     def __post_init__(self) -> None:
         if self.beta is not None:
@@ -99,6 +116,17 @@ class ObjectiveConfig:
         _positive("objective", "inversion_steps", self.inversion_steps)
         _positive("objective", "renoise_iters", self.renoise_iters, allow_zero=True)
         _positive("objective", "gamma", self.gamma)
+        if not 0 < self.clip_range < 1:
+            raise ConfigError(f"objective.clip_range={self.clip_range!r} must be in (0, 1)")
+        _positive("objective", "eta", self.eta)
+        _positive("objective", "sample_steps", self.sample_steps)
+        _positive("objective", "guidance", self.guidance)
+        if self.per_prompt < 2:
+            raise ConfigError(f"objective.per_prompt={self.per_prompt!r} must be >= 2 (a pair needs two samples)")
+        _positive("objective", "prompts_per_round", self.prompts_per_round)
+        if not 0 < self.timestep_fraction <= 1:
+            raise ConfigError(f"objective.timestep_fraction={self.timestep_fraction!r} must be in (0, 1]")
+        _positive("objective", "eval_every", self.eval_every, allow_zero=True)
 
 
 @dataclass
@@ -202,6 +230,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_flat_dict(self) -> dict[str, Any]:
+        """``{"section.key": value}`` with non-scalar values as strings (what experiment trackers accept)."""
+        return {f"{section}.{k}": v if isinstance(v, (int, float, str, bool)) else str(v)
+                for section, values in self.to_dict().items() for k, v in values.items()}
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
@@ -252,6 +285,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             pass
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
+    if tp is str and value is None:  # `--set data.prompts=`: YAML reads an empty value as null
+        return ""
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}")

@@ -35,6 +35,10 @@ class Conditioning:
     def to(self, device=None, dtype=None) -> Conditioning:
         return self._map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
 
+    def select(self, index: Tensor | list[int] | slice) -> Conditioning:
+        """The rows ``index`` of every field."""
+        return self._map(lambda t: t[index])
+
     def repeat(self, n: int) -> Conditioning:
         """Stack the batch ``n`` times: ``[c; c; ...]`` (winners and losers share one caption)."""
         return self._map(lambda t: torch.cat([t] * n))
@@ -99,6 +103,11 @@ class Backbone:
     @property
     def is_sdxl(self) -> bool:
         return self.kind == "sdxl"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell (8 for SD1.5 and SDXL)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @classmethod
     def load(cls, pretrained: str, vae: str | None = None, prediction_type: str | None = None,

@@ -13,6 +13,7 @@ BUILTIN_OBJECTIVES = {
     "mapo": "diffalign.objectives.mapo:MaPO",
     "inpo": "diffalign.objectives.inpo:InPO",
     "smpo": "diffalign.objectives.smpo:SmPO",
+    "d3po": "diffalign.objectives.d3po:D3PO",
 }
 
 

@@ -20,16 +20,19 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import Config
+from .config import Config, ConfigError
 from .data.cache import WithTrajectories, build_cache, build_trajectory_cache, cache_folder, is_complete
 from .data.dataset import RawPairDataset, batch_conditioning, encode_batch
-from .data.readers import DataError, PairSource, load_pairs
+from .data.readers import DataError, load_pairs
+from .logprob import ddim_step_log_prob
 from .lora import add_lora, atomic_write_text, reference_mode, save_lora
 from .models import Backbone, Conditioning, model_fingerprint, model_kind
 from .noising import ddim_invert, finish_inversion, invert_to_shared_levels, inverted_noise
 from .objectives.base import PairErrors
+from .online import RolloutSource, Round
 from .optim import build_optimizer
 from .registry import objective_class
+from .rollout import guided_prediction
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +80,24 @@ class Trainer:
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision, torch.float32)
         objective_cls = objective_class(cfg.objective)  # an unknown name fails before anything loads
+        self.source: RolloutSource | None = None
+        self._round: Round | None = None
+        self._round_metrics: dict[str, float] = {}
+        self._idle_rounds = 0  # consecutive D3PO rounds without a pair
+        if objective_cls.data == "rollouts":
+            self._init_rollouts(objective_cls)
+        else:
+            self._init_pairs(objective_cls)
+        self._prepare_optimization()
 
+    def _init_pairs(self, objective_cls) -> None:
+        """Offline objectives: pairs (cached or raw), the backbone, the optional inversion cache."""
+        cfg = self.cfg
         m, d = cfg.model, cfg.data
         raw_pairs = load_pairs(d)  # bad data fails before the model loads
         self.resolution = d.resolution or (1024 if model_kind(m.pretrained, m.revision) == "sdxl" else 512)
         raw = RawPairDataset(raw_pairs, self.resolution, cfg.train.seed, d.random_flip, d.center_crop)
-        self.score_range = _score_range(raw_pairs) if objective_cls.data == "soft_pairs" else None
+        self.score_range = raw_pairs.score_range() if objective_cls.data == "soft_pairs" else None
         cache = None
         if cfg.cache.enabled:
             root = Path(cfg.cache.dir) if cfg.cache.dir else None
@@ -102,7 +117,27 @@ class Trainer:
         # From the cache the VAE only decodes validation images: keep it off the accelerator until then.
         self.vae_device = torch.device("cpu") if cfg.cache.enabled else self.device
         self.backbone.vae.to(self.vae_device)
-        self._prepare_optimization()
+
+    def _init_rollouts(self, objective_cls) -> None:
+        """D3PO: prompts and rewards (online) or labelled trajectories (human feedback), then the backbone."""
+        cfg, m = self.cfg, self.cfg.model
+        if self.accelerator.num_processes > 1:
+            # each rank's round has its own number of pairs, so the ranks' backward passes would not line up
+            raise ConfigError("objective.name=d3po runs in one process for now; launch it without "
+                              "--num_processes (several processes are planned)")
+        self.source = RolloutSource(cfg)  # bad data fails before the model loads
+        self.resolution = cfg.data.resolution or (1024 if model_kind(m.pretrained, m.revision) == "sdxl" else 512)
+        need_text = self.source.needs_text_encoders or bool(cfg.train.validation_prompts)
+        self.backbone = Backbone.load(m.pretrained, m.vae, m.prediction_type, m.revision, self.weight_dtype,
+                                      text_encoders=need_text)
+        self.objective = objective_cls(cfg.objective, num_timesteps=self.backbone.scheduler.config.num_train_timesteps)
+        for part in (self.backbone.unet, self.backbone.vae, *self.backbone.text_encoders):
+            part.to(self.device)
+        self.vae_device, self.score_range = self.device, None
+        self.source.bind(self.backbone, self.resolution, self.accelerator.process_index)
+        self.validation_cond = self._validation_conditioning()
+        # one optimizer update spans every trained step of grad_accum micro-batches of pairs
+        self.accelerator.gradient_accumulation_steps = cfg.train.grad_accum * self.source.trained_steps
 
     def _prepare_optimization(self) -> None:
         """LoRA adapters, optimizer and LR schedule, handed to accelerate."""
@@ -203,11 +238,34 @@ class Trainer:
             raise FloatingPointError(f"non-finite loss at micro-step {micro_step}: {metrics}")
         return loss, metrics
 
+    def rollout_loss(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """D3PO: per-step log-probabilities of the stored ``x_{t-1}`` under the policy and the reference, with
+        CFG in the forward exactly as in sampling (winners and losers in one batch)."""
+        b, s, dev = self.backbone, self.source, self.device
+        x_t, x_prev, t = batch["x_t"].to(dev), batch["x_prev"].to(dev), batch["t"].to(dev)
+        cond, negative = batch["cond"].to(dev), s.negative.to(dev)
+
+        def log_probs(unet) -> tuple[torch.Tensor, torch.Tensor]:
+            with self.accelerator.autocast():
+                eps = guided_prediction(b, unet, x_t, t, cond, negative, s.guidance)
+            return ddim_step_log_prob(s.scheduler, eps.float(), t, x_t, eta=s.eta, prev_sample=x_prev)[1].chunk(2)
+
+        logp_w, logp_l = log_probs(self.unet)
+        with torch.no_grad(), reference_mode(self.accelerator.unwrap_model(self.unet)):
+            ref_w, ref_l = log_probs(self.unet)
+        loss, metrics = self.objective(logp_w, ref_w, logp_l, ref_l)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at micro-step {micro_step}: {metrics}")
+        return loss, metrics
+
     def training_step(self, batch: dict, micro_step: int) -> dict[str, float]:
         """One micro-step: encode if needed, loss, backward; on accumulation boundaries also clip and update."""
         acc = self.accelerator
         with acc.accumulate(self.unet):
-            loss, metrics = self.compute_loss(self.encoded(batch), micro_step)
+            if self.source is not None:
+                loss, metrics = self.rollout_loss(batch, micro_step)
+            else:
+                loss, metrics = self.compute_loss(self.encoded(batch), micro_step)
             acc.backward(loss)
             if acc.sync_gradients and self.cfg.optim.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.lora_params, self.cfg.optim.max_grad_norm)
@@ -260,16 +318,13 @@ class Trainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if cfg.log.to != "none":
-                acc.init_trackers(cfg.log.project, config=_flat(cfg.to_dict()))
+                acc.init_trackers(cfg.log.project, config=cfg.to_flat_dict())
         history: list[dict] = []
         bar = tqdm(total=cfg.train.max_steps, initial=step, desc="training", disable=not acc.is_local_main_process)
         pending: list[dict] = []
         self.unet.train()
         while step < cfg.train.max_steps:
-            loader = self._epoch_loader(epoch)
-            if batch_in_epoch:
-                loader = acc.skip_first_batches(loader, batch_in_epoch)
-            for batch in loader:
+            for batch in self._batches(epoch, batch_in_epoch):
                 metrics = self.training_step(batch, step * cfg.train.grad_accum + len(pending))
                 batch_in_epoch += 1
                 pending.append(metrics)
@@ -278,7 +333,8 @@ class Trainer:
                 step += 1
                 logged = {k: sum(m[k] for m in pending) / len(pending) for k in pending[0]}
                 logged["lr"] = self.lr_scheduler.get_last_lr()[0]
-                pending = []
+                logged.update(self._round_metrics)  # D3PO: the round's reward, pairs, timings (once)
+                pending, self._round_metrics = [], {}
                 history.append(logged)
                 bar.update(1)
                 bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['implicit_acc']:.2f}", lr=f"{logged['lr']:.2e}")
@@ -295,12 +351,33 @@ class Trainer:
         bar.close()
         return self._finish(step, history)
 
+    def _batches(self, epoch: int, skip: int):
+        """The micro-batches of epoch (or D3PO round) ``epoch``, without the first ``skip`` (a resume)."""
+        if self.source is None:
+            loader = self._epoch_loader(epoch)
+            return self.accelerator.skip_first_batches(loader, skip) if skip else loader
+        if self._round is None or self._round.index != epoch:
+            self._round = self._new_round(epoch)
+        return self.source.batches(self._round, self.cfg.train.batch_size)[skip:]
+
+    def _new_round(self, index: int) -> Round:
+        """Evaluate (every ``eval_every`` rounds), then sample and score round ``index`` with the current policy."""
+        unet, every = self.accelerator.unwrap_model(self.unet), self.cfg.objective.eval_every
+        metrics = self.source.evaluate(unet, self.accelerator.autocast) if every and index % every == 0 else {}
+        rnd = self.source.new_round(index, unet, self.accelerator.autocast)
+        self._idle_rounds = 0 if rnd.pairs else self._idle_rounds + 1
+        if self._idle_rounds >= 5:
+            raise DataError(f"5 rounds in a row without a pair: the reward ties on every sample ({rnd.metrics})")
+        self._round_metrics = {**rnd.metrics, **metrics, "round": float(index)}
+        return rnd
+
     def _checkpoint(self, step: int, epoch: int, batch_in_epoch: int) -> None:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             position = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+            extra = (lambda tmp: self.source.save_round(self._round, tmp)) if self.source is not None else None
             ckpt.save_checkpoint(self.output_dir / f"checkpoint-{step}", self._peft_state(), self.optimizer,
-                                 self.lr_scheduler, self.accelerator.scaler, position)
+                                 self.lr_scheduler, self.accelerator.scaler, position, extra)
             ckpt.rotate(self.output_dir, self.cfg.train.checkpoints_keep)
 
     def _peft_state(self) -> dict[str, torch.Tensor]:
@@ -313,6 +390,8 @@ class Trainer:
 
         weights, pos = ckpt.load_checkpoint(folder, self.optimizer, self.lr_scheduler, self.accelerator.scaler)
         set_peft_model_state_dict(self.accelerator.unwrap_model(self.unet), weights)
+        if self.source is not None:
+            self._round = self.source.load_round(pos["epoch"], folder)
         log.info("resumed from %s at step %d", folder, pos["step"])
         return pos["step"], pos["epoch"], pos["batch_in_epoch"]
 
@@ -333,56 +412,23 @@ class Trainer:
         return TrainResult(self.output_dir, adapter, step, history)
 
     # ----- validation images -----
-    @torch.no_grad()
     def validate(self, step: int) -> Path | None:
         """A grid of validation images (one per prompt, fixed seeds) from a stock pipeline with our UNet."""
         if self.validation_cond is None or not self.accelerator.is_main_process:
             return None
-        from .pipelines import image_grid, stock_pipeline
+        from .pipelines import image_grid
+        from .pipelines.validation import validation_images
 
-        cond, neg = self.validation_cond
-        unet = self.accelerator.unwrap_model(self.unet)
+        t = self.cfg.train
         self.backbone.vae.to(self.device)
-        pipe = stock_pipeline(self.cfg.model.pretrained, unet=unet, vae=self.backbone.vae, with_text_encoders=False,
-                              revision=self.cfg.model.revision)
-        kw = dict(prompt_embeds=cond.prompt_embeds, negative_prompt_embeds=neg.prompt_embeds)
-        if self.backbone.is_sdxl:
-            kw.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=neg.pooled)
-        images = []
-        was_training = unet.training
-        unet.eval()
-        for i in range(len(cond.prompt_embeds)):
-            one = {k: v[i : i + 1].to(self.device) for k, v in kw.items()}
-            g = torch.Generator().manual_seed(self.cfg.train.seed + i)
-            images += pipe(**one, num_inference_steps=self.cfg.train.validation_steps, generator=g,
-                           guidance_scale=self.cfg.train.validation_guidance, height=self.resolution,
-                           width=self.resolution).images
-        unet.train(was_training)
+        images = validation_images(self.cfg.model, self.accelerator.unwrap_model(self.unet), self.backbone,
+                                   *self.validation_cond, t.validation_steps, t.validation_guidance, t.seed,
+                                   self.resolution, self.device)
         self.backbone.vae.to(self.vae_device)
         path = self.output_dir / "validation" / f"step-{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image_grid(images).save(path)
         return path
-
-
-def _score_range(pairs: PairSource) -> tuple[float, float]:
-    """(min, max) of the reward scores over the training pairs, for SmPO's min-max normalisation."""
-    scores = torch.tensor(pairs.score_pairs())
-    lo, hi = scores.min().item(), scores.max().item()
-    if hi <= lo:
-        raise DataError(f"{pairs.name}: every reward score is {lo}; soft labels need scores that differ")
-    return lo, hi
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{key}."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
 
 
 def train(cfg: Config) -> TrainResult:

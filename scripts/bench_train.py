@@ -16,6 +16,11 @@ process would otherwise hide.
 
     python scripts/bench_train.py assets/recipes/tiny-sdxl-dpo.yaml            # tiny model, built offline
     python scripts/bench_train.py RECIPE --set model.pretrained=... --set data.dataset=...
+
+D3PO recipes (objective.name: d3po) print instead the time of one online round split into sampling, scoring and
+training, for several trajectory lengths (``--d3po-steps``), after one warm-up round:
+
+    python scripts/bench_train.py assets/recipes/tiny-sd15-d3po.yaml --d3po-steps 4,8,16
 """
 
 from __future__ import annotations
@@ -190,6 +195,33 @@ def _tiny_setup(recipe: str, work: Path, pairs: int, resolution: int) -> list[st
     return [f"model.pretrained={model}", f"data.dataset={data}"]
 
 
+def d3po_rounds(recipe: str, overrides: list[str], steps: list[int], rounds: int) -> list[dict]:
+    """Seconds per round (sampling, scoring, training) for each trajectory length, medians over ``rounds``."""
+    import statistics
+
+    from diffalign.config import load_config
+    from diffalign.trainer import Trainer
+
+    rows = []
+    for n in steps:
+        cfg = load_config(recipe, overrides + ["log.to=none", "train.validation_prompts=[]", "train.checkpoint_every=0",
+                                               f"objective.sample_steps={n}", "objective.eval_every=0"])
+        trainer = Trainer(cfg)
+        unet, samples = trainer.accelerator.unwrap_model(trainer.unet), []
+        for index in range(rounds + 1):  # round 0 warms up
+            rnd = trainer.source.new_round(index, unet, trainer.accelerator.autocast)
+            start = time.perf_counter()
+            for i, batch in enumerate(trainer.source.batches(rnd, cfg.train.batch_size)):
+                trainer.training_step(batch, index * 10_000 + i)
+            train_s = time.perf_counter() - start
+            if index:
+                samples.append({"sampling": rnd.metrics["time_sampling"], "scoring": rnd.metrics["time_scoring"],
+                                "training": train_s, "pairs": len(rnd.pairs)})
+        med = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+        rows.append({"steps": n, **med, "train_per_pair_step": med["training"] / max(med["pairs"] * n, 1)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe")
@@ -202,8 +234,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; medians over them")
     parser.add_argument("--paths", default="cached,uncached,bare,mapo,inpo-policy,inpo-cached,smpo",
                         help="comma-separated paths to measure")
+    parser.add_argument("--d3po-steps", default="4,8,16", help="D3PO recipes: trajectory lengths to time")
+    parser.add_argument("--d3po-rounds", type=int, default=3, help="D3PO recipes: timed rounds per length")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from diffalign.config import load_config
+
+    if load_config(args.recipe).objective.name == "d3po":
+        with tempfile.TemporaryDirectory() as tmp:
+            from diffalign.testing import save_tiny_pipeline
+
+            cfg, work = load_config(args.recipe, args.set), Path(tmp)
+            model = cfg.model.pretrained or str(save_tiny_pipeline(work / "tiny", "sdxl" if "sdxl" in args.recipe else "sd15"))
+            rows = d3po_rounds(args.recipe, [f"model.pretrained={model}", f"train.output_dir={work / 'out'}", *args.set],
+                               [int(n) for n in args.d3po_steps.split(",")], args.d3po_rounds)
+        print(f"\n{args.recipe}: seconds per online round, median of {args.d3po_rounds} rounds after a warm-up\n")
+        print("| steps per trajectory | sampling | scoring | training | pairs | training per (pair, step) |\n"
+              "|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['steps']} | {r['sampling']:.3f} | {r['scoring']:.4f} | {r['training']:.3f} | {r['pairs']:.0f} | "
+                  f"{r['train_per_pair_step']:.4f} |")
+        return
     paths = args.paths.split(",")
     if args.worker:
         print(json.dumps(worker(args.worker, args.recipe, args.set, args.n1, args.n2, args.repeats, paths)))

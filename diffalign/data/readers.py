@@ -71,6 +71,14 @@ class PairSource:
             out.append((float(w), float(l)))
         return out
 
+    def score_range(self) -> tuple[float, float]:
+        """(min, max) of the reward scores over the pairs, for SmPO's min-max normalisation."""
+        flat = [s for pair in self.score_pairs() for s in pair]
+        lo, hi = min(flat), max(flat)
+        if hi <= lo:
+            raise DataError(f"{self.name}: every reward score is {lo}; soft labels need scores that differ")
+        return lo, hi
+
 
 def decode_image(value: Any, where: str) -> Image.Image:
     """A fully decoded RGB PIL image from bytes, a path, a datasets image dict or a PIL image."""

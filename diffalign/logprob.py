@@ -1,0 +1,69 @@
+"""The log-probability of one DDIM step (DDPO, Black et al. 2023; used by D3PO).
+
+For a ``DDIMScheduler`` after ``set_timesteps(N)``, model output ε̂ (after CFG), timestep t, sample x_t, η > 0:
+
+    t_prev = t - T/N                    (ā_prev = final_alpha_cumprod where t_prev < 0, as diffusers does)
+    x̂0     = (x_t - sqrt(1-ā_t) ε̂) / sqrt(ā_t)      (v- and sample-prediction as in ``DDIMScheduler.step``)
+    σ²     = (1-ā_prev)/(1-ā_t) · (1 - ā_t/ā_prev),   std = η σ
+    μ      = sqrt(ā_prev) x̂0 + sqrt(1 - ā_prev - std²) ε̂
+    log p  = mean over non-batch dims of  -(x_{t-1} - μ)²/(2 std²) - log std - ½ log 2π
+
+Sampling draws ``x_{t-1} = μ + std·z``; a given ``prev_sample`` is scored instead. ``x_{t-1}`` is detached, so
+gradients flow through μ only. Timesteps may differ per sample.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _per_sample(values: Tensor, t: Tensor, ndim: int) -> Tensor:
+    return values.to(t.device)[t].view(-1, *[1] * (ndim - 1))
+
+
+def ddim_step_log_prob(scheduler, model_output: Tensor, timestep: Tensor | int, sample: Tensor, eta: float = 1.0,
+                       prev_sample: Tensor | None = None, generator: torch.Generator | None = None
+                       ) -> tuple[Tensor, Tensor]:
+    """``(x_{t-1}, log p(x_{t-1} | x_t))`` of one DDIM step, the log-probability per sample ([B], fp32)."""
+    if eta <= 0:
+        raise ValueError(f"eta={eta!r}: the DDIM step log-probability needs eta > 0 (eta = 0 is deterministic)")
+    if getattr(scheduler, "num_inference_steps", None) is None:
+        raise ValueError("the scheduler has no timesteps; call scheduler.set_timesteps(num_steps) first")
+    cfg = scheduler.config
+    x, out = sample.float(), model_output.float()
+    t = torch.as_tensor(timestep, device=x.device).long().reshape(-1).expand(len(x))
+    t_prev = t - cfg.num_train_timesteps // scheduler.num_inference_steps
+    alphas = scheduler.alphas_cumprod.to(x.device, torch.float32)
+    a_t = _per_sample(alphas, t, x.dim())
+    a_prev = torch.where(t_prev >= 0, alphas[t_prev.clamp(min=0)],
+                         torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32, device=x.device))
+    a_prev = a_prev.view(-1, *[1] * (x.dim() - 1))
+    if cfg.prediction_type == "epsilon":
+        x0, eps = (x - (1 - a_t).sqrt() * out) / a_t.sqrt(), out
+    elif cfg.prediction_type == "v_prediction":
+        x0, eps = a_t.sqrt() * x - (1 - a_t).sqrt() * out, a_t.sqrt() * out + (1 - a_t).sqrt() * x
+    elif cfg.prediction_type == "sample":
+        x0, eps = out, (x - a_t.sqrt() * out) / (1 - a_t).sqrt()
+    else:
+        raise ValueError(f"prediction_type={cfg.prediction_type!r} is not supported")
+    if cfg.thresholding:
+        x0 = scheduler._threshold_sample(x0)
+    elif cfg.clip_sample:
+        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * variance.sqrt()
+    if (std <= 0).any():
+        raise ValueError(f"timestep(s) {t[(std <= 0).flatten()].tolist()} have no noise (ā_prev = 1): build the "
+                         "DDIMScheduler with set_alpha_to_one=False so every step has a log-probability")
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    if prev_sample is None:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        prev_sample = mean + std * noise
+    prev = prev_sample.detach().float()
+    log_prob = -((prev - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
+    return prev.to(sample.dtype), log_prob.mean(dim=tuple(range(1, x.dim())))

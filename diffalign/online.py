@@ -1,0 +1,168 @@
+"""Where D3PO's training items come from: online rounds (sample → score → pair) or stored, human-labelled
+rollouts (``diffalign sample`` + a label file).
+
+A round yields micro-batches of ``(pair, step)`` items: for pair (w, l) of one prompt and denoising step j,
+``x_t`` and the stored ``x_{t-1}`` of both samples. The trainer turns each into the per-step D3PO loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .data.prompts import read_prompts
+from .data.readers import DataError
+from .models import Backbone, Conditioning
+from .objectives.d3po import rollout_pairs
+from .rewards import load_rewards, parse_reward_options, score
+from .rollout import Rollouts, ddim_scheduler, resolution_conditioning, sample_rollouts
+
+log = logging.getLogger(__name__)
+ROUND_FILE = "rollouts.safetensors"
+
+
+@dataclass
+class Round:
+    """One round's rollouts, the pairs drawn from them, and their metrics."""
+
+    index: int
+    rollouts: Rollouts
+    pairs: list[tuple[int, int, int]]
+    metrics: dict[str, float]
+
+
+class RolloutSource:
+    """Rounds of D3PO items, from online sampling (``data.prompts`` + ``objective.reward``) or from stored
+    rollouts with human labels (``data.labels``)."""
+
+    def __init__(self, cfg: Config):
+        """Read the prompts or the labelled rollouts and build the reward heads: bad data fails before the
+        diffusion model loads."""
+        self.cfg, o = cfg, cfg.objective
+        self.steps, self.guidance, self.eta = o.sample_steps, o.guidance, o.eta
+        self.stored, self.rewards, self.eval_prompts = None, {}, []
+        if cfg.data.labels:
+            from .human import load_labelled_rollouts
+
+            self.stored, scores, settings = load_labelled_rollouts(cfg.data.labels, cfg.data.rollouts or None)
+            self.steps, self.guidance, self.eta = settings["steps"], settings["guidance"], settings["eta"]
+            self.stored_pairs = rollout_pairs(scores.unsqueeze(-1))
+            if not self.stored_pairs:
+                raise DataError(f"{cfg.data.labels}: every prompt's samples tie; no pair to train on")
+        elif cfg.data.prompts:
+            if not o.reward:
+                raise DataError("objective.reward is empty; online D3PO needs a reward head to label its rollouts")
+            self.prompts = read_prompts(cfg.data.prompts)
+            self.eval_prompts = read_prompts(cfg.data.eval_prompts) if cfg.data.eval_prompts else []
+            self.rewards = load_rewards(o.reward, parse_reward_options(o.reward_options))
+        else:
+            raise DataError("objective.name=d3po needs data.prompts (online, with objective.reward) or data.labels "
+                            "(human feedback on `diffalign sample` output)")
+        self.trained_steps = max(1, round(o.timestep_fraction * self.steps))
+
+    @property
+    def needs_text_encoders(self) -> bool:
+        return self.stored is None
+
+    def bind(self, backbone: Backbone, resolution: int, rank: int = 0) -> None:
+        """Attach the model: the DDIM scheduler of its noise schedule and the unconditional embedding."""
+        self.backbone, self.resolution, self.rank = backbone, resolution, rank
+        self.scheduler = ddim_scheduler(backbone, self.steps)
+        self.negative = self.stored.negative if self.stored is not None else self._encode([""])
+
+    def _encode(self, prompts: list[str]) -> Conditioning:
+        return resolution_conditioning(self.backbone, self.backbone.encode_prompt(prompts), self.resolution)
+
+    def _generator(self, *key: int) -> torch.Generator:
+        seed = self.cfg.train.seed
+        for k in (*key, self.rank):
+            seed = seed * 1_000_003 + k
+        return torch.Generator().manual_seed(seed % (2**63))
+
+    # ----- rounds -----
+    def new_round(self, index: int, unet, autocast=None) -> Round:
+        """Round ``index``: sample and score with the current policy (online), or reuse the stored rollouts."""
+        if self.stored is not None:
+            return Round(index, self.stored, self.stored_pairs, {"pairs": float(len(self.stored_pairs))})
+        g = self._generator(index, 0)
+        n = self.cfg.objective.prompts_per_round
+        picks = torch.randint(len(self.prompts), (n,), generator=g).tolist()
+        prompts = [self.prompts[i] for i in picks]
+        start = time.perf_counter()
+        rollouts = self._sample(unet, prompts, g, autocast)
+        sampled = time.perf_counter()
+        scores, metrics = self._score(rollouts)
+        pairs = rollout_pairs(scores, [r.higher_is_better for r in self.rewards.values()])
+        metrics.update(pairs=float(len(pairs)), time_sampling=sampled - start,
+                       time_scoring=time.perf_counter() - sampled)
+        return Round(index, rollouts, pairs, metrics)
+
+    def _sample(self, unet, prompts: list[str], generator: torch.Generator, autocast=None,
+                per_prompt: int | None = None) -> Rollouts:
+        was_training = unet.training
+        unet.eval()
+        try:
+            return sample_rollouts(self.backbone, unet, prompts, self._encode(prompts), self.negative,
+                                   per_prompt or self.cfg.objective.per_prompt, self.steps, self.guidance, self.eta,
+                                   self.resolution, generator, autocast=autocast)
+        finally:
+            unet.train(was_training)
+
+    def _score(self, rollouts: Rollouts) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scores [P, K, heads] of a round's images and the mean of each head."""
+        p, k = rollouts.latents.shape[:2]
+        images = rollouts.images.reshape(p * k, *rollouts.images.shape[2:])
+        texts = [t for t in rollouts.prompts for _ in range(k)]
+        with torch.no_grad():
+            heads = [score(r, images, texts).cpu() for r in self.rewards.values()]
+        metrics = {f"reward_{name}": h.mean().item() for name, h in zip(self.rewards, heads)}
+        return torch.stack(heads, dim=-1).reshape(p, k, len(heads)), metrics
+
+    @torch.no_grad()
+    def evaluate(self, unet, autocast=None) -> dict[str, float]:
+        """Mean reward of one sample per held-out prompt, with fixed noise (the same every evaluation)."""
+        if not self.eval_prompts:
+            return {}
+        rollouts = self._sample(unet, self.eval_prompts, self._generator(-1), autocast, per_prompt=1)
+        _, metrics = self._score(rollouts)
+        return {f"eval_{k}": v for k, v in metrics.items()}
+
+    def batches(self, rnd: Round, batch_size: int) -> list[dict]:
+        """The round's ``(pair, step)`` items in a seeded order, grouped into micro-batches: each pair trains on a
+        random subset of ``trained_steps`` of its steps."""
+        g = self._generator(rnd.index, 1)
+        items = [(i, j) for i in range(len(rnd.pairs))
+                 for j in sorted(torch.randperm(self.steps, generator=g)[: self.trained_steps].tolist())]
+        order = torch.randperm(len(items), generator=g).tolist()
+        items = [items[i] for i in order]
+        return [self._batch(rnd, items[s : s + batch_size]) for s in range(0, len(items), batch_size)]
+
+    def _batch(self, rnd: Round, items: list[tuple[int, int]]) -> dict:
+        r = rnd.rollouts
+        prompt = torch.tensor([rnd.pairs[i][0] for i, _ in items])
+        win = torch.tensor([rnd.pairs[i][1] for i, _ in items])
+        lose = torch.tensor([rnd.pairs[i][2] for i, _ in items])
+        step = torch.tensor([j for _, j in items])
+        both = (torch.cat([prompt, prompt]), torch.cat([win, lose]), torch.cat([step, step]))
+        return {"x_t": r.latents[both[0], both[1], both[2]], "x_prev": r.latents[both[0], both[1], both[2] + 1],
+                "t": r.timesteps[both[2]], "cond": r.cond.select(both[0])}
+
+    # ----- resume -----
+    def save_round(self, rnd: Round, folder: Path) -> None:
+        """Online rounds go into the checkpoint, so a resume mid-round trains on exactly the same samples."""
+        if self.stored is None:
+            rnd.rollouts.save(folder / ROUND_FILE)
+
+    def load_round(self, index: int, folder: Path) -> Round:
+        if self.stored is not None:
+            return self.new_round(index, None)
+        rollouts = Rollouts.load(folder / ROUND_FILE)
+        scores, metrics = self._score(rollouts)
+        pairs = rollout_pairs(scores, [r.higher_is_better for r in self.rewards.values()])
+        return Round(index, rollouts, pairs, {**metrics, "pairs": float(len(pairs))})
+

@@ -1,0 +1,33 @@
+"""Validation images during training: a stock pipeline around the UNet being trained."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from ..config import ModelConfig
+from ..models import Backbone, Conditioning
+from . import stock_pipeline
+
+
+@torch.no_grad()
+def validation_images(model: ModelConfig, unet, backbone: Backbone, cond: Conditioning, negative: Conditioning,
+                      steps: int, guidance: float, seed: int, resolution: int, device) -> list[Image.Image]:
+    """One image per row of ``cond`` (seed ``seed + i``) from the base model's own pipeline class with ``unet``
+    and ``backbone.vae``, prompts given as embeddings so no text encoder is loaded."""
+    pipe = stock_pipeline(model.pretrained, unet=unet, vae=backbone.vae, with_text_encoders=False,
+                          revision=model.revision)
+    kw = dict(prompt_embeds=cond.prompt_embeds, negative_prompt_embeds=negative.prompt_embeds)
+    if backbone.is_sdxl:
+        kw.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=negative.pooled)
+    images = []
+    was_training = unet.training
+    unet.eval()
+    try:
+        for i in range(len(cond.prompt_embeds)):
+            one = {k: v[i : i + 1].to(device) for k, v in kw.items()}
+            images += pipe(**one, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed + i),
+                           guidance_scale=guidance, height=resolution, width=resolution).images
+    finally:
+        unet.train(was_training)
+    return images
