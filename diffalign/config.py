@@ -170,6 +170,9 @@ class TrainConfig:
     seed: int = _f(0, "Seed for data order, noise, timesteps, augmentation and caption dropout.")
     mixed_precision: str = _f("no", "no, fp16 or bf16; frozen weights use it, LoRA parameters stay fp32.")
     gradient_checkpointing: bool = _f(False, "Trade compute for memory in the UNet.")
+    attention: str = _f("sdpa", "UNet attention: sdpa (torch scaled_dot_product_attention) or xformers (installed).")
+    max_bad_steps: int = _f(10, "Stop (with a checkpoint) after this many consecutive steps whose loss or gradients "
+                                "were non-finite; each such update is skipped.")
     output_dir: str = _f("runs/diffalign", "Where adapters, checkpoints, logs and the model card go.")
     checkpoint_every: int = _f(500, "Write a resumable checkpoint every N optimizer steps (0: never).")
     checkpoints_keep: int = _f(2, "Keep at most this many checkpoints (the newest are kept).")
@@ -181,11 +184,12 @@ class TrainConfig:
     log_every: int = _f(1, "Log metrics every N optimizer steps.")
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_steps", "checkpoints_keep", "validation_steps"):
+        for name in ("batch_size", "grad_accum", "max_steps", "checkpoints_keep", "validation_steps", "max_bad_steps"):
             _positive("train", name, getattr(self, name))
         for name in ("checkpoint_every", "validate_every"):
             _positive("train", name, getattr(self, name), allow_zero=True)
         _choice("train", "mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        _choice("train", "attention", self.attention, ("sdpa", "xformers"))
 
 
 @dataclass

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
+from .config import Config, ConfigError
 from .data.prompts import read_prompts
 from .data.readers import DataError
-from .models import Backbone, Conditioning
+from .logprob import ddim_step_log_prob
+from .lora import reference_mode
+from .models import Backbone, Conditioning, model_kind
 from .objectives.d3po import rollout_pairs
 from .rewards import load_rewards, parse_reward_options, score
-from .rollout import Rollouts, ddim_scheduler, resolution_conditioning, sample_rollouts
+from .rollout import Rollouts, ddim_scheduler, guided_prediction, resolution_conditioning, sample_rollouts
 
 log = logging.getLogger(__name__)
 ROUND_FILE = "rollouts.safetensors"
@@ -165,4 +167,57 @@ class RolloutSource:
         scores, metrics = self._score(rollouts)
         pairs = rollout_pairs(scores, [r.higher_is_better for r in self.rewards.values()])
         return Round(index, rollouts, pairs, {**metrics, "pairs": float(len(pairs))})
+
+
+class OnlineTraining:
+    """Mixed into :class:`~diffalign.trainer.Trainer` for objectives whose ``data`` is ``rollouts`` (D3PO)."""
+
+    def _init_rollouts(self, objective_cls) -> None:
+        """D3PO: prompts and rewards (online) or labelled trajectories (human feedback), then the backbone."""
+        cfg, m = self.cfg, self.cfg.model
+        if self.accelerator.num_processes > 1:
+            # each rank's round has its own number of pairs, so the ranks' backward passes would not line up
+            raise ConfigError("objective.name=d3po runs in one process for now; launch it without "
+                              "--num_processes (several processes are planned)")
+        self.source = RolloutSource(cfg)  # bad data fails before the model loads
+        self.resolution = cfg.data.resolution or (1024 if model_kind(m.pretrained, m.revision) == "sdxl" else 512)
+        need_text = self.source.needs_text_encoders or bool(cfg.train.validation_prompts)
+        self.backbone = Backbone.load(m.pretrained, m.vae, m.prediction_type, m.revision, self.weight_dtype,
+                                      text_encoders=need_text)
+        self.objective = objective_cls(cfg.objective, num_timesteps=self.backbone.scheduler.config.num_train_timesteps)
+        for part in (self.backbone.unet, self.backbone.vae, *self.backbone.text_encoders):
+            part.to(self.device)
+        self.vae_device, self.score_range = self.device, None
+        self.source.bind(self.backbone, self.resolution, self.accelerator.process_index)
+        self.validation_cond = self._validation_conditioning()
+        # one optimizer update spans every trained step of grad_accum micro-batches of pairs
+        self.accelerator.gradient_accumulation_steps = cfg.train.grad_accum * self.source.trained_steps
+
+    def rollout_loss(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """D3PO: per-step log-probabilities of the stored ``x_{t-1}`` under the policy and the reference, with
+        CFG in the forward exactly as in sampling (winners and losers in one batch)."""
+        b, s, dev = self.backbone, self.source, self.device
+        x_t, x_prev, t = batch["x_t"].to(dev), batch["x_prev"].to(dev), batch["t"].to(dev)
+        cond, negative = batch["cond"].to(dev), s.negative.to(dev)
+
+        def log_probs(unet) -> tuple[torch.Tensor, torch.Tensor]:
+            with self.accelerator.autocast():
+                eps = guided_prediction(b, unet, x_t, t, cond, negative, s.guidance)
+            return ddim_step_log_prob(s.scheduler, eps.float(), t, x_t, eta=s.eta, prev_sample=x_prev)[1].chunk(2)
+
+        logp_w, logp_l = log_probs(self.unet)
+        with torch.no_grad(), reference_mode(self.accelerator.unwrap_model(self.unet)):
+            ref_w, ref_l = log_probs(self.unet)
+        return self.objective(logp_w, ref_w, logp_l, ref_l)
+
+    def _new_round(self, index: int) -> Round:
+        """Evaluate (every ``eval_every`` rounds), then sample and score round ``index`` with the current policy."""
+        unet, every = self.accelerator.unwrap_model(self.unet), self.cfg.objective.eval_every
+        metrics = self.source.evaluate(unet, self.accelerator.autocast) if every and index % every == 0 else {}
+        rnd = self.source.new_round(index, unet, self.accelerator.autocast)
+        self._idle_rounds = 0 if rnd.pairs else self._idle_rounds + 1
+        if self._idle_rounds >= 5:
+            raise DataError(f"5 rounds in a row without a pair: the reward ties on every sample ({rnd.metrics})")
+        self._round_metrics = {**rnd.metrics, **metrics, "round": float(index)}
+        return rnd
 

@@ -1,0 +1,163 @@
+"""The offline half of the trainer: preference pairs (cached or raw) in, per-pair denoising errors out.
+
+Each step draws one timestep and one noise per pair (shared by winner and loser), runs winners and losers as one
+2B batch through the UNet, runs the reference (same UNet, adapters off) when the objective needs it, and hands
+per-pair errors to the objective. InPO and SmPO replace forward noising by DDIM / ReNoise inversion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from .data.cache import WithTrajectories, build_cache, build_trajectory_cache, cache_folder, is_complete
+from .data.dataset import RawPairDataset, batch_conditioning, encode_batch
+from .data.readers import load_pairs
+from .lora import reference_mode
+from .models import Backbone, Conditioning, model_fingerprint, model_kind
+from .noising import ddim_invert, finish_inversion, invert_to_shared_levels, inverted_noise
+from .objectives.base import PairErrors
+
+
+class PairTraining:
+    """Mixed into :class:`~diffalign.trainer.Trainer` for objectives whose ``data`` is ``pairs``/``soft_pairs``."""
+
+    def _init_pairs(self, objective_cls) -> None:
+        """Offline objectives: pairs (cached or raw), the backbone, the optional inversion cache."""
+        cfg = self.cfg
+        m, d = cfg.model, cfg.data
+        raw_pairs = load_pairs(d)  # bad data fails before the model loads
+        self.resolution = d.resolution or (1024 if model_kind(m.pretrained, m.revision) == "sdxl" else 512)
+        raw = RawPairDataset(raw_pairs, self.resolution, cfg.train.seed, d.random_flip, d.center_crop)
+        self.score_range = raw_pairs.score_range() if objective_cls.data == "soft_pairs" else None
+        cache = None
+        if cfg.cache.enabled:
+            root = Path(cfg.cache.dir) if cfg.cache.dir else None
+            cache = cache_folder(model_fingerprint(m.pretrained, m.vae, m.revision), raw, cfg.cache.dtype, root)
+        # With a complete cache and nothing to validate, the text encoders are never loaded at all.
+        need_text = cache is None or not is_complete(cache) or bool(cfg.train.validation_prompts)
+        self.backbone = Backbone.load(m.pretrained, m.vae, m.prediction_type, m.revision, self.weight_dtype,
+                                      text_encoders=need_text)
+        self.objective = objective_cls(cfg.objective, num_timesteps=self.backbone.scheduler.config.num_train_timesteps)
+        self.dataset, self.empty_prompt = self._prepare_data(raw, cache)
+        self.validation_cond = self._validation_conditioning()
+        if cfg.cache.enabled:
+            self.backbone.free_encoders()
+        self.backbone.unet.to(self.device)
+        if cfg.objective.inversion_cache and self.objective.noising != "forward":
+            self.dataset = self._with_trajectories(self.dataset)  # before LoRA: the UNet is the reference
+        # From the cache the VAE only decodes validation images: keep it off the accelerator until then.
+        self.vae_device = torch.device("cpu") if cfg.cache.enabled else self.device
+        self.backbone.vae.to(self.vae_device)
+
+    def _prepare_data(self, raw: RawPairDataset, cache: Path | None) -> tuple[torch.utils.data.Dataset, Conditioning]:
+        d, b = self.cfg.data, self.backbone
+        for enc in b.text_encoders:
+            enc.to(self.device)
+        if cache is not None:
+            if not is_complete(cache):
+                b.vae.to(self.device)
+            with self.accelerator.main_process_first():
+                cached = build_cache(b, raw, cache, self.cfg.cache.dtype, d.on_bad_image)
+            return cached, cached.empty_prompt()
+        b.vae.to(self.device)
+        raw.drop_bad_rows(d.on_bad_image)
+        return raw, b.encode_prompt([""])
+
+    def _epoch_loader(self, epoch: int) -> DataLoader:
+        """Batches of one epoch: a seeded permutation, sharded across processes by accelerate."""
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch))
+        loader = DataLoader(Subset(self.dataset, order.tolist()), batch_size=self.cfg.train.batch_size,
+                            num_workers=self.cfg.data.num_workers if isinstance(self.dataset, RawPairDataset) else 0)
+        return self.accelerator.prepare_data_loader(loader, device_placement=False)
+
+    def encoded(self, batch: dict) -> dict:
+        """The encoded form of a batch (a no-op for cached batches)."""
+        if "latents_w" in batch:
+            return batch
+        return encode_batch(self.backbone, batch, self.resolution)
+
+    # ----- one step -----
+    def _generator(self, micro_step: int) -> torch.Generator:
+        rank = self.accelerator.process_index
+        return torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + micro_step) * 1009 + rank)
+
+    def compute_loss(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss and metrics of one encoded batch; noise, timesteps and caption dropout come from a generator
+        seeded by ``(seed, micro_step, rank)``, so runs and resumes are reproducible."""
+        b, dev = self.backbone, self.device
+        z_w, z_l = batch["latents_w"].to(dev, torch.float32), batch["latents_l"].to(dev, torch.float32)
+        n = len(z_w)
+        g = self._generator(micro_step)
+        t = torch.randint(0, b.scheduler.config.num_train_timesteps, (n,), generator=g)
+        noise = torch.randn(z_w.shape, generator=g)
+        drop = torch.rand(n, generator=g) < self.cfg.data.caption_dropout
+        t, noise = t.to(dev), noise.to(dev)
+        cond = batch_conditioning(b, batch, self.resolution)
+        if drop.any():
+            cond = cond.where(drop, self.empty_prompt.repeat(n))
+        cond2 = cond.repeat(2).to(dev)
+        latents = torch.cat([z_w, z_l])
+        t2, noise2 = torch.cat([t, t]), torch.cat([noise, noise])
+        if self.objective.noising == "forward":
+            x_t = b.scheduler.add_noise(latents, noise2, t2)
+        else:  # InPO / SmPO: each latent's own inverted noise replaces the shared ε
+            shared = torch.cat([batch["traj_w"], batch["traj_l"]]).to(dev) if "traj_w" in batch else None
+            x_t = self._invert(latents, t2, cond2, shared)
+            noise2 = inverted_noise(latents, x_t, t2, b.scheduler.alphas_cumprod)
+        target = b.target(latents, noise2, t2).float()
+
+        def errors(unet) -> tuple[torch.Tensor, torch.Tensor]:
+            with self.accelerator.autocast():
+                pred = b.predict(x_t, t2, cond2, unet=unet)
+            return ((pred.float() - target) ** 2).mean(dim=(1, 2, 3)).chunk(2)
+
+        model_w, model_l = errors(self.unet)
+        ref_w = ref_l = None
+        if self.objective.needs_reference:
+            with reference_mode(self.accelerator.unwrap_model(self.unet)):
+                ref_w, ref_l = errors(self.unet)
+        scores = [None, None]
+        if self.score_range is not None:
+            lo, hi = self.score_range
+            scores = ((batch["scores"].to(dev, torch.float32) - lo) / (hi - lo)).unbind(1)
+        return self.objective(PairErrors(model_w, model_l, ref_w, ref_l, *scores))
+
+    @torch.no_grad()
+    def _invert(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                shared: torch.Tensor | None = None) -> torch.Tensor:
+        """DDIM (InPO) or ReNoise (SmPO) inversion of clean latents exactly to ``timesteps``, conditional, no CFG,
+        with the policy (the official codes) or the reference (adapters off); from cached ``shared`` levels only
+        the last step runs."""
+        o, b = self.cfg.objective, self.backbone
+        unet = self.accelerator.unwrap_model(self.unet)
+        renoise = o.renoise_iters if self.objective.noising == "renoise" else 0
+        context = reference_mode(unet) if o.inversion_model == "reference" else contextlib.nullcontext()
+        predict = lambda x, t: b.predict(x, t, cond, unet=unet)  # noqa: E731
+        alphas = b.scheduler.alphas_cumprod
+        with context, self.accelerator.autocast():
+            if shared is not None:
+                return finish_inversion(predict, latents, shared, timesteps, alphas, o.inversion_steps, renoise)
+            return ddim_invert(predict, latents, timesteps, alphas, o.inversion_steps, renoise)
+
+    @torch.no_grad()
+    def _with_trajectories(self, pairs) -> WithTrajectories:
+        """Cache every latent's reference inversion at the shared levels (built once, next to the latent cache)."""
+        o, b = self.cfg.objective, self.backbone
+        renoise = o.renoise_iters if self.objective.noising == "renoise" else 0
+        folder = pairs.folder / f"inversion-n{o.inversion_steps}-k{renoise}"
+
+        def invert(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+            cond = batch_conditioning(b, batch, self.resolution).repeat(2).to(self.device)
+            z = torch.cat([batch["latents_w"], batch["latents_l"]]).to(self.device)
+            with self.accelerator.autocast():
+                traj = invert_to_shared_levels(lambda x, t: b.predict(x, t, cond), z, b.scheduler.alphas_cumprod,
+                                               o.inversion_steps, renoise)
+            return traj.chunk(2)
+
+        with self.accelerator.main_process_first():
+            return build_trajectory_cache(pairs, folder, invert, self.cfg.cache.dtype)
+
