@@ -19,6 +19,19 @@ PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE = "trainer_state.json"
 
 
+class OutputDirError(OSError):
+    """``train.output_dir`` cannot be written (permissions, disk full)."""
+
+
+def check_writable(path: Path) -> None:
+    """Fail early, without creating anything, when ``path`` cannot be created or written."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputDirError(f"train.output_dir={str(path)!r} is not writable ({probe} is not a writable folder)")
+
+
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, structure = {}, {"param_groups": state["param_groups"], "state": {}}
     for idx, entry in state["state"].items():
@@ -46,6 +59,19 @@ def save_checkpoint(folder: Path, lora: dict[str, torch.Tensor], optimizer, lr_s
     may write more files (D3PO: the current round's rollouts)."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_checkpoint(tmp, lora, optimizer, lr_scheduler, scaler, position, extra)
+    except OSError as e:  # disk full, permissions: the previous checkpoints stay as they were
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputDirError(f"cannot write checkpoint {folder}: {e.strerror or e}; earlier checkpoints are "
+                             "intact") from None
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def _write_checkpoint(tmp: Path, lora, optimizer, lr_scheduler, scaler, position: dict, extra) -> None:
     tmp.mkdir(parents=True)
     save_file(lora, str(tmp / "lora.safetensors"))
     opt_tensors, opt_structure = _flatten_optimizer(optimizer.state_dict())
@@ -58,11 +84,7 @@ def save_checkpoint(folder: Path, lora: dict[str, torch.Tensor], optimizer, lr_s
              "scaler": scaler.state_dict() if scaler is not None else None}
     if extra is not None:
         extra(tmp)
-    (tmp / STATE).write_text(json.dumps(state, indent=1, default=_jsonable))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
+    (tmp / STATE).write_text(json.dumps(state, indent=1, default=_jsonable))  # last: marks the folder complete
 
 
 def _jsonable(value):

@@ -7,11 +7,12 @@ import logging
 import sys
 from pathlib import Path
 
+from .checkpoint import OutputDirError
 from .config import ConfigError, load_config
 from .data.readers import DataError
+from .guards import TrainingStopped
 from .models import ModelLoadError
 from .rewards.base import RewardError
-from .trainer import OutputDirError
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, OutputDirError, RewardError, FileNotFoundError, KeyError, ImportError)
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "assets" / "recipes"
@@ -24,7 +25,12 @@ def _train(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.set)
     result = train(cfg)
-    if PartialState().is_main_process:
+    if not PartialState().is_main_process:
+        return
+    if result.interrupted:
+        print(f"interrupted at step {result.steps}; checkpoint-{result.steps} is in {result.output_dir}. Resume "
+              "with the same command plus --set train.resume=latest")
+    else:
         print(f"adapter: {result.adapter}\nmodel card: {result.output_dir / 'README.md'}")
 
 
@@ -196,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

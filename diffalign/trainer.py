@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .checkpoint import OutputDirError, check_writable
 from .config import Config, ConfigError
 from .guards import StopSignals, TrainingStopped, any_process, grads_finite, zero_loss
 from .lora import add_lora, atomic_write_text, save_lora
@@ -28,19 +28,6 @@ from .registry import objective_class
 from .train_pairs import PairTraining
 
 log = logging.getLogger(__name__)
-
-
-class OutputDirError(OSError):
-    """``train.output_dir`` cannot be written."""
-
-
-def check_writable(path: Path) -> None:
-    """Fail early, without creating anything, when ``path`` cannot be created or written."""
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputDirError(f"train.output_dir={str(path)!r} is not writable ({probe} is not a writable folder)")
 
 
 @dataclass
@@ -90,7 +77,11 @@ class Trainer(PairTraining, OnlineTraining):
         from diffusers.optimization import get_scheduler
 
         cfg = self.cfg
-        self.lora_params = add_lora(self.backbone.unet, cfg.lora)
+        # LoRA A matrices are drawn from torch's global RNG: seed it here, so the start does not depend on what
+        # ran before (e.g. whether the cache had to be built)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            self.lora_params = add_lora(self.backbone.unet, cfg.lora)
         if cfg.train.gradient_checkpointing:
             self.backbone.unet.enable_gradient_checkpointing()
         if cfg.train.attention == "xformers":
@@ -251,9 +242,14 @@ class Trainer(PairTraining, OnlineTraining):
         unet = acc.unwrap_model(self.unet)
         adapter = self.output_dir / "pytorch_lora_weights.safetensors"
         if acc.is_main_process:
-            save_lora(unet, self.output_dir, self.backbone.is_sdxl)
-            atomic_write_text(self.output_dir / "config.yaml", self.cfg.to_yaml())
-            atomic_write_text(self.output_dir / "metrics.json", json.dumps(history, indent=1))
+            try:
+                save_lora(unet, self.output_dir, self.backbone.is_sdxl)
+                atomic_write_text(self.output_dir / "config.yaml", self.cfg.to_yaml())
+                atomic_write_text(self.output_dir / "metrics.json", json.dumps(history, indent=1))
+            except OSError as e:
+                raise OutputDirError(f"cannot write the adapter to {self.output_dir}: {e.strerror or e}; the last "
+                                     "checkpoint (if any) is intact: free space and resume with "
+                                     "--set train.resume=latest") from None
             self.validate(step)
             from .card import write_model_card
 
