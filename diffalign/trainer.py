@@ -215,7 +215,8 @@ class Trainer(PairTraining, OnlineTraining):
     def _checkpoint(self, step: int, epoch: int, batch_in_epoch: int) -> None:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            position = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+            position = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                        "num_processes": self.accelerator.num_processes}
             extra = (lambda tmp: self.source.save_round(self._round, tmp)) if self.source is not None else None
             ckpt.save_checkpoint(self.output_dir / f"checkpoint-{step}", self._peft_state(), self.optimizer,
                                  self.lr_scheduler, self.accelerator.scaler, position, extra)
@@ -233,8 +234,19 @@ class Trainer(PairTraining, OnlineTraining):
         set_peft_model_state_dict(self.accelerator.unwrap_model(self.unet), weights)
         if self.source is not None:
             self._round = self.source.load_round(pos["epoch"], folder)
+        then, now = pos.get("num_processes", 1), self.accelerator.num_processes
+        batch = pos["batch_in_epoch"]
+        if then != now:  # the same data position and LR-schedule position in this world size's units
+            batch = batch * then // now
+            sched = self.lr_scheduler.scheduler
+            sched.last_epoch = sched.last_epoch * now // then
+            for group, lr in zip(self.optimizer.param_groups, [f(sched.last_epoch) * base for f, base in
+                                                               zip(sched.lr_lambdas, sched.base_lrs)]):
+                group["lr"] = lr
+            log.info("checkpoint of %d process(es) resumed on %d: data position %d -> %d batches", then, now,
+                     pos["batch_in_epoch"], batch)
         log.info("resumed from %s at step %d", folder, pos["step"])
-        return pos["step"], pos["epoch"], pos["batch_in_epoch"]
+        return pos["step"], pos["epoch"], batch
 
     def _finish(self, step: int, history: list[dict]) -> TrainResult:
         acc = self.accelerator
