@@ -5,7 +5,8 @@ The cache (issue: foundation), on Diffusion-DPO:
   (b) uncached - the same step, decoding images and running the VAE and text encoders every step
   (c) bare     - only the UNet work of a DPO step: policy forward + backward on 2B latents, reference forward
 The objectives, each from the cache, as a ratio to (a): MaPO, InPO (policy inversion, the official code),
-InPO (cached reference inversion), SmPO (policy ReNoise inversion).
+InPO (cached reference inversion), SmPO (policy ReNoise inversion). ``--paths cached,cached-gc`` shows what
+gradient checkpointing does to time and peak memory.
 
 Seconds per step = (time of N2 steps - time of N1 steps) / (N2 - N1), so start-up does not count. All paths are
 timed in one process, interleaved round-robin, and each ratio is the median of per-round ratios, because a shared
@@ -93,6 +94,7 @@ VARIANTS = {
     "inpo-cached": ["objective.name=inpo", "objective.inversion_model=reference", "objective.inversion_cache=true",
                     "data.caption_dropout=0"],
     "smpo": ["objective.name=smpo", "objective.beta=500"],
+    "cached-gc": ["train.gradient_checkpointing=true"],  # not in the default --paths: `--paths cached,cached-gc`
 }
 
 

@@ -1,5 +1,6 @@
 """CLI smoke tests and the bad-input matrix: one clear message, exit code 2, nothing half-written."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,28 @@ CASES = {
     "unwritable output": (lambda t: {"extra": [f"train.output_dir={(t / 'f', (t / 'f').write_text(''))[0] / 'sub'}"]},
                           "is not writable"),
     "unknown objective": (lambda t: {"extra": ["objective.name=ppo"]}, "unknown objective 'ppo'"),
+    "soft labels without scores": (lambda t: {"extra": ["objective.name=smpo"]},
+                                   r"row \d+: no reward scores; soft-label objectives"),
+    "inversion cache with the policy": (lambda t: {"extra": ["objective.name=inpo", "objective.inversion_cache=true"]},
+                                        "inversion_cache=true needs objective.inversion_model='reference'"),
+    "d3po without prompts": (lambda t: {"extra": ["objective.name=d3po"]}, "needs data.prompts .* or data.labels"),
+    "d3po prompts file missing": (lambda t: {"extra": ["objective.name=d3po", f"data.prompts={t / 'p.txt'}",
+                                                       "objective.reward=[brightness]"]}, "p.txt' does not exist"),
+    "unknown reward": (lambda t: {"extra": ["objective.name=d3po", f"data.prompts={_prompts(t)}",
+                                            "objective.reward=[aesthetics]"]},
+                       "unknown reward 'aesthetics'; choose one of aesthetic, brightness"),
+    "malformed reward option": (lambda t: {"extra": ["objective.name=d3po", f"data.prompts={_prompts(t)}",
+                                                     "objective.reward=[brightness]", "objective.reward_options=[gain]"]},
+                                "reward option 'gain': expected HEAD.KEY=VALUE"),
+    "label file missing": (lambda t: {"extra": ["objective.name=d3po", f"data.labels={t / 'l.jsonl'}"]},
+                           "no manifest.json"),
 }
+
+
+def _prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a cat\n")
+    return path
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -76,7 +98,26 @@ def test_bad_input(case, tmp_path, tiny_sd15, pickapic, capsys):
     assert code == 2
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and "Traceback" not in err
-    import re
-
     assert re.search(message, last), err
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--adapter", "{tmp}"], r"adapter '.*': no pytorch_lora_weights.safetensors there"),
+    (["--adapter", "{tmp}", "--scale", "0.5", "--scale", "1"], "1 --adapter but 2 --scale"),
+])
+def test_generate_bad_adapter(args, message, tmp_path, tiny_sd15, capsys):
+    args = [a.replace("{tmp}", str(tmp_path / "empty")) for a in args]
+    (tmp_path / "empty").mkdir()
+    code = main(["generate", "--base", str(tiny_sd15), "--prompt", "a cat", "--out", str(tmp_path / "gen"), *args])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: ") and re.search(message, last), last
+    assert not (tmp_path / "gen").exists()
+
+
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed-zero2", "DEEPSPEED")])
+def test_shipped_accelerate_configs_parse(name, kind):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(Path(__file__).parents[1] / "assets" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.name == kind and config.mixed_precision == "bf16"
