@@ -9,6 +9,43 @@ import yaml
 from .config import Config
 from .lora import atomic_write_text
 
+EVAL_START, EVAL_END = "<!-- diffalign-eval -->", "<!-- /diffalign-eval -->"
+
+
+def _samples(out_dir: Path) -> str:
+    grids = sorted((out_dir / "validation").glob("step-*.png"))
+    if not grids:
+        return ""
+    rel = grids[-1].relative_to(out_dir).as_posix()
+    return f"\n## Samples\n\nValidation prompts at the last step (fixed seeds):\n\n![samples]({rel})\n"
+
+
+def update_card_with_eval(adapter_dir: Path, name: str, report: dict, grid: Path | None = None) -> Path | None:
+    """Replace the Evaluation section of ``adapter_dir/README.md`` with this adapter's numbers from a
+    ``diffalign eval`` report (and a sample grid copied beside the card). No card: nothing to do."""
+    card = adapter_dir / "README.md"
+    if not card.is_file() or EVAL_START not in (text := card.read_text()):
+        return None
+    rows = [f"| {h} | {report['mean_scores']['base'][h]:.4g} | {report['mean_scores'][name][h]:.4g} | "
+            f"{w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}] |" for h, w in report["win_rates"][name].items()]
+    acc = report["pair_accuracy"].get(name)
+    extra = (f"\nHeld-out pairs ({acc['pairs']:.0f}): implicit accuracy {acc['implicit_accuracy']:.3f}, ranking "
+             f"accuracy {acc['ranking_accuracy']:.3f}.\n") if acc else ""
+    picture = ""
+    if grid is not None:
+        import shutil
+
+        shutil.copyfile(grid, adapter_dir / "eval_samples.png")
+        picture = "\n![base (top) vs aligned (bottom), same seeds](eval_samples.png)\n"
+    section = (f"{EVAL_START}\n## Evaluation\n\n{len(report['prompts'])} prompts × {report['seeds']} seeds, "
+               f"{report['steps']} steps, CFG {report['guidance']}; win rate vs the base model with a 95% Wilson "
+               f"interval.\n\n| head | base mean | aligned mean | win rate |\n|---|---|---|---|\n" + "\n".join(rows)
+               + f"\n{extra}{picture}{EVAL_END}")
+    before, rest = text.split(EVAL_START, 1)
+    after = rest.split(EVAL_END, 1)[1] if EVAL_END in rest else ""
+    atomic_write_text(card, before + section + after)
+    return card
+
 
 def write_model_card(out_dir: Path, cfg: Config, kind: str, steps: int, history: list[dict], beta: float) -> Path:
     """README.md with YAML metadata (base model, tags), how the adapter was trained and its last metrics."""
@@ -50,6 +87,12 @@ pipe = load_aligned_pipeline("{cfg.model.pretrained}", "{out_dir}")
 {metrics}
 
 The full configuration is in `config.yaml`; per-step metrics in `metrics.json`.
+{_samples(out_dir)}{EVAL_START}
+## Evaluation
+
+Not evaluated yet: `diffalign eval --base {cfg.model.pretrained} --adapter {out_dir} --prompts PROMPTS --reward HEADS
+--out EVAL_DIR` fills this section in.
+{EVAL_END}
 """
     path = out_dir / "README.md"
     atomic_write_text(path, text)

@@ -1,4 +1,4 @@
-"""Command line: ``diffalign train | generate | score | make-pairs | sample | demo``."""
+"""Command line: ``diffalign train | generate | score | make-pairs | sample | eval | export | demo``."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from pathlib import Path
 from .checkpoint import OutputDirError
 from .config import ConfigError, load_config
 from .data.readers import DataError
+from .export import ExportError
 from .guards import TrainingStopped
 from .models import ModelLoadError
 from .rewards.base import RewardError
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, OutputDirError, RewardError, FileNotFoundError, KeyError, ImportError)
+USER_ERRORS = (ConfigError, DataError, ExportError, ModelLoadError, OutputDirError, RewardError, FileNotFoundError, KeyError, ImportError)
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "assets" / "recipes"
 
 
@@ -104,6 +105,26 @@ def _sample(args: argparse.Namespace) -> None:
                            guidance=args.guidance, eta=args.eta, seed=args.seed, resolution=args.resolution))
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate
+
+    rewards = _rewards(args)
+    evaluate(args.base, args.adapter, args.prompts, rewards, args.out, seeds=args.seeds, scales=args.scale,
+             pairs=args.pairs, steps=args.steps, guidance=args.guidance, height=args.height, width=args.width)
+    print(f"{Path(args.out) / 'report.json'}\n{Path(args.out) / 'report.html'}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .export import export_fused, export_kohya
+
+    if args.fuse == bool(args.format):
+        raise ExportError("give either --format kohya --out FILE.safetensors or --fuse --out PIPELINE_DIR")
+    if args.fuse:
+        print(export_fused(args.adapter, args.out, base=args.base, scale=args.scale))
+    else:
+        print(export_kohya(args.adapter, args.out))
+
+
 def _reward_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reward", required=True, help="reward head(s), comma-separated: built-in name, entry point or "
                    "package.module:attr")
@@ -179,6 +200,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None, help="image size (default 512 SD1.5, 1024 SDXL)")
     p.add_argument("--out", required=True, help="output folder (images/, trajectories/, manifest.json)")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("eval", help="base vs aligned images on the same prompts and seeds, scored; report.json/html")
+    _reward_args(p)
+    p.add_argument("--base", required=True, help="base model: hub id or local diffusers folder")
+    p.add_argument("--adapter", action="append", required=True, help="adapter folder (repeatable)")
+    p.add_argument("--scale", type=float, action="append", help="adapter scale, one per --adapter (default 1.0)")
+    p.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with \"prompt\"")
+    p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (the same for every model)")
+    p.add_argument("--pairs", default=None, help="held-out pairs dataset for implicit and ranking accuracy")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    p.add_argument("--out", required=True, help="output folder (rerun to resume: existing images are reused)")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("export", help="export an adapter: kohya format (A1111/ComfyUI) or a fused full pipeline")
+    p.add_argument("adapter", help="a diffalign output folder (or its pytorch_lora_weights.safetensors)")
+    p.add_argument("--format", choices=["kohya"], help="write the LoRA in this format to --out (a .safetensors file)")
+    p.add_argument("--fuse", action="store_true", help="write a full diffusers pipeline with the adapter fused in")
+    p.add_argument("--scale", type=float, default=1.0, help="--fuse: adapter scale to fuse at")
+    p.add_argument("--base", default=None, help="--fuse: base model (default: the one in the adapter's config.yaml)")
+    p.add_argument("--out", required=True, help="output file (--format) or folder (--fuse)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("demo", help="offline end-to-end run on a tiny SDXL-architecture model")
     p.add_argument("--out", default="runs/demo", help="output folder")

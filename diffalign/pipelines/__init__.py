@@ -31,7 +31,7 @@ def stock_pipeline(base: str, revision: str | None = None, with_text_encoders: b
     return cls.from_pretrained(base, revision=revision, **components, **kwargs)
 
 
-def _adapter_file(adapter: str | Path) -> Path:
+def adapter_file(adapter: str | Path) -> Path:
     path = Path(adapter)
     file = path / WEIGHT_NAME if path.is_dir() else path
     if not file.is_file():
@@ -51,7 +51,7 @@ def load_aligned_pipeline(base: str, adapters: str | Path | list[str | Path] = (
     pipe = stock_pipeline(base, revision=revision, torch_dtype=torch_dtype)
     names = []
     for i, adapter in enumerate(adapters):
-        file = _adapter_file(adapter)
+        file = adapter_file(adapter)
         name = f"aligned_{i}"
         pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
         names.append(name)

@@ -1,0 +1,127 @@
+"""``diffalign eval``: base vs aligned images on the same prompts and seeds, scored by every head, reported.
+
+Output folder::
+
+    images/<model>/p0003_s1.png   prompt 3, seed 1 (reused when present, so an interrupted eval resumes)
+    report.json                   mean scores, win rates vs base with 95% intervals, held-out pair accuracies
+    report.html                   grids per prompt, the numbers, and plots (plots/*.png), beside the images
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .card import update_card_with_eval
+from .data.prompts import read_prompts
+from .data.readers import DataError
+from .lora import atomic_write_text
+from .metrics import pair_accuracies, win_rate
+from .pipelines import image_grid
+from .report import write_html
+from .rewards import RewardModel
+from .scoring import score_images
+
+
+def model_names(adapters: Sequence[str | Path]) -> list[str]:
+    """``base`` plus one unique name per adapter (its folder name)."""
+    names = ["base"]
+    for adapter in adapters:
+        name = Path(adapter).resolve().name or "adapter"
+        while name in names:
+            name += "_"
+        names.append(name)
+    return names
+
+
+def generate(base: str, adapter: str | None, scale: float, prompts: list[str], seeds: int, folder: Path,
+             steps: int, guidance: float, size: dict, device: str) -> list[Path]:
+    """Images of one model for every (prompt, seed), in that order; existing files are reused."""
+    paths = [folder / f"p{i:04d}_s{s}.png" for i in range(len(prompts)) for s in range(seeds)]
+    todo = [k for k, p in enumerate(paths) if not p.is_file()]
+    if todo:
+        from .pipelines import load_aligned_pipeline
+
+        pipe = load_aligned_pipeline(base, [adapter] if adapter else [], [scale] if adapter else 1.0, device=device)
+        pipe.set_progress_bar_config(disable=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in tqdm(todo, desc=f"generating {folder.name}", unit="image"):
+            i, s = divmod(k, seeds)
+            image = pipe(prompts[i], num_inference_steps=steps, guidance_scale=guidance,
+                         generator=torch.Generator().manual_seed(s), **size).images[0]
+            tmp = paths[k].with_name(f".{paths[k].name}")
+            image.save(tmp, format="PNG")
+            tmp.replace(paths[k])
+    return paths
+
+
+def evaluate(base: str, adapters: Sequence[str | Path], prompts_file: str | Path, rewards: Mapping[str, RewardModel],
+             out: str | Path, seeds: int = 4, scales: Sequence[float] | None = None, pairs: str | None = None,
+             steps: int = 30, guidance: float = 5.0, height: int | None = None, width: int | None = None,
+             device: str | None = None) -> dict:
+    """Run the evaluation (see the module doc) and return the report."""
+    out, prompts = Path(out), read_prompts(prompts_file)
+    if seeds < 1:
+        raise DataError(f"--seeds {seeds}: need at least one seed")
+    scales = list(scales) if scales else [1.0] * len(adapters)
+    if len(scales) != len(adapters):
+        raise DataError(f"{len(adapters)} --adapter but {len(scales)} --scale")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    size = {k: v for k, v in (("height", height), ("width", width)) if v}
+    names = model_names(adapters)
+    sources = [None, *adapters]
+    images, scores = {}, {}
+    for name, adapter, scale in zip(names, sources, [1.0, *scales]):
+        images[name] = generate(base, str(adapter) if adapter else None, scale, prompts, seeds, out / "images" / name,
+                                steps, guidance, size, device)
+        texts = [p for p in prompts for _ in range(seeds)]
+        scores[name] = score_images(rewards, [Image.open(p).convert("RGB") for p in images[name]], texts)
+    report = {"base": base, "prompts": prompts, "seeds": seeds, "steps": steps, "guidance": guidance,
+              "models": {n: {"adapter": str(a) if a else None, "scale": s} for n, a, s in zip(names, sources, [1.0, *scales])},
+              "mean_scores": {n: {h: sum(v) / len(v) for h, v in scores[n].items()} for n in names},
+              "win_rates": {}, "pair_accuracy": {}}
+    for name in names[1:]:
+        report["win_rates"][name] = {h: vars(win_rate(scores[name][h], scores["base"][h], r.higher_is_better))
+                                     for h, r in rewards.items()}
+    if pairs:
+        report["pair_accuracy"] = held_out_accuracies(base, dict(zip(names[1:], adapters)), pairs, device, height)
+    report["scores"] = scores
+    report["images"] = {n: [str(p.relative_to(out)) for p in images[n]] for n in names}
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+    write_html(out, report, {h: r.higher_is_better for h, r in rewards.items()})
+    for name, adapter in zip(names[1:], adapters):
+        grid = out / "plots" / f"samples_{name}.png"
+        first = [images[m][i * seeds] for i in range(min(len(prompts), 8)) for m in ("base", name)]
+        image_grid([Image.open(p) for p in first[0::2] + first[1::2]], cols=min(len(prompts), 8)).save(grid)
+        update_card_with_eval(Path(adapter), name, report, grid)
+    return report
+
+
+def held_out_accuracies(base: str, adapters: Mapping[str, str | Path], pairs: str, device: str,
+                        resolution: int | None = None) -> dict:
+    """Implicit and ranking accuracy of each adapter on a held-out pairs dataset (at ``resolution``, default the
+    model's)."""
+    from .config import DataConfig
+    from .data.dataset import RawPairDataset
+    from .data.readers import load_pairs
+    from .models import Backbone
+    from .pipelines import adapter_file
+
+    source = load_pairs(DataConfig(dataset=pairs))
+    backbone = Backbone.load(base)
+    for part in (backbone.unet, backbone.vae, *backbone.text_encoders):
+        part.to(device)
+    resolution = resolution or (1024 if backbone.is_sdxl else 512)
+    raw = RawPairDataset(source, resolution, seed=0, random_flip=False, center_crop=True)
+    result = {}
+    for name, adapter in adapters.items():
+        backbone.unet.load_lora_adapter(str(adapter_file(adapter)), prefix="unet", adapter_name=name)
+        backbone.unet.set_adapters([name])
+        result[name] = pair_accuracies(backbone, raw, resolution, device=device)
+        backbone.unet.delete_adapters(name)
+    return result

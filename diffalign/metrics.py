@@ -1,0 +1,81 @@
+"""Evaluation arithmetic: win rates with Wilson intervals, and implicit / ranking accuracy on held-out pairs.
+
+Ranking accuracy (Chen et al., arXiv 2405.19534) asks whether the policy alone prefers the winner: with shared
+(t, ε) Monte Carlo over several t, ``mean_t e_θ^w < mean_t e_θ^l``. Implicit accuracy asks whether the policy
+moved towards the winner relative to the reference: ``mean_t [(e_ref^w - e_ref^l) - (e_θ^w - e_θ^l)] > 0``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class WinRate:
+    rate: float  # (wins + ties / 2) / n
+    low: float  # 95% Wilson score interval
+    high: float
+    wins: int
+    ties: int
+    n: int
+
+
+def wilson_interval(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``p`` observed on ``n`` trials (95% by default)."""
+    if n == 0:
+        return 0.0, 1.0
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def win_rate(candidate: Sequence[float], baseline: Sequence[float], higher_is_better: bool = True) -> WinRate:
+    """How often ``candidate[i]`` beats ``baseline[i]`` (same prompt and seed); a tie counts as half a win."""
+    if len(candidate) != len(baseline) or not candidate:
+        raise ValueError(f"win rate needs two equally long, non-empty score lists (got {len(candidate)} and {len(baseline)})")
+    sign = 1 if higher_is_better else -1
+    wins = sum(sign * (c - b) > 0 for c, b in zip(candidate, baseline))
+    ties = sum(c == b for c, b in zip(candidate, baseline))
+    n = len(candidate)
+    rate = (wins + ties / 2) / n
+    return WinRate(rate, *wilson_interval(rate, n), wins, ties, n)
+
+
+@torch.no_grad()
+def pair_accuracies(backbone, pairs, resolution: int, timesteps: Sequence[int] = (100, 300, 500, 700, 900),
+                    seed: int = 0, batch_size: int = 4, device: str | torch.device = "cpu") -> dict[str, float]:
+    """Implicit and ranking accuracy of the UNet's active adapter on held-out ``pairs`` (a
+    :class:`~diffalign.data.dataset.RawPairDataset`), the reference being the same UNet with adapters off."""
+    from .data.dataset import batch_conditioning, encode_batch
+    from .lora import reference_mode
+
+    unet = backbone.unet
+    g = torch.Generator().manual_seed(seed)
+    ranking, implicit, n = 0.0, 0.0, 0
+    loader = torch.utils.data.DataLoader(pairs, batch_size=batch_size)
+    for batch in loader:
+        enc = encode_batch(backbone, batch, resolution)
+        z = torch.cat([enc["latents_w"], enc["latents_l"]]).to(device, torch.float32)
+        cond = batch_conditioning(backbone, enc, resolution).repeat(2).to(device)
+        b = len(enc["latents_w"])
+        policy, ref = torch.zeros(2 * b, device=device), torch.zeros(2 * b, device=device)
+        for t_value in timesteps:
+            noise = torch.randn(z[:b].shape, generator=g).to(device).repeat(2, 1, 1, 1)  # shared by w and l
+            t = torch.full((2 * b,), t_value, device=device, dtype=torch.long)
+            x_t = backbone.scheduler.add_noise(z, noise, t)
+            target = backbone.target(z, noise, t).float()
+            policy += ((backbone.predict(x_t, t, cond).float() - target) ** 2).mean(dim=(1, 2, 3))
+            with reference_mode(unet):
+                ref += ((backbone.predict(x_t, t, cond).float() - target) ** 2).mean(dim=(1, 2, 3))
+        pw, pl = policy.chunk(2)
+        rw, rl = ref.chunk(2)
+        inside = (rw - rl) - (pw - pl)
+        ranking += ((pw < pl).float() + 0.5 * (pw == pl).float()).sum().item()
+        implicit += ((inside > 0).float() + 0.5 * (inside == 0).float()).sum().item()
+        n += b
+    return {"ranking_accuracy": ranking / n, "implicit_accuracy": implicit / n, "pairs": float(n)}

@@ -1,0 +1,109 @@
+"""``report.html`` for ``diffalign eval``: one page with the numbers, plots (matplotlib PNGs) and, per prompt,
+the images of every model side by side (same seeds), all referenced relative to the page."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping
+from pathlib import Path
+
+from .lora import atomic_write_text
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}
+.grid img{width:128px;height:128px;image-rendering:pixelated;margin:1px}.grid td{text-align:left;vertical-align:top}
+img.plot{max-width:560px;margin:4px}"""
+
+# the page counts images that really decoded, so a headless browser test can read the result from the DOM
+CHECK = """<script>window.addEventListener('load',()=>{const imgs=[...document.images];
+document.body.dataset.imagesTotal=imgs.length;
+document.body.dataset.imagesOk=imgs.filter(i=>i.complete&&i.naturalWidth>0).length;});</script>"""
+
+
+def plots(out: Path, report: dict) -> list[str]:
+    """Score distributions per head (one box per model) and win rates with 95% intervals; returns the files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = out / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    models = list(report["scores"])
+    heads = list(report["scores"][models[0]])
+    for head in heads:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.boxplot([report["scores"][m][head] for m in models])
+        ax.set_xticks(range(1, len(models) + 1), models)
+        ax.set_title(f"{head}: score per image")
+        fig.tight_layout()
+        name = f"plots/scores_{_slug(head)}.png"
+        fig.savefig(out / name, dpi=96)
+        plt.close(fig)
+        files.append(name)
+    if report["win_rates"]:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        labels, rates, low, high = [], [], [], []
+        for model, per_head in report["win_rates"].items():
+            for head, w in per_head.items():
+                labels.append(f"{model}\n{head}")
+                rates.append(w["rate"])
+                low.append(w["rate"] - w["low"])
+                high.append(w["high"] - w["rate"])
+        ax.bar(range(len(rates)), rates, yerr=[low, high], capsize=4, color="#4c72b0")
+        ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+        ax.set_xticks(range(len(rates)), labels, fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title("win rate vs base (95% Wilson interval)")
+        fig.tight_layout()
+        fig.savefig(out / "plots/win_rates.png", dpi=96)
+        plt.close(fig)
+        files.append("plots/win_rates.png")
+    return files
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th{' class=l' if i == 0 else ''}>{html.escape(h)}</th>" for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(f"<td{' class=l' if i == 0 else ''}>{html.escape(c)}</td>" for i, c in enumerate(r))
+                   + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_html(out: Path, report: dict, higher_is_better: Mapping[str, bool]) -> Path:
+    """Write ``out/report.html`` (and its plots) from a ``diffalign eval`` report."""
+    models = list(report["scores"])
+    heads = list(report["scores"][models[0]])
+    arrow = {h: "↑" if higher_is_better.get(h, True) else "↓" for h in heads}
+    parts = [f"<!doctype html><html><head><meta charset=utf-8><title>diffalign eval</title><style>{STYLE}</style>"
+             f"</head><body><h1>diffalign eval</h1><p>base <code>{html.escape(report['base'])}</code>, "
+             f"{len(report['prompts'])} prompts × {report['seeds']} seeds, {report['steps']} steps, "
+             f"CFG {report['guidance']}</p>", "<h2>Mean scores</h2>",
+             _table(["model", *[f"{h} {arrow[h]}" for h in heads]],
+                    [[m, *[f"{report['mean_scores'][m][h]:.4g}" for h in heads]] for m in models])]
+    if report["win_rates"]:
+        rows = [[m, h, f"{w['rate']:.3f}", f"[{w['low']:.3f}, {w['high']:.3f}]", f"{w['wins']}/{w['ties']}/{w['n']}"]
+                for m, per_head in report["win_rates"].items() for h, w in per_head.items()]
+        parts += ["<h2>Win rate vs base</h2>", _table(["model", "head", "win rate", "95% interval", "wins/ties/n"], rows)]
+    if report["pair_accuracy"]:
+        rows = [[m, f"{a['implicit_accuracy']:.3f}", f"{a['ranking_accuracy']:.3f}", f"{a['pairs']:.0f}"]
+                for m, a in report["pair_accuracy"].items()]
+        parts += ["<h2>Held-out pairs</h2>", _table(["model", "implicit accuracy", "ranking accuracy", "pairs"], rows)]
+    parts += ["<h2>Plots</h2>", "".join(f"<img class=plot src='{html.escape(f)}' alt='{html.escape(f)}'>"
+                                        for f in plots(out, report))]
+    parts.append("<h2>Images</h2><table class=grid><tr><th class=l>prompt</th>"
+                 + "".join(f"<th class=l>{html.escape(m)}</th>" for m in models) + "</tr>")
+    seeds = report["seeds"]
+    for i, prompt in enumerate(report["prompts"]):
+        cells = "".join("<td>" + "".join(f"<img src='{html.escape(p)}' alt='{html.escape(m)} seed {k}'>" for k, p in
+                                         enumerate(report["images"][m][i * seeds:(i + 1) * seeds])) + "</td>"
+                        for m in models)
+        parts.append(f"<tr><td class=l>{html.escape(prompt)}</td>{cells}</tr>")
+    parts.append(f"</table>{CHECK}</body></html>")
+    path = out / "report.html"
+    atomic_write_text(path, "\n".join(parts))
+    return path

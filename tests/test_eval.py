@@ -1,0 +1,92 @@
+"""`diffalign eval`: win-rate arithmetic by hand, the report end to end on tiny models, resume, the model card, and
+the HTML page rendered in headless Chromium."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from diffalign.cli import main
+from diffalign.metrics import wilson_interval, win_rate
+
+
+def test_wilson_interval_matches_published_values():
+    assert wilson_interval(0.5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0.0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(0.8, 100) == pytest.approx((0.7112, 0.8666), abs=1e-4)
+
+
+def test_win_rate_counts_ties_as_half_and_respects_direction():
+    w = win_rate([3, 2, 1, 5], [1, 2, 4, 4])
+    assert (w.wins, w.ties, w.n) == (2, 1, 4) and w.rate == 0.625
+    assert (w.low, w.high) == pytest.approx(wilson_interval(0.625, 4))
+    lower = win_rate([3, 2, 1, 5], [1, 2, 4, 4], higher_is_better=False)
+    assert (lower.wins, lower.rate) == (1, 0.375)
+    with pytest.raises(ValueError, match="equally long"):
+        win_rate([1.0], [1.0, 2.0])
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_sd15, pickapic):
+    from diffalign.config import load_config
+    from diffalign.trainer import train
+
+    root = tmp_path_factory.mktemp("eval-adapter")
+    cfg = load_config(None, [f"model.pretrained={tiny_sd15}", f"data.dataset={pickapic}", "data.resolution=32",
+                             "train.batch_size=2", "train.max_steps=2", f"train.output_dir={root / 'aligned'}",
+                             f"cache.dir={root / 'cache'}", "log.to=none", "optim.lr=1e-2", "lora.rank=4",
+                             "train.checkpoint_every=0"])
+    return train(cfg).output_dir
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tiny_sd15, adapter, pickapic):
+    root = tmp_path_factory.mktemp("eval")
+    (root / "prompts.txt").write_text("a red square\na blue circle\n")
+    args = ["eval", "--base", str(tiny_sd15), "--adapter", str(adapter), "--prompts", str(root / "prompts.txt"),
+            "--reward", "brightness,jpeg_compressibility", "--seeds", "2", "--steps", "2", "--height", "32",
+            "--width", "32", "--pairs", str(pickapic), "--out", str(root / "out")]
+    assert main(args) == 0
+    return root / "out", args
+
+
+def test_report_json(evaluated, adapter):
+    out, _ = evaluated
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["mean_scores"]) == ["base", "aligned"]
+    assert len(report["scores"]["aligned"]["brightness"]) == 4 == len(report["images"]["base"])
+    w = report["win_rates"]["aligned"]["brightness"]
+    assert 0 <= w["low"] <= w["rate"] <= w["high"] <= 1 and w["n"] == 4
+    acc = report["pair_accuracy"]["aligned"]
+    assert acc["pairs"] == 10 and 0 <= acc["ranking_accuracy"] <= 1 and 0 <= acc["implicit_accuracy"] <= 1
+    card = (adapter / "README.md").read_text()
+    assert "## Evaluation" in card and "| brightness |" in card and "eval_samples.png" in card
+    assert "Held-out pairs (10)" in card and (adapter / "eval_samples.png").is_file()
+    assert card.startswith("---\nbase_model:")
+
+
+def test_eval_resumes_without_regenerating(evaluated, monkeypatch):
+    out, args = evaluated
+    monkeypatch.setattr("diffalign.pipelines.load_aligned_pipeline", lambda *a, **k: pytest.fail("regenerated"))
+    before = json.loads((out / "report.json").read_text())["scores"]
+    assert main(args) == 0
+    assert json.loads((out / "report.json").read_text())["scores"] == before
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (.ci/run installs Debian's chromium)")
+def test_report_renders_in_a_browser(evaluated):
+    out, _ = evaluated
+    dom = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+                          "--virtual-time-budget=10000", "--dump-dom", (out / "report.html").as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    total = re.search(r'data-images-total="(\d+)"', dom)
+    ok = re.search(r'data-images-ok="(\d+)"', dom)
+    assert total and ok, dom[:2000]
+    assert int(total.group(1)) == 8 + 2 + 1 and ok.group(1) == total.group(1)  # 8 samples, 2 score plots, win rates
+    assert "<table" in dom and "Win rate vs base" in dom and "aligned" in dom
