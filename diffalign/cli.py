@@ -125,6 +125,13 @@ def _export(args: argparse.Namespace) -> None:
         print(export_kohya(args.adapter, args.out))
 
 
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=30, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+
+
 def _reward_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reward", required=True, help="reward head(s), comma-separated: built-in name, entry point or "
                    "package.module:attr")
@@ -155,10 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    _sampling_args(p)
     p.add_argument("--out", default="generated", help="output folder")
     p.set_defaults(func=_generate)
 
@@ -181,10 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="best vs worst, all ordered pairs above --margin, or Pareto dominance across heads")
     p.add_argument("--margin", type=float, default=0.0, help="minimum combined-score gap for a pair")
     p.add_argument("--seed", type=int, default=0, help="image k of prompt i uses seed + i*K + k")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    _sampling_args(p)
     p.add_argument("--out", required=True, help="output folder (rerun with the same settings to resume)")
     p.set_defaults(func=_make_pairs)
 
@@ -209,10 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with \"prompt\"")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (the same for every model)")
     p.add_argument("--pairs", default=None, help="held-out pairs dataset for implicit and ranking accuracy")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    _sampling_args(p)
     p.add_argument("--out", required=True, help="output folder (rerun to resume: existing images are reused)")
     p.set_defaults(func=_eval)
 

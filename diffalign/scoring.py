@@ -19,7 +19,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .data.prompts import read_prompts
-from .data.readers import DataError, decode_image, open_hf_dataset, read_local_rows
+from .data.readers import (
+    DataError,
+    decode_image,
+    local_image,
+    local_row_name,
+    open_hf_dataset,
+    read_local_rows,
+)
 from .lora import atomic_write_text
 from .rewards import RewardModel, score
 
@@ -114,13 +121,8 @@ def _score_local(rewards, path: Path, out, weights, batch_size) -> Path:
         raise DataError(f"--out {str(out)!r} would overwrite the dataset it reads; choose another name")
     rows, root = read_local_rows(path), path.resolve().parent
     for i, row in enumerate(tqdm(rows, desc="scoring pairs", unit="pair")):
-        where = f"{path}, {'row' if path.suffix == '.csv' else 'line'} {i + 2 if path.suffix == '.csv' else i + 1}"
-        images = []
-        for key in ("chosen", "rejected"):
-            f = (root / str(row[key])).resolve()
-            if not f.is_relative_to(root):
-                raise DataError(f"{where}: {key} path {row[key]!r} leaves the dataset folder {root}")
-            images.append(decode_image(f, f"{where}: {key}"))
+        where = local_row_name(path, i)
+        images = [decode_image(local_image(root, row, key, where), f"{where}: {key}") for key in ("chosen", "rejected")]
         s = score_images(rewards, images, [str(row["prompt"] or "")] * 2, batch_size)
         row["chosen_score"], row["rejected_score"] = combine(rewards, s, weights)
         for name in rewards:

@@ -208,21 +208,31 @@ def read_local_rows(path: Path) -> list[dict]:
     return rows
 
 
+def local_row_name(path: Path, i: int) -> str:
+    """How an error names row ``i`` of a local pairs file: its line (JSONL) or row with the header as 1 (CSV)."""
+    return f"{path}, row {i + 2}" if path.suffix == ".csv" else f"{path}, line {i + 1}"
+
+
+def local_image(root: Path, row: dict, key: str, where: str) -> Path:
+    """The image file ``row[key]`` names, relative to the dataset folder ``root``, which it may not leave."""
+    f = (root / str(row[key])).resolve()
+    if not f.is_relative_to(root):
+        raise DataError(f"{where}: {key} path {row[key]!r} leaves the dataset folder {root}")
+    if not f.is_file():
+        raise DataError(f"{where}: {key} image {row[key]!r} does not exist")
+    return f
+
+
 def _local_pairs(path: Path, cfg: DataConfig) -> PairSource:
     root = path.parent.resolve()
     raw = read_local_rows(path)
-    line = (lambda i: f"row {i + 2}") if path.suffix == ".csv" else (lambda i: f"line {i + 1}")
     digest = hashlib.sha256(path.read_bytes())
     rows, ties, pairs = [], 0, []
     for i, r in enumerate(raw):
-        where = f"{path}, {line(i)}"
+        where = local_row_name(path, i)
         files = []
         for key in ("chosen", "rejected"):
-            f = (root / str(r[key])).resolve()
-            if not f.is_relative_to(root):
-                raise DataError(f"{where}: {key} path {r[key]!r} leaves the dataset folder {root}")
-            if not f.is_file():
-                raise DataError(f"{where}: {key} image {r[key]!r} does not exist")
+            f = local_image(root, r, key, where)
             st = f.stat()
             digest.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
             files.append(f)
