@@ -144,3 +144,37 @@ def test_a_full_disk_while_checkpointing_leaves_nothing_half_written(tiny_sd15, 
     with pytest.raises(OutputDirError, match="cannot write checkpoint .*checkpoint-1: No space left on device"):
         trainer.train()
     assert calls and not [p for p in (tmp_path / "run").iterdir() if "checkpoint" in p.name]
+
+
+KILLED_MID_WRITE = """
+import os, signal, sys
+import diffalign.checkpoint as ckpt
+from diffalign.config import load_config
+from diffalign.trainer import train
+
+real = ckpt._write_checkpoint
+def write(tmp, *args):
+    if tmp.name == ".checkpoint-2.tmp":
+        (tmp).mkdir(parents=True)
+        (tmp / "lora.safetensors").write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGKILL)  # the real thing: no handler, no cleanup
+    return real(tmp, *args)
+ckpt._write_checkpoint = write
+train(load_config(sys.argv[1]))
+"""
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_sd15, make_config, tmp_path):
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(make_config(tiny_sd15, "train.max_steps=3", "train.checkpoint_every=1").to_yaml())
+    proc = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(recipe)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run = tmp_path / "run"
+    assert (run / ".checkpoint-2.tmp").is_dir() and ckpt.find_resume(run, "latest") == run / "checkpoint-1"
+    resumed = train(make_config(tiny_sd15, "train.max_steps=3", "train.checkpoint_every=1", "train.resume=latest"))
+    assert resumed.steps == 3 and len(resumed.history) == 2
+    assert not (run / ".checkpoint-2.tmp").exists()  # cleared by the next write of checkpoint 2
