@@ -12,6 +12,16 @@ from .lora import atomic_write_text
 EVAL_START, EVAL_END = "<!-- diffalign-eval -->", "<!-- /diffalign-eval -->"
 
 
+def _data(cfg: Config) -> str:
+    d, o = cfg.data, cfg.objective
+    if d.labels:
+        return f"human labels `{d.labels}` of stored rollouts (D3PO)"
+    if d.prompts:
+        return (f"online rollouts of the prompts in `{d.prompts}` ({o.per_prompt} per prompt, {o.sample_steps} DDIM "
+                f"steps, CFG {o.guidance}) labelled by `{', '.join(o.reward)}`")
+    return f"`{d.dataset}`"
+
+
 def _samples(out_dir: Path) -> str:
     grids = sorted((out_dir / "validation").glob("step-*.png"))
     if not grids:
@@ -61,7 +71,7 @@ def write_model_card(out_dir: Path, cfg: Config, kind: str, steps: int, history:
 # {cfg.objective.name} LoRA for {cfg.model.pretrained}
 
 Trained with [diffalign](https://github.com/) objective `{o.name}` (β = {beta:g}) on
-`{cfg.data.dataset}` at {cfg.data.resolution or "default"} px for {steps} optimizer steps.
+{_data(cfg)} at {cfg.data.resolution or "default"} px for {steps} optimizer steps.
 
 | setting | value |
 |---|---|
