@@ -16,7 +16,6 @@ from .models import ModelLoadError
 from .rewards.base import RewardError
 
 USER_ERRORS = (ConfigError, DataError, ExportError, ModelLoadError, OutputDirError, RewardError, FileNotFoundError, KeyError, ImportError)
-REPO_RECIPES = Path(__file__).resolve().parents[1] / "assets" / "recipes"
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -143,7 +142,7 @@ def _reward_args(p: argparse.ArgumentParser) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(Path(args.out), Path(args.recipe), steps=args.steps)
+    run_demo(Path(args.out), quick=args.quick, reward=args.reward, steps=args.steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,9 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file (--format) or folder (--fuse)")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("demo", help="offline end-to-end run on a tiny SDXL-architecture model")
+    p = sub.add_parser("demo", help="offline end to end on the testbed model: make-pairs, Diffusion-DPO, eval")
     p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--recipe", default=str(REPO_RECIPES / "tiny-sdxl-dpo.yaml"), help="recipe to train with")
+    p.add_argument("--reward", default="shape_size", help="programmatic reward that labels the pairs "
+                   "(shape_size, vividness, jpeg_compressibility, ...)")
+    p.add_argument("--quick", action="store_true", help="a smoke run in under a minute (few prompts, steps, seeds)")
     p.add_argument("--steps", type=int, default=None, help="override train.max_steps")
     p.set_defaults(func=_demo)
     return parser

@@ -1,56 +1,163 @@
-"""``diffalign demo``: the main job end to end, offline, on a tiny SDXL-architecture model.
+"""``diffalign demo``: the main job end to end, offline, on the testbed model that really draws.
 
-Builds the tiny model and a small Pick-a-Pic-format dataset, trains Diffusion-DPO LoRA with the tiny
-recipe, saves it, and renders a before/after grid (same prompts, same seeds; scale 0 is the base).
+1. ``make-pairs``: the testbed draws K images for each training prompt; a programmatic reward (default
+   ``shape_size``: bigger shapes preferred) picks best and worst. The same for the held-out prompts.
+2. ``train``: Diffusion-DPO LoRA with ``assets/recipes/testbed-dpo.yaml``.
+3. ``eval``: base and aligned on held-out prompts x seeds (same seeds): reward win rate with its 95% interval,
+   prompt following (the testbed checker) before and after as the guard, implicit and ranking accuracy on the
+   held-out pairs; a before/after grid and ``report.md``.
+
+:func:`align_and_evaluate` is the shared core of the demo and ``scripts/bench_alignment.py``.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from PIL import Image
 
+from . import testbed as tb
 from .config import load_config
-from .pipelines import image_grid, load_aligned_pipeline
-from .testing import save_tiny_pipeline, write_pickapic_parquet
-from .trainer import train
+from .lora import atomic_write_text
+from .rewards import load_reward
 
-PROMPTS = ["a red square on a blue background", "a yellow square on a green background",
-           "a blue square on a yellow background", "a green square on a red background"]
+RECIPES = Path(__file__).resolve().parents[1] / "assets" / "recipes"
 
 
-def run_demo(out: Path, recipe: Path, steps: int | None = None) -> dict[str, Path]:
-    """Run the demo into ``out``; returns the paths it wrote."""
-    if not recipe.is_file():
-        raise FileNotFoundError(f"demo recipe {str(recipe)!r} not found; pass --recipe assets/recipes/tiny-sdxl-dpo.yaml")
+@dataclass(frozen=True)
+class Budget:
+    """How much the demo (or one benchmark run) draws, trains and evaluates."""
+
+    train_prompts: int = 128  # training prompts used (the first N of the testbed's 128)
+    held_out_prompts: int = 16  # held-out prompts used for evaluation and held-out pairs
+    per_prompt: int = 4  # images per prompt for make-pairs
+    sample_steps: int = tb.SAMPLING["num_inference_steps"]  # DDIM steps for pairs and evaluation
+    eval_seeds: int = 8  # seeds per held-out prompt in the evaluation
+    train_steps: int | None = None  # None: the recipe's train.max_steps
+
+
+FULL = Budget()
+QUICK = Budget(train_prompts=12, held_out_prompts=4, per_prompt=2, sample_steps=6, eval_seeds=2, train_steps=4)
+
+
+def write_prompt_files(out: Path, budget: Budget) -> tuple[Path, Path]:
+    """The testbed's training and held-out prompts (cut to the budget) as text files under ``out``."""
+    train, held = tb.split_prompts()
     out.mkdir(parents=True, exist_ok=True)
-    model = out / "tiny-sdxl"
-    if not (model / "model_index.json").is_file():
-        save_tiny_pipeline(model, "sdxl")
-    data = write_pickapic_parquet(out / "data" / "pickapic.parquet", n=32, size=48)
-    overrides = [f"model.pretrained={model}", f"data.dataset={data}", f"train.output_dir={out / 'adapter'}",
-                 f"cache.dir={out / 'cache'}", "log.to=tensorboard"]
-    if steps is not None:
-        overrides.append(f"train.max_steps={steps}")
-    cfg = load_config(recipe, overrides)
-    result = train(cfg)
+    files = out / "train_prompts.txt", out / "held_out_prompts.txt"
+    files[0].write_text("\n".join(train[: budget.train_prompts]) + "\n")
+    files[1].write_text("\n".join(held[: budget.held_out_prompts]) + "\n")
+    return files
 
-    pipe = load_aligned_pipeline(str(model), result.output_dir)
-    res = cfg.data.resolution
-    rows = []
-    for scale in (0.0, 1.0):  # before, after
-        pipe.set_adapters(["aligned_0"], adapter_weights=[scale])
-        for i, prompt in enumerate(PROMPTS):
-            g = torch.Generator().manual_seed(i)
-            rows.append(pipe(prompt, num_inference_steps=cfg.train.validation_steps, guidance_scale=5.0,
-                             generator=g, height=res, width=res).images[0])
-    grid = out / "before_after.png"
-    image_grid(rows, cols=len(PROMPTS)).save(grid)
-    paths = {"model": model, "data": data, "adapter": result.adapter, "card": result.output_dir / "README.md",
-             "grid": grid, "logs": result.output_dir / "logs"}
-    last = result.history[-1]
-    print(f"\ntrained {result.steps} steps: loss {last['loss']:.4f}, implicit accuracy {last['implicit_acc']:.2f}")
+
+def make_testbed_pairs(out: Path, reward: str, budget: Budget, adapter: str | None = None) -> tuple[str, str]:
+    """Reward-labelled pairs from the testbed for the training and held-out prompts: (train, held-out) pairs.jsonl."""
+    from .make_pairs import make_pairs
+
+    train_prompts, held_prompts = write_prompt_files(out / "prompts", budget)
+    heads = {reward: load_reward(reward)}
+    common = dict(per_prompt=budget.per_prompt, steps=budget.sample_steps, guidance=tb.SAMPLING["guidance_scale"])
+    train = make_pairs(str(tb.testbed_path()), train_prompts, heads, out / "pairs", adapter=adapter, **common)
+    held = make_pairs(str(tb.testbed_path()), held_prompts, heads, out / "held_out_pairs", seed=10_000, **common)
+    return str(train), str(held)
+
+
+def train_on_testbed(out: Path, objective: str, pairs: str | None, budget: Budget, reward: str, prompts: Path,
+                     overrides: list[str] = ()):
+    """Train ``assets/recipes/testbed-<objective>.yaml`` from the testbed into ``out / "adapter"``."""
+    from .trainer import train
+
+    base = [f"model.pretrained={tb.testbed_path()}", f"train.output_dir={out / 'adapter'}",
+            f"cache.dir={out / 'cache'}", "log.to=none"]
+    if pairs:
+        base.append(f"data.dataset={pairs}")
+    else:  # online: D3PO samples its own rollouts and labels them with the reward
+        base += [f"data.prompts={prompts}", f"objective.reward=[{reward}]"]
+    if budget.train_steps is not None:
+        base.append(f"train.max_steps={budget.train_steps}")
+    return train(load_config(RECIPES / f"testbed-{objective}.yaml", base + list(overrides)))
+
+
+def evaluate_on_testbed(out: Path, adapter: Path, reward: str, budget: Budget, held_pairs: str | None) -> dict:
+    """Base vs aligned on the held-out prompts: ``diffalign eval``'s report plus prompt following before and
+    after (the guard)."""
+    from .evaluate import evaluate
+    from .scoring import to_tensor
+
+    _, held_prompts = write_prompt_files(out / "prompts", budget)
+    report = evaluate(str(tb.testbed_path()), [adapter], held_prompts, {reward: load_reward(reward)}, out / "eval",
+                      seeds=budget.eval_seeds, pairs=held_pairs, steps=budget.sample_steps,
+                      guidance=tb.SAMPLING["guidance_scale"])
+    texts = [p for p in report["prompts"] for _ in range(report["seeds"])]
+    following = {}
+    for name, files in report["images"].items():
+        images = to_tensor([Image.open(out / "eval" / f).convert("RGB") for f in files])
+        following[name] = tb.prompt_following(images, texts)
+    aligned = next(n for n in report["images"] if n != "base")
+    win = report["win_rates"][aligned][reward]
+    means = report["mean_scores"]
+    return {"reward": reward, "win_rate": win,
+            "mean_reward": {"base": means["base"][reward], "aligned": means[aligned][reward]},
+            "prompt_following": {"base": following["base"], "aligned": following[aligned]},
+            "pair_accuracy": report["pair_accuracy"].get(aligned, {}), "grid": str(out / "eval" / "plots" / f"samples_{aligned}.png"),
+            "eval_report": str(out / "eval" / "report.html")}
+
+
+def align_and_evaluate(out: Path, objective: str, reward: str, budget: Budget, pairs: tuple[str, str] | None,
+                       overrides: list[str] = ()) -> dict:
+    """Train ``objective`` on the testbed (from ``pairs``, or online for D3PO) and evaluate it; timed."""
+    start = time.time()
+    prompts, _ = write_prompt_files(out / "prompts", budget)
+    result = train_on_testbed(out, objective, pairs[0] if pairs else None, budget, reward, prompts, overrides)
+    trained = time.time() - start
+    summary = evaluate_on_testbed(out, result.output_dir, reward, budget, pairs[1] if pairs else None)
+    last = result.history[-1] if result.history else {}
+    summary.update(objective=objective, steps=result.steps, train_seconds=trained, adapter=str(result.output_dir),
+                   final_loss=last.get("loss"), seconds=time.time() - start)
+    return summary
+
+
+def format_report(summary: dict, pair_seconds: float) -> str:
+    """A short markdown report of a demo run."""
+    w, before, after = summary["win_rate"], summary["prompt_following"]["base"], summary["prompt_following"]["aligned"]
+    acc = summary["pair_accuracy"]
+    lines = [
+        f"# diffalign demo: Diffusion-DPO on the testbed, reward `{summary['reward']}`", "",
+        f"- reward win rate of aligned vs base (held-out prompts x seeds): **{w['rate']:.3f}** "
+        f"(95% CI {w['low']:.3f}-{w['high']:.3f}, n={w['n']})",
+        f"- mean reward: base {summary['mean_reward']['base']:.4f} -> aligned {summary['mean_reward']['aligned']:.4f}",
+        f"- prompt following (both colours right): base {before['colour']:.3f} -> aligned {after['colour']:.3f}; "
+        f"shape {before['shape']:.3f} -> {after['shape']:.3f}",
+    ]
+    if acc:
+        lines.append(f"- held-out pairs: implicit accuracy {acc['implicit_accuracy']:.3f}, ranking accuracy "
+                     f"{acc['ranking_accuracy']:.3f} ({int(acc['pairs'])} pairs)")
+    lines += [f"- {summary['steps']} training steps; time: pairs {pair_seconds:.0f} s, training "
+              f"{summary['train_seconds']:.0f} s, all {summary['seconds'] + pair_seconds:.0f} s", "",
+              "![before (top) and after (bottom), same prompts and seeds](before_after.png)", ""]
+    return "\n".join(lines)
+
+
+def run_demo(out: Path, quick: bool = False, reward: str = "shape_size", steps: int | None = None) -> dict[str, Path]:
+    """Run the demo into ``out``; returns the paths it wrote."""
+    budget = QUICK if quick else FULL
+    if steps is not None:
+        budget = Budget(**{**vars(budget), "train_steps": steps})
+    start = time.time()
+    pairs = make_testbed_pairs(out, reward, budget)
+    pair_seconds = time.time() - start
+    summary = align_and_evaluate(out, "dpo", reward, budget, pairs)
+    shutil.copyfile(summary["grid"], out / "before_after.png")
+    atomic_write_text(out / "report.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out / "report.md", format_report(summary, pair_seconds))
+    print("\n" + (out / "report.md").read_text())
+    paths = {"pairs": Path(pairs[0]), "adapter": Path(summary["adapter"]), "grid": out / "before_after.png",
+             "report": out / "report.md", "eval": Path(summary["eval_report"])}
     for name, path in paths.items():
         print(f"{name:>8}: {path}")
-    print("   grid: top row = base (adapter scale 0), bottom row = aligned; same prompts and seeds")
+    print("    grid: top row = base, bottom row = aligned; same held-out prompts and seeds")
     return paths

@@ -50,13 +50,23 @@ def generate(base: str, adapter: str | None, scale: float, prompts: list[str], s
         pipe = load_aligned_pipeline(base, [adapter] if adapter else [], [scale] if adapter else 1.0, device=device)
         pipe.set_progress_bar_config(disable=True)
         folder.mkdir(parents=True, exist_ok=True)
-        for k in tqdm(todo, desc=f"generating {folder.name}", unit="image"):
-            i, s = divmod(k, seeds)
-            image = pipe(prompts[i], num_inference_steps=steps, guidance_scale=guidance,
-                         generator=torch.Generator().manual_seed(s), **size).images[0]
-            tmp = paths[k].with_name(f".{paths[k].name}")
-            image.save(tmp, format="PNG")
-            tmp.replace(paths[k])
+        by_prompt: dict[int, list[int]] = {}
+        for k in todo:
+            by_prompt.setdefault(k // seeds, []).append(k % seeds)
+        bar = tqdm(total=len(todo), desc=f"generating {folder.name}", unit="image")
+        for i, missing in by_prompt.items():
+            # One call per prompt; each image has its own seeded generator, so it is the image a call with
+            # that seed alone would draw (up to batched-arithmetic rounding).
+            images = pipe(prompts[i], num_images_per_prompt=len(missing), num_inference_steps=steps,
+                          guidance_scale=guidance, generator=[torch.Generator().manual_seed(s) for s in missing],
+                          **size).images
+            for s, image in zip(missing, images):
+                path = paths[i * seeds + s]
+                tmp = path.with_name(f".{path.name}")
+                image.save(tmp, format="PNG")
+                tmp.replace(path)
+            bar.update(len(missing))
+        bar.close()
     return paths
 
 
@@ -105,7 +115,7 @@ def evaluate(base: str, adapters: Sequence[str | Path], prompts_file: str | Path
 def held_out_accuracies(base: str, adapters: Mapping[str, str | Path], pairs: str, device: str,
                         resolution: int | None = None) -> dict:
     """Implicit and ranking accuracy of each adapter on a held-out pairs dataset (at ``resolution``, default the
-    model's)."""
+    model's native size)."""
     from .config import DataConfig
     from .data.dataset import RawPairDataset
     from .data.readers import load_pairs
@@ -116,7 +126,8 @@ def held_out_accuracies(base: str, adapters: Mapping[str, str | Path], pairs: st
     backbone = Backbone.load(base)
     for part in (backbone.unet, backbone.vae, *backbone.text_encoders):
         part.to(device)
-    resolution = resolution or (1024 if backbone.is_sdxl else 512)
+    # The model's native size (the UNet's sample size times the VAE's downsampling), as its pipeline draws.
+    resolution = resolution or backbone.unet.config.sample_size * 2 ** (len(backbone.vae.config.block_out_channels) - 1)
     raw = RawPairDataset(source, resolution, seed=0, random_flip=False, center_crop=True)
     result = {}
     for name, adapter in adapters.items():

@@ -27,13 +27,6 @@ def test_train_then_generate(tmp_path, tiny_sd15, pickapic, capsys):
     assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["000.png", "001.png", "grid.png"]
 
 
-def test_demo(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "before_after.png" in out and (tmp_path / "demo" / "before_after.png").is_file()
-    assert (tmp_path / "demo" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
-
-
 def _bad_parquet(tmp_path, **kw):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -75,6 +75,23 @@ def test_eval_resumes_without_regenerating(evaluated, monkeypatch):
     assert json.loads((out / "report.json").read_text())["scores"] == before
 
 
+def test_a_seed_drawn_alone_equals_the_same_seed_drawn_with_others(evaluated, tiny_sd15, tmp_path):
+    """eval draws all seeds of a prompt in one call; a regenerated single image must be the same picture."""
+    import numpy as np
+    from PIL import Image
+
+    from diffalign.evaluate import generate
+
+    out, _ = evaluated
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "p0000_s0.png").write_bytes((out / "images" / "base" / "p0000_s0.png").read_bytes())  # only seed 1 missing
+    generate(str(tiny_sd15), None, 1.0, ["a red square"], 2, folder, 2, 5.0, {"height": 32, "width": 32}, "cpu")
+    alone = np.asarray(Image.open(folder / "p0000_s1.png"), dtype=np.int16)
+    together = np.asarray(Image.open(out / "images" / "base" / "p0000_s1.png"), dtype=np.int16)
+    assert np.abs(alone - together).max() <= 2
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 

@@ -32,6 +32,8 @@ BUILTIN_REWARDS = {
     "brightness": "diffalign.rewards.simple:Brightness",
     "jpeg_compressibility": "diffalign.rewards.simple:JpegCompressibility",
     "jpeg_incompressibility": "diffalign.rewards.simple:JpegIncompressibility",
+    "shape_size": "diffalign.testbed:ShapeSize",
+    "vividness": "diffalign.testbed:Vividness",
 }
 
 

@@ -1,0 +1,218 @@
+"""The testbed: a tiny model that really draws, its scenes, its prompt-following checker and its rewards.
+
+Scenes are one flat shape on a flat background, e.g. "a red circle on a gray background" (32 px). The shape's
+size, position and saturation are random and not in the prompt, so the programmatic rewards ``shape_size``
+(larger is better) and ``vividness`` (more saturated is better) ask for something the base model does not
+already do, while the checker measures what the prompt does ask for: shape colour, background colour, shape.
+
+The model itself (``assets/testbed``) is trained from scratch on these scenes by ``scripts/make_testbed.py``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+TESTBED_DIR = Path(__file__).resolve().parents[1] / "assets" / "testbed"
+RESOLUTION = 32
+
+SHAPE_COLOURS = {"red": (220, 40, 40), "green": (40, 180, 50), "blue": (40, 70, 230),
+                 "yellow": (235, 215, 40), "purple": (150, 50, 200), "cyan": (40, 200, 210)}
+BACKGROUND_COLOURS = {"black": (20, 20, 20), "white": (235, 235, 235), "gray": (128, 128, 128),
+                      **SHAPE_COLOURS}
+SHAPES = ("circle", "square", "triangle")
+HALF_SIZE = (5.0, 11.0)  # half the shape's extent in pixels at 32 px
+SATURATION = (0.6, 1.0)  # 1 = the palette colour, lower = mixed toward its own grey
+MASK_THRESHOLD = 0.15  # RGB distance (in [0, 1] units) from the background that counts as shape
+# How the testbed is sampled wherever its accuracy is reported (card, tests, demo, benchmark).
+SAMPLING = {"num_inference_steps": 20, "guidance_scale": 5.0}
+
+
+def testbed_path() -> Path:
+    """The committed testbed pipeline folder (an error naming the script that makes it when missing)."""
+    if not (TESTBED_DIR / "model_index.json").is_file():
+        raise FileNotFoundError(f"testbed model not found in {TESTBED_DIR}; make it with scripts/make_testbed.py")
+    return TESTBED_DIR
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    colour: str
+    background: str
+    half_size: float = 8.0
+    cx: float = 16.0
+    cy: float = 16.0
+    saturation: float = 1.0
+
+    @property
+    def prompt(self) -> str:
+        return f"a {self.colour} {self.shape} on a {self.background} background"
+
+
+def all_prompts() -> list[str]:
+    """Every prompt of the grammar: 3 shapes x 6 colours x 8 other backgrounds = 144."""
+    return [Scene(s, c, b).prompt for s, c, b in itertools.product(SHAPES, SHAPE_COLOURS, BACKGROUND_COLOURS)
+            if c != b]
+
+
+def split_prompts() -> tuple[list[str], list[str]]:
+    """(training, held-out) prompts: every ninth combination is held out (16 prompts), so every shape, colour
+    and background word is trained but the held-out combinations never are."""
+    prompts = all_prompts()
+    return [p for i, p in enumerate(prompts) if i % 9 != 4], [p for i, p in enumerate(prompts) if i % 9 == 4]
+
+
+def parse_prompt(prompt: str) -> tuple[str, str, str]:
+    """``"a red circle on a gray background"`` -> ``("circle", "red", "gray")``."""
+    words = prompt.lower().replace(",", " ").split()
+    try:
+        colour, shape = words[1], words[2]
+        background = words[words.index("background") - 1]
+    except (IndexError, ValueError):
+        raise ValueError(f"prompt {prompt!r} is not a testbed prompt: expected 'a COLOUR SHAPE on a COLOUR background'") from None
+    if shape not in SHAPES or colour not in SHAPE_COLOURS or background not in BACKGROUND_COLOURS:
+        raise ValueError(f"prompt {prompt!r}: expected a shape in {SHAPES}, a colour in {list(SHAPE_COLOURS)} and a "
+                         f"background in {list(BACKGROUND_COLOURS)}")
+    return shape, colour, background
+
+
+def random_scene(prompt: str, rng: random.Random, size: int = RESOLUTION) -> Scene:
+    """A scene for ``prompt`` with random size, position and saturation (all kept inside the frame)."""
+    shape, colour, background = parse_prompt(prompt)
+    half = rng.uniform(*HALF_SIZE) * size / RESOLUTION
+    margin = half + 2 * size / RESOLUTION
+    return Scene(shape, colour, background, half, rng.uniform(margin, size - margin), rng.uniform(margin, size - margin),
+                 rng.uniform(*SATURATION))
+
+
+def shape_rgb(colour: str, saturation: float) -> tuple[int, int, int]:
+    """The palette colour mixed toward its own luminance grey (``saturation`` 1 = the palette colour)."""
+    rgb = np.array(SHAPE_COLOURS[colour], dtype=np.float64)
+    grey = rgb @ np.array([0.299, 0.587, 0.114])
+    return tuple(int(round(v)) for v in np.clip(grey + saturation * (rgb - grey), 0, 255))
+
+
+def render(scene: Scene, size: int = RESOLUTION, supersample: int = 8) -> Image.Image:
+    """Draw ``scene`` anti-aliased (drawn ``supersample`` times larger, then box-filtered down)."""
+    k = supersample
+    img = Image.new("RGB", (size * k, size * k), BACKGROUND_COLOURS[scene.background])
+    draw = ImageDraw.Draw(img)
+    x0, y0 = (scene.cx - scene.half_size) * k, (scene.cy - scene.half_size) * k
+    x1, y1 = (scene.cx + scene.half_size) * k, (scene.cy + scene.half_size) * k
+    fill = shape_rgb(scene.colour, scene.saturation)
+    if scene.shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=fill)
+    elif scene.shape == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=fill)
+    else:  # apex up, base at the bottom
+        draw.polygon([(scene.cx * k, y0), (x1, y1), (x0, y1)], fill=fill)
+    return img.resize((size, size), Image.BOX)
+
+
+@dataclass
+class Analysis:
+    """What the checker sees in one image."""
+
+    shape: str | None  # None: no shape found
+    colour: str | None
+    background: str
+    area: float  # fraction of the image covered by the shape
+    chroma: float  # mean (max - min) channel value over the shape's pixels, in [0, 1]
+
+
+def _palette(colours: dict[str, tuple[int, int, int]]) -> tuple[list[str], Tensor]:
+    return list(colours), torch.tensor(list(colours.values()), dtype=torch.float32) / 255
+
+
+def shape_masks(images: Tensor) -> tuple[Tensor, Tensor]:
+    """(background colour [B,3] = median of the one-pixel border, shape mask [B,H,W]) with isolated pixels
+    removed (a pixel stays when at least 3 of its 8 neighbours are shape too)."""
+    border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, 1:-1, 0], images[:, :, 1:-1, -1]], dim=2)
+    background = border.median(dim=2).values
+    far = (images - background[:, :, None, None]).norm(dim=1) > MASK_THRESHOLD
+    neighbours = F.avg_pool2d(far[:, None].float(), 3, stride=1, padding=1, count_include_pad=False)[:, 0] * 9 - far.float()
+    return background, far & (neighbours >= 3)
+
+
+def _shape_class(mask: Tensor) -> str | None:
+    rows, cols = mask.any(dim=1).nonzero(), mask.any(dim=0).nonzero()
+    if mask.sum() < 6:
+        return None
+    top, bottom, left, right = rows.min().item(), rows.max().item(), cols.min().item(), cols.max().item()
+    box = mask[top : bottom + 1, left : right + 1].float()
+    fill = box.mean().item()
+    h = box.shape[0]
+    upper, lower = box[: h // 2].sum().item(), box[h - h // 2 :].sum().item()
+    if upper < 0.6 * lower:  # a triangle with its apex up has a third of the lower half's area above the middle
+        return "triangle"
+    return "square" if fill > 0.88 else "circle"
+
+
+def analyse(images: Tensor) -> list[Analysis]:
+    """Read shape, shape colour (by hue, so saturation does not matter) and background colour (nearest palette
+    colour) from images [B, 3, H, W] in [0, 1]."""
+    images = images.detach().float().cpu()
+    background, masks = shape_masks(images)
+    bg_names, bg_palette = _palette(BACKGROUND_COLOURS)
+    hue_names, hue_palette = _palette(SHAPE_COLOURS)
+    hue_palette = F.normalize(hue_palette - hue_palette.mean(dim=1, keepdim=True), dim=1)
+    out = []
+    for img, bg, mask in zip(images, background, masks):
+        bg_name = bg_names[(bg_palette - bg).norm(dim=1).argmin().item()]
+        shape = _shape_class(mask)
+        if shape is None:
+            out.append(Analysis(None, None, bg_name, 0.0, 0.0))
+            continue
+        pixels = img[:, mask].T  # [N, 3]
+        rgb = pixels.median(dim=0).values
+        colour = hue_names[(hue_palette @ (rgb - rgb.mean())).argmax().item()]
+        chroma = (pixels.max(dim=1).values - pixels.min(dim=1).values).mean().item()
+        out.append(Analysis(shape, colour, bg_name, mask.float().mean().item(), chroma))
+    return out
+
+
+def prompt_following(images: Tensor, prompts: list[str]) -> dict[str, float]:
+    """Accuracy of shape colour, background colour, shape and all three together, plus ``colour`` (both colours
+    right), for images [B, 3, H, W] generated from testbed ``prompts``."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    hits = {"shape_colour": 0, "background": 0, "colour": 0, "shape": 0, "all": 0}
+    for seen, prompt in zip(analyse(images), prompts):
+        shape, colour, background = parse_prompt(prompt)
+        ok = {"shape_colour": seen.colour == colour, "background": seen.background == background,
+              "shape": seen.shape == shape}
+        ok["colour"] = ok["shape_colour"] and ok["background"]
+        ok["all"] = ok["colour"] and ok["shape"]
+        for key, value in ok.items():
+            hits[key] += int(value)
+    return {key: value / len(prompts) for key, value in hits.items()}
+
+
+class ShapeSize:
+    """Fraction of the image the shape covers (scale: 0-1; bigger shapes score higher)."""
+
+    name, differentiable, higher_is_better = "shape_size", False, True
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
+        return shape_masks(images.detach().float())[1].float().mean(dim=(1, 2))
+
+
+class Vividness:
+    """Mean chroma (max - min channel) of the shape's pixels (scale: 0-1; 0 when no shape is found)."""
+
+    name, differentiable, higher_is_better = "vividness", False, True
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
+        images = images.detach().float()
+        mask = shape_masks(images)[1].float()
+        chroma = images.max(dim=1).values - images.min(dim=1).values
+        return (chroma * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2)).clamp(min=1)

@@ -1,0 +1,101 @@
+"""The testbed: its checker against hand-made images, its rewards, and the committed model's prompt following."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from diffalign import testbed as tb
+from diffalign.rewards import load_reward, score
+
+
+def _tensor(images) -> torch.Tensor:
+    return torch.tensor(np.stack([np.asarray(i) for i in images])).permute(0, 3, 1, 2).float() / 255
+
+
+def test_prompts_split_trains_every_word_and_holds_out_combinations():
+    train, held = tb.split_prompts()
+    assert len(train) + len(held) == len(tb.all_prompts()) == 144 and not set(train) & set(held)
+    for words in (tb.SHAPES, tb.SHAPE_COLOURS, tb.BACKGROUND_COLOURS):
+        for word in words:
+            assert any(f" {word} " in f" {p} " for p in train), word
+    assert tb.parse_prompt("a red circle on a gray background") == ("circle", "red", "gray")
+    with pytest.raises(ValueError, match="not a testbed prompt"):
+        tb.parse_prompt("a photo")
+    with pytest.raises(ValueError, match="orange"):
+        tb.parse_prompt("a orange circle on a gray background")
+
+
+def test_checker_reads_hand_made_scenes():
+    scenes = [tb.Scene("circle", "red", "gray", 9, 14, 16, 1.0), tb.Scene("square", "cyan", "black", 6, 20, 12, 0.6),
+              tb.Scene("triangle", "yellow", "purple", 10, 16, 18, 0.8), tb.Scene("circle", "blue", "white", 5, 8, 8, 0.6),
+              tb.Scene("triangle", "green", "red", 6, 24, 24, 1.0), tb.Scene("square", "purple", "gray", 11, 16, 16, 0.6)]
+    seen = tb.analyse(_tensor([tb.render(s) for s in scenes]))
+    assert [(a.shape, a.colour, a.background) for a in seen] == [(s.shape, s.colour, s.background) for s in scenes]
+    circle = seen[0]
+    assert circle.area == pytest.approx(np.pi * 9**2 / 32**2, rel=0.08)  # the disc's area within pixel rounding
+    assert seen[1].chroma < seen[4].chroma  # desaturated cyan vs full green
+
+
+def test_checker_on_many_random_scenes_and_on_an_empty_image():
+    rng = random.Random(1)
+    scenes = [tb.random_scene(rng.choice(tb.all_prompts()), rng) for _ in range(300)]
+    acc = tb.prompt_following(_tensor([tb.render(s) for s in scenes]), [s.prompt for s in scenes])
+    assert acc == {"shape_colour": 1.0, "background": 1.0, "colour": 1.0, "shape": 1.0, "all": 1.0}
+    blank = torch.full((1, 3, 32, 32), 0.5)
+    assert tb.analyse(blank)[0].shape is None
+    assert tb.prompt_following(blank, ["a red circle on a gray background"])["shape_colour"] == 0.0
+    with pytest.raises(ValueError, match="1 images but 2 prompts"):
+        tb.prompt_following(blank, ["a", "b"])
+
+
+def test_rewards_rank_size_and_saturation():
+    small, large = tb.Scene("circle", "red", "gray", 5), tb.Scene("circle", "red", "gray", 10)
+    dull, vivid = tb.Scene("square", "blue", "black", 8, saturation=0.6), tb.Scene("square", "blue", "black", 8)
+    images = _tensor([tb.render(s) for s in (small, large, dull, vivid)])
+    size, vividness = load_reward("shape_size"), load_reward("vividness")
+    s = score(size, images, [""] * 4)
+    v = score(vividness, images, [""] * 4)
+    assert s[1] > 3 * s[0] and s[1].item() == pytest.approx(np.pi * 100 / 1024, rel=0.08)
+    assert v[3] > v[2] + 0.2
+    blank = torch.zeros(1, 3, 32, 32)
+    assert score(size, blank, [""]).item() == 0 and score(vividness, blank, [""]).item() == 0
+
+
+def test_testbed_model_follows_prompts():
+    """The committed testbed draws what held-out prompts ask for (the card reports the full numbers; here a small
+    fixed set with a margin: 16 held-out prompts x 2 seeds)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tb.testbed_path()))
+    pipe.set_progress_bar_config(disable=True)
+    _, held = tb.split_prompts()
+    images = torch.cat([pipe(held, generator=torch.Generator().manual_seed(s), output_type="pt", **tb.SAMPLING).images
+                        for s in range(2)])
+    assert images.shape == (32, 3, 32, 32)
+    acc = tb.prompt_following(images, held * 2)
+    assert acc["shape_colour"] >= 0.6 and acc["background"] >= 0.6, acc
+
+
+def test_demo_quick(tmp_path, capsys):
+    import json
+
+    from diffalign.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick"]) == 0
+    printed = capsys.readouterr().out
+    assert "reward win rate" in printed and "before_after.png" in printed
+    assert (out / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["win_rate"]["n"] == 4 * 2 and 0 <= report["win_rate"]["rate"] <= 1
+    assert set(report["prompt_following"]) == {"base", "aligned"}
+    assert report["pair_accuracy"]["pairs"] == 4
+    from PIL import Image
+
+    assert Image.open(out / "before_after.png").size == (4 * 32, 2 * 32)  # 4 held-out prompts, base over aligned
+    rows = [json.loads(line) for line in (out / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(r["chosen_shape_size"] >= r["rejected_shape_size"] for r in rows)
