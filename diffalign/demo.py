@@ -66,23 +66,24 @@ def make_testbed_pairs(out: Path, reward: str, budget: Budget, adapter: str | No
     return str(train), str(held)
 
 
-def train_on_testbed(out: Path, objective: str, pairs: str | None, budget: Budget, reward: str, prompts: Path,
+def train_on_testbed(out: Path, objective: str, pairs: str, budget: Budget, reward: str, prompts: Path,
                      overrides: list[str] = ()):
-    """Train ``assets/recipes/testbed-<objective>.yaml`` from the testbed into ``out / "adapter"``."""
+    """Train ``assets/recipes/testbed-<objective>.yaml`` from the testbed into ``out / "adapter"``: from ``pairs``,
+    or, for D3PO, online on ``prompts`` with ``reward``."""
     from .trainer import train
 
     base = [f"model.pretrained={tb.testbed_path()}", f"train.output_dir={out / 'adapter'}",
             f"cache.dir={out / 'cache'}", "log.to=none"]
-    if pairs:
-        base.append(f"data.dataset={pairs}")
-    else:  # online: D3PO samples its own rollouts and labels them with the reward
+    if objective == "d3po":  # online: D3PO samples its own rollouts and labels them with the reward
         base += [f"data.prompts={prompts}", f"objective.reward=[{reward}]"]
+    else:
+        base.append(f"data.dataset={pairs}")
     if budget.train_steps is not None:
         base.append(f"train.max_steps={budget.train_steps}")
     return train(load_config(RECIPES / f"testbed-{objective}.yaml", base + list(overrides)))
 
 
-def evaluate_on_testbed(out: Path, adapter: Path, reward: str, budget: Budget, held_pairs: str | None) -> dict:
+def evaluate_on_testbed(out: Path, adapter: Path, reward: str, budget: Budget, held_pairs: str) -> dict:
     """Base vs aligned on the held-out prompts: ``diffalign eval``'s report plus prompt following before and
     after (the guard)."""
     from .evaluate import evaluate
@@ -107,14 +108,15 @@ def evaluate_on_testbed(out: Path, adapter: Path, reward: str, budget: Budget, h
             "eval_report": str(out / "eval" / "report.html")}
 
 
-def align_and_evaluate(out: Path, objective: str, reward: str, budget: Budget, pairs: tuple[str, str] | None,
+def align_and_evaluate(out: Path, objective: str, reward: str, budget: Budget, pairs: tuple[str, str],
                        overrides: list[str] = ()) -> dict:
-    """Train ``objective`` on the testbed (from ``pairs``, or online for D3PO) and evaluate it; timed."""
+    """Train ``objective`` on the testbed (from the training ``pairs``, or online for D3PO) and evaluate it,
+    with accuracies on the held-out pairs; timed."""
     start = time.time()
     prompts, _ = write_prompt_files(out / "prompts", budget)
-    result = train_on_testbed(out, objective, pairs[0] if pairs else None, budget, reward, prompts, overrides)
+    result = train_on_testbed(out, objective, pairs[0], budget, reward, prompts, overrides)
     trained = time.time() - start
-    summary = evaluate_on_testbed(out, result.output_dir, reward, budget, pairs[1] if pairs else None)
+    summary = evaluate_on_testbed(out, result.output_dir, reward, budget, pairs[1])
     last = result.history[-1] if result.history else {}
     summary.update(objective=objective, steps=result.steps, train_seconds=trained, adapter=str(result.output_dir),
                    final_loss=last.get("loss"), seconds=time.time() - start)
