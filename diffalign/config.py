@@ -103,7 +103,7 @@ class ObjectiveConfig:
     sample_steps: int = _f(20, "D3PO: DDIM steps per rollout.")
     guidance: float = _f(5.0, "D3PO: CFG scale in sampling and, identically, in the training forward.")
     per_prompt: int = _f(2, "D3PO online: trajectories per prompt, all from one initial latent.")
-    prompts_per_round: int = _f(20, "D3PO online: prompts sampled per round (the paper: 10 prompts x 2 batches).")
+    prompts_per_round: int = _f(20, "D3PO online: prompts sampled per round by each process (the paper: 10 prompts x 2 batches).")
     timestep_fraction: float = _f(1.0, "D3PO: fraction of each trajectory's steps trained (a random subset).")
     eval_every: int = _f(0, "D3PO online: mean reward on data.eval_prompts every N rounds (0: never).")
 

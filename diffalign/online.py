@@ -3,18 +3,23 @@ rollouts (``diffalign sample`` + a label file).
 
 A round yields micro-batches of ``(pair, step)`` items: for pair (w, l) of one prompt and denoising step j,
 ``x_t`` and the stored ``x_{t-1}`` of both samples. The trainer turns each into the per-step D3PO loss.
+
+With several processes every rank samples and scores its own prompts, the ranks then gather one shared round,
+and each rank trains on its own slice of the round's items: every rank runs the same number of micro-batches
+(so the gradient all-reduces line up) and no item is trained twice except the few that pad the last slice.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError
+from .config import Config
 from .data.prompts import read_prompts
 from .data.readers import DataError
 from .logprob import ddim_step_log_prob
@@ -71,18 +76,21 @@ class RolloutSource:
     def needs_text_encoders(self) -> bool:
         return self.stored is None
 
-    def bind(self, backbone: Backbone, resolution: int, rank: int = 0) -> None:
-        """Attach the model: the DDIM scheduler of its noise schedule and the unconditional embedding."""
-        self.backbone, self.resolution, self.rank = backbone, resolution, rank
+    def bind(self, backbone: Backbone, resolution: int, rank: int = 0, world: int = 1,
+             gather: Callable[[Rollouts, torch.Tensor], tuple[Rollouts, torch.Tensor]] | None = None) -> None:
+        """Attach the model: the DDIM scheduler of its noise schedule and the unconditional embedding; with several
+        processes, this rank's index, their number and how to gather every rank's rollouts and scores."""
+        self.backbone, self.resolution, self.rank, self.world, self.gather = backbone, resolution, rank, world, gather
         self.scheduler = ddim_scheduler(backbone, self.steps)
         self.negative = self.stored.negative if self.stored is not None else self._encode([""])
 
     def _encode(self, prompts: list[str]) -> Conditioning:
         return resolution_conditioning(self.backbone, self.backbone.encode_prompt(prompts), self.resolution)
 
-    def _generator(self, *key: int) -> torch.Generator:
+    def _generator(self, *key: int, shared: bool = False) -> torch.Generator:
+        """A generator seeded by ``train.seed``, ``key`` and this rank (``shared``: the same on every rank)."""
         seed = self.cfg.train.seed
-        for k in (*key, self.rank):
+        for k in (*key, 0 if shared else self.rank):
             seed = seed * 1_000_003 + k
         return torch.Generator().manual_seed(seed % (2**63))
 
@@ -98,7 +106,10 @@ class RolloutSource:
         start = time.perf_counter()
         rollouts = self._sample(unet, prompts, g, autocast)
         sampled = time.perf_counter()
-        scores, metrics = self._score(rollouts)
+        scores = self._score(rollouts)
+        if self.gather is not None:
+            rollouts, scores = self.gather(rollouts, scores)
+        metrics = self._score_metrics(scores)
         pairs = rollout_pairs(scores, [r.higher_is_better for r in self.rewards.values()])
         metrics.update(pairs=float(len(pairs)), time_sampling=sampled - start,
                        time_scoring=time.perf_counter() - sampled)
@@ -115,33 +126,41 @@ class RolloutSource:
         finally:
             unet.train(was_training)
 
-    def _score(self, rollouts: Rollouts) -> tuple[torch.Tensor, dict[str, float]]:
-        """Scores [P, K, heads] of a round's images and the mean of each head."""
+    def _score(self, rollouts: Rollouts) -> torch.Tensor:
+        """Scores [P, K, heads] of a round's images."""
         p, k = rollouts.latents.shape[:2]
         images = rollouts.images.reshape(p * k, *rollouts.images.shape[2:])
         texts = [t for t in rollouts.prompts for _ in range(k)]
         with torch.no_grad():
             heads = [score(r, images, texts).cpu() for r in self.rewards.values()]
-        metrics = {f"reward_{name}": h.mean().item() for name, h in zip(self.rewards, heads)}
-        return torch.stack(heads, dim=-1).reshape(p, k, len(heads)), metrics
+        return torch.stack(heads, dim=-1).reshape(p, k, len(heads))
+
+    def _score_metrics(self, scores: torch.Tensor) -> dict[str, float]:
+        """The mean of each head over a round's scores [P, K, heads]."""
+        return {f"reward_{name}": scores[..., i].mean().item() for i, name in enumerate(self.rewards)}
 
     @torch.no_grad()
     def evaluate(self, unet, autocast=None) -> dict[str, float]:
         """Mean reward of one sample per held-out prompt, with fixed noise (the same every evaluation)."""
         if not self.eval_prompts:
             return {}
-        rollouts = self._sample(unet, self.eval_prompts, self._generator(-1), autocast, per_prompt=1)
-        _, metrics = self._score(rollouts)
-        return {f"eval_{k}": v for k, v in metrics.items()}
+        # the same noise on every rank, so every rank logs the same number
+        rollouts = self._sample(unet, self.eval_prompts, self._generator(-1, shared=True), autocast, per_prompt=1)
+        return {f"eval_{k}": v for k, v in self._score_metrics(self._score(rollouts)).items()}
 
     def batches(self, rnd: Round, batch_size: int) -> list[dict]:
-        """The round's ``(pair, step)`` items in a seeded order, grouped into micro-batches: each pair trains on a
-        random subset of ``trained_steps`` of its steps."""
-        g = self._generator(rnd.index, 1)
+        """This rank's ``(pair, step)`` items of the round in a seeded order, grouped into micro-batches: each pair
+        trains on a random subset of ``trained_steps`` of its steps. The order is the same on every rank and each
+        rank takes its own slice of it; the last slices are padded from the start of the order (as torch's
+        ``DistributedSampler`` does), so every rank runs the same number of micro-batches."""
+        g = self._generator(rnd.index, 1, shared=True)
         items = [(i, j) for i in range(len(rnd.pairs))
                  for j in sorted(torch.randperm(self.steps, generator=g)[: self.trained_steps].tolist())]
         order = torch.randperm(len(items), generator=g).tolist()
         items = [items[i] for i in order]
+        if self.world > 1 and items:
+            per_rank = -(-len(items) // self.world)
+            items = (items * self.world)[: per_rank * self.world][self.rank :: self.world]
         return [self._batch(rnd, items[s : s + batch_size]) for s in range(0, len(items), batch_size)]
 
     def _batch(self, rnd: Round, items: list[tuple[int, int]]) -> dict:
@@ -152,7 +171,7 @@ class RolloutSource:
         step = torch.tensor([j for _, j in items])
         both = (torch.cat([prompt, prompt]), torch.cat([win, lose]), torch.cat([step, step]))
         return {"x_t": r.latents[both[0], both[1], both[2]], "x_prev": r.latents[both[0], both[1], both[2] + 1],
-                "t": r.timesteps[both[2]], "cond": r.cond.select(both[0])}
+                "t": r.timesteps[both[2]], "cond": r.cond.select(both[0]), "items": items}
 
     # ----- resume -----
     def save_round(self, rnd: Round, folder: Path) -> None:
@@ -164,9 +183,9 @@ class RolloutSource:
         if self.stored is not None:
             return self.new_round(index, None)
         rollouts = Rollouts.load(folder / ROUND_FILE)
-        scores, metrics = self._score(rollouts)
+        scores = self._score(rollouts)
         pairs = rollout_pairs(scores, [r.higher_is_better for r in self.rewards.values()])
-        return Round(index, rollouts, pairs, {**metrics, "pairs": float(len(pairs))})
+        return Round(index, rollouts, pairs, {**self._score_metrics(scores), "pairs": float(len(pairs))})
 
 
 class OnlineTraining:
@@ -175,10 +194,6 @@ class OnlineTraining:
     def _init_rollouts(self, objective_cls) -> None:
         """D3PO: prompts and rewards (online) or labelled trajectories (human feedback), then the backbone."""
         cfg, m = self.cfg, self.cfg.model
-        if self.accelerator.num_processes > 1:
-            # each rank's round has its own number of pairs, so the ranks' backward passes would not line up
-            raise ConfigError("objective.name=d3po runs in one process for now; launch it without "
-                              "--num_processes (several processes are planned)")
         self.source = RolloutSource(cfg)  # bad data fails before the model loads
         self.resolution = cfg.data.resolution or (1024 if model_kind(m.pretrained, m.revision) == "sdxl" else 512)
         need_text = self.source.needs_text_encoders or bool(cfg.train.validation_prompts)
@@ -188,10 +203,24 @@ class OnlineTraining:
         for part in (self.backbone.unet, self.backbone.vae, *self.backbone.text_encoders):
             part.to(self.device)
         self.vae_device, self.score_range = self.device, None
-        self.source.bind(self.backbone, self.resolution, self.accelerator.process_index)
+        acc = self.accelerator
+        self.source.bind(self.backbone, self.resolution, acc.process_index, acc.num_processes,
+                         self._gather_round if acc.num_processes > 1 else None)
         self.validation_cond = self._validation_conditioning()
         # one optimizer update spans every trained step of grad_accum micro-batches of pairs
         self.accelerator.gradient_accumulation_steps = cfg.train.grad_accum * self.source.trained_steps
+
+    def _gather_round(self, rollouts: Rollouts, scores: torch.Tensor) -> tuple[Rollouts, torch.Tensor]:
+        """Every rank's rollouts and scores, concatenated in rank order (the same round on every rank)."""
+        from accelerate.utils import gather, gather_object
+
+        def cat(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else gather(t.to(self.device)).cpu()
+
+        r = rollouts
+        cond = Conditioning(cat(r.cond.prompt_embeds), cat(r.cond.pooled), cat(r.cond.time_ids))
+        return (Rollouts(gather_object(list(r.prompts)), cat(r.latents), r.timesteps, cat(r.log_probs), cond,
+                         r.negative, cat(r.images)), cat(scores))
 
     def rollout_loss(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """D3PO: per-step log-probabilities of the stored ``x_{t-1}`` under the policy and the reference, with

@@ -1,5 +1,5 @@
 """Run by tests/test_distributed.py under ``torch.distributed.run``: trains with the given overrides and records,
-per rank, the rows of every micro-batch, a fingerprint of the LoRA weights after every step, the logged metrics
+per rank, the rows (D3PO: the round's items) of every micro-batch, a fingerprint of the LoRA weights after every step, the logged metrics
 and which files this rank wrote."""
 
 import hashlib
@@ -20,7 +20,10 @@ real_step = trainer.training_step
 
 
 def step(batch, micro_step):
-    record["rows"].append([int(r) for r in batch["row"]])
+    if "row" in batch:  # offline pairs: dataset rows; D3PO: (pair, step) items of the round
+        record["rows"].append([int(r) for r in batch["row"]])
+    else:
+        record["rows"].append([f"{i}:{j}" for i, j in batch["items"]])
     metrics = real_step(batch, micro_step)
     if trainer.accelerator.sync_gradients:
         unet = trainer.accelerator.unwrap_model(trainer.unet)
@@ -44,4 +47,6 @@ trainer_mod.save_lora = spy("adapter", trainer_mod.save_lora)
 ckpt.save_checkpoint = spy("checkpoint", ckpt.save_checkpoint)
 result = trainer.train()
 record["history"] = result.history
+if trainer.source is not None:  # D3PO: the round every rank trained on
+    record["round_prompts"] = trainer._round.rollouts.prompts
 (record_dir / f"rank{rank}.json").write_text(json.dumps(record))

@@ -1,6 +1,6 @@
 """Two processes on CPU (gloo) with torch.distributed.run: identical LoRA weights on every rank after every step,
 disjoint data shards, metrics averaged across ranks, only rank 0 writes; checkpoints move between 1 and 2
-processes."""
+processes; D3PO's online rounds shared and sharded across ranks."""
 
 import json
 import os
@@ -64,3 +64,26 @@ def test_a_one_process_checkpoint_resumes_on_two(overrides, tmp_path):
     assert ranks[0]["weights"] == ranks[1]["weights"] and len(ranks[0]["history"]) == 1
     seen = {r for batch in first[0]["rows"] for r in batch}
     assert not (set(ranks[0]["rows"][0]) | set(ranks[1]["rows"][0])) & seen  # no pair of the epoch repeated
+
+
+def test_two_processes_share_a_d3po_round_and_shard_its_items(tiny_sd15, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\na green triangle\n")
+    out = tmp_path / "d3po"
+    common = [f"model.pretrained={tiny_sd15}", "objective.name=d3po", f"data.prompts={prompts}",
+              "objective.reward=[brightness]", "objective.sample_steps=3", "objective.prompts_per_round=2",
+              "objective.guidance=3.0", "data.resolution=32", "train.batch_size=1", "log.to=none", "optim.lr=1e-3",
+              "lora.rank=4", f"train.output_dir={out}"]
+    ranks = _run(2, tmp_path / "rec", [*common, "train.max_steps=2", "train.checkpoint_every=2"])
+    assert len(ranks[0]["weights"]) == 2 and ranks[0]["weights"] == ranks[1]["weights"]  # in sync every step
+    assert ranks[0]["round_prompts"] == ranks[1]["round_prompts"] and len(ranks[0]["round_prompts"]) == 4  # 2 x 2
+    items = [[i for batch in rank["rows"] for i in batch] for rank in ranks]
+    assert len(items[0]) == len(items[1]) and not set(items[0]) & set(items[1])  # same count, disjoint slices
+    assert [h["loss"] for h in ranks[0]["history"]] == [h["loss"] for h in ranks[1]["history"]]
+    assert ranks[0]["writes"] == ["checkpoint", "adapter"] and ranks[1]["writes"] == []
+    assert (out / "checkpoint-2" / "rollouts.safetensors").is_file()
+
+    # the 2-process round (4 pairs x 3 steps = 6 micro-batches per rank) was used up: on 1 process the resume
+    # starts the next round
+    one = _run(1, tmp_path / "rec1", [*common, "train.max_steps=3", "train.resume=latest"])
+    assert len(one[0]["history"]) == 1 and one[0]["history"][0]["round"] == 1.0
