@@ -34,7 +34,7 @@ class Budget:
 
     train_prompts: int = 128  # training prompts used (the first N of the testbed's 128)
     held_out_prompts: int = 16  # held-out prompts used for evaluation and held-out pairs
-    per_prompt: int = 4  # images per prompt for make-pairs
+    per_prompt: int = 8  # images per prompt for make-pairs (best vs worst of 8: clearer preferences than of 4)
     sample_steps: int = tb.SAMPLING["num_inference_steps"]  # DDIM steps for pairs and evaluation
     eval_seeds: int = 8  # seeds per held-out prompt in the evaluation
     train_steps: int | None = None  # None: the recipe's train.max_steps
