@@ -28,7 +28,7 @@ lint: install
 	$(BIN)/python -m ruff check .
 
 bench: install
-	$(BIN)/python scripts/bench_train.py assets/recipes/tiny-sdxl-dpo.yaml
+	$(BIN)/python scripts/bench_train.py tiny-sdxl-dpo
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

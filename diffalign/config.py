@@ -349,9 +349,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
+        from .resources import builtin_recipes, recipe_path
+
+        path = recipe_path(path)
         if not path.is_file():
-            raise ConfigError(f"recipe {str(path)!r} does not exist")
+            raise ConfigError(f"recipe {str(path)!r} does not exist (a file, or a shipped recipe: "
+                              f"{', '.join(builtin_recipes())})")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -2,7 +2,7 @@
 
 1. ``make-pairs``: the testbed draws K images for each training prompt; a programmatic reward (default
    ``shape_size``: bigger shapes preferred) picks best and worst. The same for the held-out prompts.
-2. ``train``: Diffusion-DPO LoRA with ``assets/recipes/testbed-dpo.yaml``.
+2. ``train``: Diffusion-DPO LoRA with the shipped recipe ``testbed-dpo``.
 3. ``eval``: base and aligned on held-out prompts x seeds (same seeds): reward win rate with its 95% interval,
    prompt following (the testbed checker) before and after as the guard, implicit and ranking accuracy on the
    held-out pairs; a before/after grid and ``report.md``.
@@ -23,9 +23,8 @@ from PIL import Image
 from . import testbed as tb
 from .config import load_config
 from .lora import atomic_write_text
+from .resources import recipe_path
 from .rewards import load_reward
-
-RECIPES = Path(__file__).resolve().parents[1] / "assets" / "recipes"
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ def make_testbed_pairs(out: Path, reward: str, budget: Budget, adapter: str | No
 
 def train_on_testbed(out: Path, objective: str, pairs: str, budget: Budget, reward: str, prompts: Path,
                      overrides: list[str] = ()):
-    """Train ``assets/recipes/testbed-<objective>.yaml`` from the testbed into ``out / "adapter"``: from ``pairs``,
+    """Train the shipped recipe ``testbed-<objective>`` from the testbed into ``out / "adapter"``: from ``pairs``,
     or, for D3PO, online on ``prompts`` with ``reward``."""
     from .trainer import train
 
@@ -80,7 +79,7 @@ def train_on_testbed(out: Path, objective: str, pairs: str, budget: Budget, rewa
         base.append(f"data.dataset={pairs}")
     if budget.train_steps is not None:
         base.append(f"train.max_steps={budget.train_steps}")
-    return train(load_config(RECIPES / f"testbed-{objective}.yaml", base + list(overrides)))
+    return train(load_config(recipe_path(f"testbed-{objective}"), base + list(overrides)))
 
 
 def evaluate_on_testbed(out: Path, adapter: Path, reward: str, budget: Budget, held_pairs: str) -> dict:

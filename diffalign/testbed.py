@@ -5,7 +5,7 @@ size, position and saturation are random and not in the prompt, so the programma
 (larger is better) and ``vividness`` (more saturated is better) ask for something the base model does not
 already do, while the checker measures what the prompt does ask for: shape colour, background colour, shape.
 
-The model itself (``assets/testbed``) is trained from scratch on these scenes by ``scripts/make_testbed.py``.
+The model itself (``diffalign/resources/testbed``) is trained from scratch on these scenes by ``scripts/make_testbed.py``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-TESTBED_DIR = Path(__file__).resolve().parents[1] / "assets" / "testbed"
+TESTBED_DIR = Path(str(resources.files("diffalign.resources") / "testbed"))
 RESOLUTION = 32
 
 SHAPE_COLOURS = {"red": (220, 40, 40), "green": (40, 180, 50), "blue": (40, 70, 230),

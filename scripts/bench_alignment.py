@@ -3,8 +3,8 @@
     python scripts/bench_alignment.py --out runs/bench_alignment                 # all five, shape_size
     python scripts/bench_alignment.py --objectives dpo,mapo --reward vividness
 
-From the same base (``assets/testbed``) and the same reward-labelled pairs (``make-pairs``: 8 images per
-training prompt, best vs worst under ``--reward``), each objective trains its ``assets/recipes/testbed-*.yaml``
+From the same base (the shipped testbed, ``diffalign/resources/testbed``) and the same reward-labelled pairs (``make-pairs``: 8 images per
+training prompt, best vs worst under ``--reward``), each objective trains its shipped ``testbed-*`` recipe
 (D3PO online, sampling and labelling its own rollouts with the same reward) and is evaluated on the held-out
 prompts x seeds: reward win rate vs base with a 95% Wilson interval, prompt following (both colours right, the
 testbed checker) before and after, implicit and ranking accuracy on held-out pairs, steps and wall time (for the

@@ -15,13 +15,13 @@ from a fresh process per path that loads only what that path needs, with the ste
 beside it: the peak minus what was resident just before the timed steps, which the ~1 GB floor of a CPU
 process would otherwise hide.
 
-    python scripts/bench_train.py assets/recipes/tiny-sdxl-dpo.yaml            # tiny model, built offline
+    python scripts/bench_train.py tiny-sdxl-dpo            # tiny model, built offline
     python scripts/bench_train.py RECIPE --set model.pretrained=... --set data.dataset=...
 
 D3PO recipes (objective.name: d3po) print instead the time of one online round split into sampling, scoring and
 training, for several trajectory lengths (``--d3po-steps``), after one warm-up round:
 
-    python scripts/bench_train.py assets/recipes/tiny-sd15-d3po.yaml --d3po-steps 4,8,16
+    python scripts/bench_train.py tiny-sd15-d3po --d3po-steps 4,8,16
 """
 
 from __future__ import annotations

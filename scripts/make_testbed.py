@@ -1,6 +1,6 @@
 """Train the testbed model from scratch on CPU: a tiny SD1.5-architecture text-to-image model of flat scenes.
 
-    python scripts/make_testbed.py --out assets/testbed          # ~30 min on 2 CPU cores
+    python scripts/make_testbed.py --out diffalign/resources/testbed          # ~30 min on 2 CPU cores
 
 Three stages, all seeded: (1) render a dataset of scenes for the training prompts (``diffalign.testbed``);
 (2) train the VAE (32 px -> 4x16x16) on reconstruction; (3) train the CLIP text encoder and the UNet together
@@ -204,8 +204,9 @@ The checker itself is exact on rendered scenes (tests/test_testbed.py).
 
 ## Use
 ```python
+import diffalign.testbed
 from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("assets/testbed")
+pipe = StableDiffusionPipeline.from_pretrained(str(diffalign.testbed.testbed_path()))
 image = pipe("a red circle on a gray background", num_inference_steps=20, guidance_scale=5.0).images[0]
 ```
 """)
@@ -213,7 +214,7 @@ image = pipe("a red circle on a gray background", num_inference_steps=20, guidan
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="assets/testbed", help="pipeline folder to write (replaced)")
+    parser.add_argument("--out", default="diffalign/resources/testbed", help="pipeline folder to write (replaced)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and training")
     parser.add_argument("--images", type=int, default=40000, help="rendered training scenes")
     parser.add_argument("--vae-steps", type=int, default=1500, help="VAE training steps")

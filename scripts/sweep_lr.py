@@ -1,6 +1,6 @@
 """Learning-rate sweep of one objective on the tiny offline models: how fast and how stably the loss falls.
 
-    python scripts/sweep_lr.py assets/recipes/tiny-sd15-inpo.yaml --lrs 1e-4,3e-4,1e-3,3e-3 --steps 30
+    python scripts/sweep_lr.py diffalign/resources/recipes/tiny-sd15-inpo.yaml --lrs 1e-4,3e-4,1e-3,3e-3 --steps 30
 
 For each learning rate it trains from the same start on the same synthetic pairs (whose preferred image has a
 larger, centred square) and prints the mean loss and implicit accuracy over the first and last fifth of the run.

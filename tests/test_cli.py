@@ -1,13 +1,13 @@
 """CLI smoke tests and the bad-input matrix: one clear message, exit code 2, nothing half-written."""
 
 import re
-from pathlib import Path
 
 import pytest
 
 from diffalign.cli import main
+from diffalign.resources import recipe_path, resource_dir
 
-RECIPE = Path(__file__).parents[1] / "assets" / "recipes" / "tiny-sd15-dpo.yaml"
+RECIPE = recipe_path("tiny-sd15-dpo")
 
 
 def _train(tmp_path, model, data, *extra):
@@ -112,5 +112,5 @@ def test_generate_bad_adapter(args, message, tmp_path, tiny_sd15, capsys):
 def test_shipped_accelerate_configs_parse(name, kind):
     from accelerate.commands.config.config_args import ClusterConfig
 
-    config = ClusterConfig.from_yaml_file(str(Path(__file__).parents[1] / "assets" / "accelerate" / f"{name}.yaml"))
+    config = ClusterConfig.from_yaml_file(str(resource_dir("accelerate") / f"{name}.yaml"))
     assert config.distributed_type.name == kind and config.mixed_precision == "bf16"

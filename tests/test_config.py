@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 
 from diffalign.config import Config, ConfigError, load_config
+from diffalign.resources import resource_dir
 
-RECIPES = sorted((Path(__file__).parents[1] / "assets" / "recipes").glob("*.yaml"))
+RECIPES = sorted(resource_dir("recipes").glob("*.yaml"))
 
 
 def test_defaults_are_valid():

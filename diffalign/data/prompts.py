@@ -9,8 +9,10 @@ from .readers import DataError
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """The prompts in ``path`` in file order; blank lines are skipped; an error names the file and line."""
-    path = Path(path)
+    """The prompts in ``path`` (a file, or the name of a shipped list such as ``animals``) in file order; blank lines are skipped; an error names the file and line."""
+    from ..resources import prompts_path
+
+    path = prompts_path(path)
     if not path.is_file():
         raise DataError(f"prompts file {str(path)!r} does not exist (expected .txt, one prompt per line, or .jsonl)")
     prompts = []
