@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from .config import Config
-from .lora import atomic_write_text
+from .files import atomic_write_text
 
 EVAL_START, EVAL_END = "<!-- diffalign-eval -->", "<!-- /diffalign-eval -->"
 

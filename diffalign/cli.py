@@ -37,6 +37,7 @@ def _train(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     import torch
 
+    from .files import atomic_save_image
     from .pipelines import image_grid, load_aligned_pipeline
 
     pipe = load_aligned_pipeline(args.base, args.adapter or [], args.scale or 1.0,
@@ -50,11 +51,11 @@ def _generate(args: argparse.Namespace) -> None:
         img = pipe(prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                    guidance_scale=args.guidance, generator=g, **kw).images[0]
         path = out / f"{i:03d}.png"
-        img.save(path)
+        atomic_save_image(path, img)
         images.append(img)
         print(path)
     if len(images) > 1:
-        image_grid(images).save(out / "grid.png")
+        atomic_save_image(out / "grid.png", image_grid(images))
         print(out / "grid.png")
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from . import testbed as tb
 from .config import load_config
-from .lora import atomic_write_text
+from .files import atomic_write_text
 from .resources import recipe_path
 from .rewards import load_reward
 
@@ -48,8 +48,8 @@ def write_prompt_files(out: Path, budget: Budget) -> tuple[Path, Path]:
     train, held = tb.split_prompts()
     out.mkdir(parents=True, exist_ok=True)
     files = out / "train_prompts.txt", out / "held_out_prompts.txt"
-    files[0].write_text("\n".join(train[: budget.train_prompts]) + "\n")
-    files[1].write_text("\n".join(held[: budget.held_out_prompts]) + "\n")
+    atomic_write_text(files[0], "\n".join(train[: budget.train_prompts]) + "\n")
+    atomic_write_text(files[1], "\n".join(held[: budget.held_out_prompts]) + "\n")
     return files
 
 

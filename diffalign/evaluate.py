@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .card import update_card_with_eval
 from .data.prompts import read_prompts
 from .data.readers import DataError
-from .lora import atomic_write_text
+from .files import atomic_save_image, atomic_write_text
 from .metrics import pair_accuracies, win_rate
 from .pipelines import image_grid
 from .report import write_html
@@ -62,9 +62,7 @@ def generate(base: str, adapter: str | None, scale: float, prompts: list[str], s
                           **size).images
             for s, image in zip(missing, images):
                 path = paths[i * seeds + s]
-                tmp = path.with_name(f".{path.name}")
-                image.save(tmp, format="PNG")
-                tmp.replace(path)
+                atomic_save_image(path, image)
             bar.update(len(missing))
         bar.close()
     return paths
@@ -107,7 +105,7 @@ def evaluate(base: str, adapters: Sequence[str | Path], prompts_file: str | Path
     for name, adapter in zip(names[1:], adapters):
         grid = out / "plots" / f"samples_{name}.png"
         first = [images[m][i * seeds] for i in range(min(len(prompts), 8)) for m in ("base", name)]
-        image_grid([Image.open(p) for p in first[0::2] + first[1::2]], cols=min(len(prompts), 8)).save(grid)
+        atomic_save_image(grid, image_grid([Image.open(p) for p in first[0::2] + first[1::2]], cols=min(len(prompts), 8)))
         update_card_with_eval(Path(adapter), name, report, grid)
     return report
 

@@ -8,15 +8,13 @@ The kohya format names a module ``lora_unet_<module with dots as underscores>`` 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .files import atomic_folder, atomic_save_safetensors
 from .lora import WEIGHT_NAME
 
 SUFFIXES = {".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight"}
@@ -74,13 +72,7 @@ def export_kohya(adapter: str | Path, out: str | Path) -> Path:
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.get("r")),
             "ss_network_alpha": str(config.get("lora_alpha")),
             "ss_base_model_version": "sdxl_base_v1-0" if is_sdxl else "sd_v1", "exported_by": "diffalign"}
-    tmp = out.with_name(f".{out.name}.partial")
-    try:
-        save_file(to_kohya(tensors, config), str(tmp), metadata=meta)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return atomic_save_safetensors(out, to_kohya(tensors, config), metadata=meta)
 
 
 def _base_of(adapter: str | Path) -> str | None:
@@ -116,13 +108,6 @@ def export_fused(adapter: str | Path, out: str | Path, base: str | None = None, 
     pipe = load_aligned_pipeline(base, [adapter], [1.0])
     pipe.fuse_lora(components=["unet"], lora_scale=scale)
     pipe.unload_lora_weights()
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

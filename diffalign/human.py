@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .data.prompts import read_prompts
 from .data.readers import DataError
-from .lora import atomic_write_text
+from .files import atomic_save_image, atomic_write_text
 from .models import Backbone, Conditioning
 from .rollout import Rollouts, resolution_conditioning, sample_rollouts
 
@@ -63,7 +63,7 @@ def sample_to_folder(base: str, prompts_file: str | Path, out: str | Path, per_p
         rollouts = sample_rollouts(backbone, backbone.unet, [prompt], cond, negative, per_prompt, steps, guidance,
                                    eta, resolution, g)
         for k, path in enumerate(entry["images"]):
-            _to_pil(rollouts.images[0, k]).save(out / path)
+            atomic_save_image(out / path, _to_pil(rollouts.images[0, k]))
         rollouts.images = None  # the PNGs are beside it
         rollouts.save(out / entry["trajectory"])  # last: its presence marks the prompt done
     atomic_write_text(out / MANIFEST, json.dumps({**settings, "prompts": entries}, indent=1) + "\n")

@@ -73,16 +73,3 @@ def save_lora(unet: torch.nn.Module, out_dir: str | Path, is_sdxl: bool) -> Path
         os.replace(Path(tmp) / WEIGHT_NAME, out_dir / WEIGHT_NAME)
     return out_dir / WEIGHT_NAME
 
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .data.prompts import read_prompts
 from .data.readers import DataError
-from .lora import atomic_write_text
+from .files import atomic_save_image, atomic_write_text
 from .rewards import RewardModel, pareto_dominates
 from .scoring import combine, score_images
 
@@ -113,7 +113,7 @@ def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, Reward
                           **size).images
             files = [f"images/p{pid:05d}_{k}.png" for k in range(per_prompt)]
             for img, f in zip(images, files):
-                img.save(out / f)
+                atomic_save_image(out / f, img)
             scores = score_images(rewards, images, [prompts[pid]] * per_prompt)
             done[pid] = {"prompt_id": pid, "prompt": prompts[pid], "images": files, "seeds": seeds, "scores": scores}
             with (out / "scores.jsonl").open("a") as f:

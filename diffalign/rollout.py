@@ -37,17 +37,13 @@ class Rollouts:
         """Write every tensor to one safetensors file (prompts in the metadata); atomic."""
         import json
 
-        from safetensors.torch import save_file
+        from .files import atomic_save_safetensors
 
         tensors = {"latents": self.latents, "timesteps": self.timesteps, "log_probs": self.log_probs,
                    **_flat_cond("cond", self.cond), **_flat_cond("negative", self.negative)}
         if self.images is not None:
             tensors["images"] = self.images
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.partial")
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata={"prompts": json.dumps(self.prompts)})
-        tmp.replace(path)
+        atomic_save_safetensors(path, tensors, metadata={"prompts": json.dumps(self.prompts)})
 
     @classmethod
     def load(cls, path: str | Path) -> Rollouts:

@@ -27,7 +27,7 @@ from .data.readers import (
     open_hf_dataset,
     read_local_rows,
 )
-from .lora import atomic_write_text
+from .files import atomic_write, atomic_write_text
 from .rewards import RewardModel, score
 
 log = logging.getLogger(__name__)
@@ -148,11 +148,4 @@ def _score_pickapic(rewards, spec: str, out: Path, weights, batch_size) -> Path:
         if name in ds.column_names:
             ds = ds.remove_columns(name)
         ds = ds.add_column(name, values)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    try:
-        ds.to_parquet(str(tmp))
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return atomic_write(out, lambda tmp: ds.to_parquet(str(tmp)))

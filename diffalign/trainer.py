@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .checkpoint import OutputDirError, check_writable
 from .config import Config, ConfigError
+from .files import atomic_save_image, atomic_write_text
 from .guards import StopSignals, TrainingStopped, any_process, grads_finite, zero_loss
-from .lora import add_lora, atomic_write_text, save_lora
+from .lora import add_lora, save_lora
 from .models import Conditioning
 from .online import OnlineTraining, RolloutSource, Round
 from .optim import build_optimizer
@@ -285,7 +286,7 @@ class Trainer(PairTraining, OnlineTraining):
         self.backbone.vae.to(self.vae_device)
         path = self.output_dir / "validation" / f"step-{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(images).save(path)
+        atomic_save_image(path, image_grid(images))
         return path
 
 

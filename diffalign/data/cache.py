@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..lora import atomic_write_text
+from ..files import atomic_save_safetensors, atomic_write_text
 from ..models import Backbone, Conditioning
 from .dataset import RawPairDataset, encode_batch
 from .readers import BadImageError
@@ -84,9 +83,7 @@ class CachedPairDataset(Dataset):
 
 
 def _save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_save_safetensors(path, tensors, metadata)
 
 
 def _collate_good(items: list) -> dict | None:
