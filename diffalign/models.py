@@ -210,6 +210,17 @@ class Backbone:
             kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
         return unet(x_t, timesteps, encoder_hidden_states=cond.prompt_embeds, **kwargs).sample
 
+    def predict_noise(self, x_t: Tensor, timesteps: Tensor, cond: Conditioning, unet=None) -> Tensor:
+        """The UNet's prediction as noise ε̂ at ``(x_t, t)``, whatever the model predicts. For v-prediction,
+        ``v = √ā ε - √(1-ā) x₀`` and ``x_t = √ā x₀ + √(1-ā) ε`` give ``ε = √ā v + √(1-ā) x_t``, with ā at the level
+        ``t`` the prediction was made at (DDIM inversion asks at a level above the latent's own: the same formula,
+        as diffusers' DDIM steps use it). Returned in fp32."""
+        out = self.predict(x_t, timesteps, cond, unet=unet).float()
+        if self.prediction_type == "epsilon":
+            return out
+        a = self.scheduler.alphas_cumprod.to(out.device, torch.float32)[timesteps.long()].view(-1, 1, 1, 1)
+        return a.sqrt() * out + (1 - a).sqrt() * x_t.float()
+
 
 def _has_subfolder(path: str, name: str) -> bool:
     return _is_local(path) and (Path(path) / name).is_dir()

@@ -76,7 +76,8 @@ def ddim_invert(predict: Callable[[Tensor, Tensor], Tensor], latents: Tensor, ti
                 renoise_window: tuple[int, int] | None = None) -> Tensor:
     """Invert clean ``latents`` [B, C, H, W] to the noise level ``timesteps[i]`` of each sample.
 
-    ``predict(x, t)`` returns the noise prediction at per-sample timesteps ``t`` (call it under ``no_grad``).
+    ``predict(x, t)`` returns the *noise* prediction ε̂ at per-sample timesteps ``t`` (call it under ``no_grad``):
+    for a v-prediction model pass :meth:`~diffalign.models.Backbone.predict_noise`, never the raw UNet output.
     Each step predicts ε at the step's upper level on the current latent. With ``renoise_iters = K > 0``
     (ReNoise, Garibi et al. 2024) the step is refined K times: the prediction is re-evaluated at the current guess
     of the upper latent and the step redone from the fixed lower latent; the predictions with indices in

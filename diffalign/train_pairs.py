@@ -136,7 +136,7 @@ class PairTraining:
         unet = self.accelerator.unwrap_model(self.unet)
         renoise = o.renoise_iters if self.objective.noising == "renoise" else 0
         context = reference_mode(unet) if o.inversion_model == "reference" else contextlib.nullcontext()
-        predict = lambda x, t: b.predict(x, t, cond, unet=unet)  # noqa: E731
+        predict = lambda x, t: b.predict_noise(x, t, cond, unet=unet)  # noqa: E731
         alphas = b.scheduler.alphas_cumprod
         with context, self.accelerator.autocast():
             if shared is not None:
@@ -148,13 +148,14 @@ class PairTraining:
         """Cache every latent's reference inversion at the shared levels (built once, next to the latent cache)."""
         o, b = self.cfg.objective, self.backbone
         renoise = o.renoise_iters if self.objective.noising == "renoise" else 0
-        folder = pairs.folder / f"inversion-n{o.inversion_steps}-k{renoise}"
+        # the prediction type is in the name: a cache built before v-prediction was converted to ε is not reused
+        folder = pairs.folder / f"inversion-{b.prediction_type}-n{o.inversion_steps}-k{renoise}"
 
         def invert(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
             cond = batch_conditioning(b, batch, self.resolution).repeat(2).to(self.device)
             z = torch.cat([batch["latents_w"], batch["latents_l"]]).to(self.device)
             with self.accelerator.autocast():
-                traj = invert_to_shared_levels(lambda x, t: b.predict(x, t, cond), z, b.scheduler.alphas_cumprod,
+                traj = invert_to_shared_levels(lambda x, t: b.predict_noise(x, t, cond), z, b.scheduler.alphas_cumprod,
                                                o.inversion_steps, renoise)
             return traj.chunk(2)
 

@@ -118,3 +118,31 @@ def test_inversion_cache_refuses_settings_that_would_make_it_wrong(override, key
     load_config(None, base)
     with pytest.raises(ConfigError, match=f"inversion_cache=true needs {key}"):
         load_config(None, base + [override])
+
+
+@pytest.mark.parametrize("objective", ["inpo", "smpo"])
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_trainer_inverts_v_prediction_models_from_their_noise(objective, kind, request, make_config, scored_pickapic):
+    """The trainer's inversion (live and cached) converts a v-prediction UNet's output to ε before stepping."""
+    from diffalign.data.dataset import batch_conditioning
+    from diffalign.lora import reference_mode
+    from diffalign.noising import ddim_invert
+
+    common = [f"objective.name={objective}", f"data.dataset={scored_pickapic}", "model.prediction_type=v_prediction",
+              "objective.inversion_model=reference", "data.caption_dropout=0", "objective.inversion_steps=5"]
+    trainer = Trainer(make_config(request.getfixturevalue(f"tiny_{kind}"), *common, "objective.inversion_cache=true"))
+    b = trainer.backbone
+    item = trainer.dataset[0]
+    batch = {k: v[None] for k, v in item.items()}
+    z = torch.cat([batch["latents_w"], batch["latents_l"]])
+    cond = batch_conditioning(b, batch, 32).repeat(2)
+    t = torch.tensor([700, 700])
+    renoise = trainer.cfg.objective.renoise_iters if objective == "smpo" else 0
+    with reference_mode(b.unet):
+        expected = ddim_invert(lambda x, s: b.predict_noise(x, s, cond), z, t, b.scheduler.alphas_cumprod, 5, renoise)
+        raw = ddim_invert(lambda x, s: b.predict(x, s, cond), z, t, b.scheduler.alphas_cumprod, 5, renoise)
+    live = trainer._invert(z, t, cond)
+    cached = trainer._invert(z, t, cond, torch.cat([batch["traj_w"], batch["traj_l"]]))
+    assert torch.allclose(live, expected, atol=1e-5) and torch.allclose(cached, expected, atol=1e-4)
+    assert not torch.allclose(raw, expected, atol=1e-3)  # v taken for ε would be caught
+    assert "v_prediction" in trainer.dataset.trajectories.folder.name
