@@ -2,7 +2,9 @@
 rollouts (``diffalign sample`` + a label file).
 
 A round yields micro-batches of ``(pair, step)`` items: for pair (w, l) of one prompt and denoising step j,
-``x_t`` and the stored ``x_{t-1}`` of both samples. The trainer turns each into the per-step D3PO loss.
+``x_t`` and the stored ``x_{t-1}`` of both samples. The trainer turns each into the per-step D3PO loss. One
+micro-batch holds ``train.batch_size`` pairs at one of their trained steps, and the micro-batches of those pairs'
+other trained steps follow it, so one optimizer update spans every trained step of specific pairs.
 
 With several processes every rank samples and scores its own prompts, the ranks then gather one shared round,
 and each rank trains on its own slice of the round's items: every rank runs the same number of micro-batches
@@ -149,19 +151,20 @@ class RolloutSource:
         return {f"eval_{k}": v for k, v in self._score_metrics(self._score(rollouts)).items()}
 
     def batches(self, rnd: Round, batch_size: int) -> list[dict]:
-        """This rank's ``(pair, step)`` items of the round in a seeded order, grouped into micro-batches: each pair
-        trains on a random subset of ``trained_steps`` of its steps. The order is the same on every rank and each
-        rank takes its own slice of it; the last slices are padded from the start of the order (as torch's
-        ``DistributedSampler`` does), so every rank runs the same number of micro-batches."""
+        """This rank's micro-batches of the round: the pairs in a seeded order, ``batch_size`` at a time, and for
+        each such group one micro-batch per trained step (``trained_steps`` of its steps, a random subset drawn
+        per pair). As in the official code, an accumulation window (``grad_accum × trained_steps`` micro-batches)
+        therefore holds every trained step of ``batch_size × grad_accum`` specific pairs. The pair order is the
+        same on every rank and each rank takes its own slice of it; the last slices are padded from the start of
+        the order (as torch's ``DistributedSampler`` does), so every rank runs the same number of micro-batches."""
         g = self._generator(rnd.index, 1, shared=True)
-        items = [(i, j) for i in range(len(rnd.pairs))
-                 for j in sorted(torch.randperm(self.steps, generator=g)[: self.trained_steps].tolist())]
-        order = torch.randperm(len(items), generator=g).tolist()
-        items = [items[i] for i in order]
-        if self.world > 1 and items:
-            per_rank = -(-len(items) // self.world)
-            items = (items * self.world)[: per_rank * self.world][self.rank :: self.world]
-        return [self._batch(rnd, items[s : s + batch_size]) for s in range(0, len(items), batch_size)]
+        steps = [sorted(torch.randperm(self.steps, generator=g)[: self.trained_steps].tolist()) for _ in rnd.pairs]
+        order = torch.randperm(len(rnd.pairs), generator=g).tolist()
+        if self.world > 1 and order:
+            per_rank = -(-len(order) // self.world)
+            order = (order * self.world)[: per_rank * self.world][self.rank :: self.world]
+        return [self._batch(rnd, [(i, steps[i][k]) for i in order[s : s + batch_size]])
+                for s in range(0, len(order), batch_size) for k in range(self.trained_steps)]
 
     def _batch(self, rnd: Round, items: list[tuple[int, int]]) -> dict:
         r = rnd.rollouts

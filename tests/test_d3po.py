@@ -167,3 +167,29 @@ def test_label_mismatches_are_named(tiny_sd15, d3po_config, tmp_path, capsys, li
     err = capsys.readouterr().err
     assert f"{out / 'labels.jsonl'}, line 1: " in err and message in err
     assert not (tmp_path / "run").exists()
+
+
+def test_clip_frac_counts_exactly_the_ratios_outside_the_band():
+    # ratios 0.905 and 1.095 lie inside [0.9, 1.1] (|log 0.905| > log 1.1 once counted it); 0.89 and 1.11 do not
+    ratios = torch.tensor([0.905, 0.89, 1.095, 1.11])
+    logp_w, logp_l = ratios[:2].log(), ratios[2:].log()
+    _, metrics = d3po_step_loss(logp_w, torch.zeros(2), logp_l, torch.zeros(2), beta=0.1, clip=0.1)
+    assert metrics["clip_frac"] == 0.5
+
+
+def test_an_update_window_spans_every_trained_step_of_its_pairs(tiny_sd15, d3po_config):
+    """As in the official code: the grad_accum x trained_steps micro-batches of one optimizer update hold all
+    trained steps of the same batch_size x grad_accum pairs, and no other pair."""
+    trainer = Trainer(d3po_config(tiny_sd15, "objective.per_prompt=3", "train.batch_size=2", "train.grad_accum=2",
+                                  "objective.sample_steps=4", "objective.timestep_fraction=0.5"))
+    src = trainer.source
+    rnd = src.new_round(0, trainer.accelerator.unwrap_model(trainer.unet))
+    assert len(rnd.pairs) >= 4
+    window = trainer.accelerator.gradient_accumulation_steps
+    assert window == 2 * src.trained_steps == 4
+    batches = src.batches(rnd, 2)
+    assert sum(len(b["items"]) for b in batches) == len(rnd.pairs) * src.trained_steps  # every pair, every step
+    for start in range(0, len(batches) - window + 1, window):
+        items = [item for b in batches[start:start + window] for item in b["items"]]
+        pairs = {i for i, _ in items}
+        assert len(pairs) == 4 and all(sum(1 for i, _ in items if i == p) == src.trained_steps for p in pairs)

@@ -30,10 +30,11 @@ def d3po_step_loss(logp_w: Tensor, ref_logp_w: Tensor, logp_l: Tensor, ref_logp_
     log_r_l = torch.clamp(torch.exp(logp_l - ref_logp_l), 1 - clip, 1 + clip).log()
     inside = beta * (log_r_w - log_r_l)
     loss = -F.logsigmoid(inside).mean()
-    raw = torch.cat([logp_w - ref_logp_w, logp_l - ref_logp_l]).detach()
+    ratio = torch.cat([logp_w - ref_logp_w, logp_l - ref_logp_l]).detach().exp()
     metrics = {"loss": loss.item(), "log_ratio_w": (logp_w - ref_logp_w).mean().item(),
                "log_ratio_l": (logp_l - ref_logp_l).mean().item(), "margin": inside.mean().item(),
-               "clip_frac": (raw.abs() > torch.log1p(torch.tensor(clip))).float().mean().item(),
+               # the ratios the clamp cuts: exactly those outside [1 - ε, 1 + ε] (no gradient through them)
+               "clip_frac": ((ratio < 1 - clip) | (ratio > 1 + clip)).float().mean().item(),
                "implicit_acc": implicit_accuracy(inside.detach()).item()}
     return loss, metrics
 
