@@ -5,18 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .readers import DataError
+from .readers import DataError, read_utf8
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """The prompts in ``path`` (a file, or the name of a shipped list such as ``animals``) in file order; blank lines are skipped; an error names the file and line."""
+    """The prompts in ``path`` (a file, or the name of a shipped list such as ``animals``) in file order; blank lines are skipped; an error names the file and line.
+    The file must be UTF-8 (a byte-order mark is allowed); other encodings give an error naming the line and byte."""
     from ..resources import prompts_path
 
     path = prompts_path(path)
     if not path.is_file():
         raise DataError(f"prompts file {str(path)!r} does not exist (expected .txt, one prompt per line, or .jsonl)")
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         if path.suffix != ".jsonl":

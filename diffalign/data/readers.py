@@ -1,21 +1,27 @@
-"""Preference-pair readers: Pick-a-Pic (hub / local dataset / parquet) and local pairs (JSONL / CSV).
+"""Preference-pair readers: Pick-a-Pic (hub / local dataset / parquet) and local pairs (JSONL / CSV, or a folder
+holding ``pairs.jsonl`` / ``pairs.csv`` such as the output of ``diffalign make-pairs``).
 
 Every reader yields the same :class:`PairSource`: a list of rows with the caption and both images
-(winner first), decoded lazily. Ties are dropped and counted unless asked to keep them.
+(winner first), decoded lazily. Ties are dropped and counted unless asked to keep them; so are pairs whose two
+images are identical and repeated pairs (same caption, same winner, same loser).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import hashlib
 import io
 import json
 import logging
-from dataclasses import dataclass
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..config import DataConfig
@@ -23,10 +29,15 @@ from ..config import DataConfig
 log = logging.getLogger(__name__)
 
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+PICKAPIC_UIDS = ("image_0_uid", "image_1_uid")  # Pick-a-Pic v2's image ids: used instead of hashing the bytes
+LOCAL_PAIRS_FILES = ("pairs.jsonl", "pairs.csv")  # what a folder given as a local-pairs dataset holds
+SAVE_TO_DISK_FILES = ("dataset_dict.json", "dataset_info.json", "state.json")
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 
 
 class DataError(ValueError):
     """A dataset that cannot be read as preference pairs; the message names the file, row or column."""
+
 
 
 class BadImageError(DataError):
@@ -42,6 +53,11 @@ class Pair:
     score_l: float | None = None
 
 
+# Counts that only the pass decoding every image (or reading every caption with the tokenizer) knows; None
+# until that pass ran. A cache records them in its meta.json, so a reused cache restores them.
+CHECKED_COUNTS = ("bad_images_skipped", "composited", "converted", "tiny_image_pairs", "truncated_captions")
+
+
 @dataclass
 class PairSource:
     """Preference pairs with their provenance. ``rows[i]`` is the source row index of pair ``i``."""
@@ -52,6 +68,19 @@ class PairSource:
     rows: list[int]
     ties_dropped: int = 0
     scores: Any = None  # callable: source row index -> (score_w, score_l), read without decoding images
+    score_keys: Any = None  # callable: source row index -> the columns of (score_w, score_l), for messages
+    caption_of: Any = None  # callable: source row index -> caption, read without decoding images
+    label_of: Any = None  # callable: source row index -> how messages name it ("row 3", "line 4")
+    keys: Any = None  # callable: () -> per source row (caption, winner id, loser id) for dropping repeats
+    duplicates_dropped: int = 0
+    identical_dropped: int = 0
+    kept: int | None = None  # pairs actually trained on when a cache skipped rows that stay in ``rows``
+    bad_images_skipped: int | None = None
+    composited: int | None = None  # images with transparent pixels composited on BACKGROUND
+    converted: int | None = None  # 16/32-bit images (modes I;16, I, F) scaled to 8 bits by their range
+    tiny_image_pairs: int | None = None  # pairs with an image whose shorter side is below the tiny limit
+    truncated_captions: int | None = None  # captions longer than the text encoder's token limit
+    image_notes: dict = field(default_factory=dict)  # source row -> (notes of decode_image_noted, is tiny)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -59,15 +88,51 @@ class PairSource:
     def __getitem__(self, i: int) -> Pair:
         return self.get(self.rows[i])
 
+    def label(self, row: int) -> str:
+        """How a message names source row ``row``: ``row 3`` (datasets), ``line 4`` (JSONL), ``row 5`` (CSV)."""
+        return self.label_of(row) if self.label_of else f"row {row}"
+
+    def where(self, row: int) -> str:
+        return f"{self.name}, {self.label(row)}"
+
+    def counts(self) -> dict[str, int | None]:
+        """What loading kept and dropped; the counts of :data:`CHECKED_COUNTS` are None until checked."""
+        return {"pairs": self.kept if self.kept is not None else len(self.rows), "ties_dropped": self.ties_dropped,
+                "duplicates_dropped": self.duplicates_dropped, "identical_dropped": self.identical_dropped,
+                **{k: getattr(self, k) for k in CHECKED_COUNTS}}
+
+    def summary(self) -> str:
+        """One line: pairs kept, what was dropped and what was converted (``?``: not checked yet)."""
+        c = {k: "?" if v is None else v for k, v in self.counts().items()}
+        line = (f"{self.name}: {c['pairs']} pairs kept; dropped {c['ties_dropped']} tie(s), "
+                f"{c['duplicates_dropped']} duplicate(s), {c['identical_dropped']} identical-image pair(s), "
+                f"{c['bad_images_skipped']} with bad images; images: {c['composited']} composited on white, "
+                f"{c['converted']} converted from 16/32-bit, {c['tiny_image_pairs']} pair(s) with a tiny image; "
+                f"{c['truncated_captions']} truncated caption(s)")
+        return line + (" (?: not checked yet)" if "?" in c.values() else "")
+
+    def restore_counts(self, counts: dict) -> None:
+        """Set the checked counts from a record (a cache's meta.json); unknown ones stay None."""
+        for k in CHECKED_COUNTS:
+            if isinstance(counts.get(k), int):
+                setattr(self, k, counts[k])
+
     def score_pairs(self) -> list[tuple[float, float]]:
-        """``(score_w, score_l)`` of every pair, in label order; an error naming the first row without both."""
+        """``(score_w, score_l)`` of every pair, in label order; an error naming the first row without both,
+        or with a score that is not finite (NaN, inf)."""
         out = []
         for row in self.rows:
             w, l = self.scores(row) if self.scores else (None, None)
-            if w is None or l is None or w != w or l != l:
-                raise DataError(f"{self.name}, row {row}: no reward scores; soft-label objectives (smpo) need "
+            keys = self.score_keys(row) if self.score_keys else ("winner score", "loser score")
+            for value, key in zip((w, l), keys):
+                if value is not None and not math.isfinite(value):
+                    raise DataError(f"{self.where(row)}: {key}={value!r} is not finite; reward scores must be finite "
+                                    "numbers (re-score or drop the row)")
+            if w is None or l is None:
+                raise DataError(f"{self.where(row)}: no reward scores; soft-label objectives (smpo) need "
                                 "score_0/score_1 columns (Pick-a-Pic layout) or chosen_score/rejected_score (local "
-                                "pairs) on every pair, e.g. written by `diffalign score` (planned) or your reward model")
+                                "pairs) on every pair, e.g. written by `diffalign score --dataset ...` or your reward "
+                                "model")
             out.append((float(w), float(l)))
         return out
 
@@ -80,8 +145,39 @@ class PairSource:
         return lo, hi
 
 
-def decode_image(value: Any, where: str) -> Image.Image:
-    """A fully decoded RGB PIL image from bytes, a path, a datasets image dict or a PIL image."""
+# ----- images -----
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """An 8-bit ``L`` image from a 16/32-bit one (modes ``I;16*``, ``I``, ``F``), scaled by its real range:
+    ``I;16`` by 65535 -> 255; ``I`` and ``F`` by the range their values fit (8 bit, 16 bit, or for ``F`` also
+    [0, 1]), and min-max otherwise."""
+    a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if img.mode.startswith("I;16") or (lo >= 0 and 255 < hi <= 65535):
+        a = a / 257.0
+    elif img.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255.0
+    elif not (lo >= 0 and hi <= 255):
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
+def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
+    """RGB of ``img`` and what was done beyond a plain conversion: ``"converted"`` (16/32-bit) or
+    ``"composited"`` (transparent pixels laid on :data:`BACKGROUND`)."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        return _to_8bit(img).convert("RGB"), "converted"
+    transparency = getattr(img, "has_transparency_data", "transparency" in img.info)  # Pillow < 10.1: no attribute
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or transparency:
+        rgba = img.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[0] < 255:
+            background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB"), "composited"
+        return rgba.convert("RGB"), None
+    return img.convert("RGB"), None
+
+
+def decode_image_noted(value: Any, where: str) -> tuple[Image.Image, str | None]:
+    """:func:`decode_image` and what it did beyond a plain RGB conversion (``"converted"``, ``"composited"``)."""
     try:
         if isinstance(value, Image.Image):
             img = value
@@ -92,24 +188,63 @@ def decode_image(value: Any, where: str) -> Image.Image:
         else:
             img = Image.open(value)
         img.load()
-        return img.convert("RGB")
+        return _to_rgb(img)
     except (UnidentifiedImageError, OSError, ValueError, KeyError, TypeError) as e:
         detail = "not an image format PIL can read" if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
         raise BadImageError(f"{where}: cannot decode image ({detail})") from None
 
 
+def decode_image(value: Any, where: str) -> Image.Image:
+    """A fully decoded RGB PIL image from bytes, a path, a datasets image dict or a PIL image. 16/32-bit images
+    are scaled to 8 bits by their real range; transparent pixels are composited on white (:data:`BACKGROUND`)."""
+    return decode_image_noted(value, where)[0]
+
+
+# ----- text files -----
+def read_utf8(path: Path) -> str:
+    """The text of ``path`` as UTF-8 (a leading byte-order mark is dropped); a one-line :class:`DataError` naming
+    the line and byte offset of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = skip + e.start
+        line = data[:at].count(b"\n") + 1
+        raise DataError(f"{path}, line {line} (byte {at}): not UTF-8 (byte 0x{data[at]:02x}: {e.reason}); save the "
+                        "file as UTF-8, e.g. `iconv -f latin1 -t utf-8 OLD > NEW`") from None
+
+
+# ----- loading -----
+def local_pairs_file(folder: Path) -> Path | None:
+    """The local-pairs file a dataset folder holds (``pairs.jsonl``, else ``pairs.csv``), or None."""
+    for name in LOCAL_PAIRS_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
 def load_pairs(cfg: DataConfig) -> PairSource:
-    """Open ``cfg.dataset`` with the reader its form calls for, drop ties, apply ``max_pairs``."""
+    """Open ``cfg.dataset`` with the reader its form calls for, drop ties, identical-image pairs and duplicates,
+    apply ``max_pairs``."""
     spec = cfg.dataset
     if not spec:
         raise DataError("data.dataset is empty; name a hub id, a dataset folder, parquet file(s) or a pairs .jsonl/.csv")
     path = Path(spec)
+    if path.is_dir() and local_pairs_file(path):
+        path = local_pairs_file(path)
+        log.info("%s: reading the local pairs in %s", spec, path.name)
     if path.suffix in (".jsonl", ".csv"):
         source = _local_pairs(path, cfg)
     else:
         source = _pickapic(spec, cfg)
+    _drop_repeats(source)
     if len(source) == 0:
-        why = f" ({source.ties_dropped} ties dropped; set data.keep_ties=true to keep them)" if source.ties_dropped else ""
+        dropped = [f"{n} {what}" for n, what in ((source.ties_dropped, "ties dropped"),
+                                                   (source.identical_dropped, "identical-image pairs dropped"),
+                                                   (source.duplicates_dropped, "duplicates dropped")) if n]
+        hint = "; set data.keep_ties=true to keep them" if source.ties_dropped else ""
+        why = f" ({', '.join(dropped)}{hint})" if dropped else ""
         raise DataError(f"{source.name}: no usable preference pairs{why}")
     if source.ties_dropped:
         log.info("%s: dropped %d tied pairs, %d remain", source.name, source.ties_dropped, len(source))
@@ -118,7 +253,43 @@ def load_pairs(cfg: DataConfig) -> PairSource:
     return source
 
 
+def _some(source: PairSource, rows: list[int], n: int = 5) -> str:
+    return ", ".join(source.label(r) for r in rows[:n]) + (", ..." if len(rows) > n else "")
+
+
+def _drop_repeats(source: PairSource) -> None:
+    """Drop pairs whose two images are the same and pairs repeating an earlier one (same caption, winner and
+    loser); count both and warn once each."""
+    if source.keys is None:
+        return
+    keys = source.keys()
+    seen, rows, identical, duplicates = set(), [], [], []
+    for row in source.rows:
+        caption, w, l = keys[row]
+        if w is not None and w == l:
+            identical.append(row)
+        elif w is not None and l is not None and (caption, w, l) in seen:
+            duplicates.append(row)
+        else:
+            seen.add((caption, w, l))
+            rows.append(row)
+    source.rows, source.identical_dropped, source.duplicates_dropped = rows, len(identical), len(duplicates)
+    if identical:
+        log.warning("%s: dropped %d pair(s) whose two images are identical (%s)", source.name, len(identical),
+                    _some(source, identical))
+    if duplicates:
+        log.warning("%s: dropped %d duplicate pair(s) repeating an earlier one's caption and images (%s)",
+                    source.name, len(duplicates), _some(source, duplicates))
+
+
 # ----- Pick-a-Pic and other HF datasets -----
+def _folder_contents(path: Path) -> str:
+    kinds = Counter(p.suffix or p.name for p in path.iterdir() if p.is_file())
+    dirs = sum(p.is_dir() for p in path.iterdir())
+    parts = [f"{n} {k}" for k, n in kinds.most_common(5)] + ([f"{dirs} folder(s)"] if dirs else [])
+    return ", ".join(parts) or "nothing"
+
+
 def open_hf_dataset(spec: str, split: str):
     import datasets
 
@@ -127,22 +298,51 @@ def open_hf_dataset(spec: str, split: str):
     if not path.exists() and not is_glob and (spec.startswith((".", "/", "~")) or path.suffix == ".parquet"):
         raise DataError(f"data.dataset={spec!r}: no such file or folder")
     try:
-        if path.suffix == ".parquet" or (path.is_dir() and not any(path.glob("*.json")) and any(path.rglob("*.parquet"))):
-            files = [str(path)] if path.is_file() else sorted(str(p) for p in path.rglob("*.parquet"))
-            return datasets.load_dataset("parquet", data_files=files, split="train")
+        if path.is_file() and path.suffix == ".parquet":
+            return datasets.load_dataset("parquet", data_files=[str(path)], split="train")
         if is_glob and spec.endswith(".parquet"):
             files = sorted(glob.glob(spec))
             if not files:
                 raise DataError(f"data.dataset={spec!r}: the pattern matches no file")
             return datasets.load_dataset("parquet", data_files=files, split="train")
-        if path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
-            ds = datasets.load_from_disk(str(path))  # save_to_disk output: one Dataset or a DatasetDict
-            return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-        return datasets.load_dataset(spec, split=split)
+        if path.is_dir():
+            if local_pairs_file(path):
+                raise DataError(f"{spec}: holds {local_pairs_file(path).name}, a local-pairs dataset, not a Hugging "
+                                f"Face one; pass {local_pairs_file(path)}")
+            if any((path / f).is_file() for f in SAVE_TO_DISK_FILES):
+                ds = datasets.load_from_disk(str(path))  # save_to_disk output: one Dataset or a DatasetDict
+                return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+            parquet = sorted(str(p) for p in path.rglob("*.parquet"))
+            if parquet and not any(path.glob("*.json")):
+                return datasets.load_dataset("parquet", data_files=parquet, split="train")
+            if not parquet and not any(path.rglob("*.arrow")):
+                raise DataError(f"{spec}: a folder matching no dataset layout; looked for {' or '.join(LOCAL_PAIRS_FILES)} "
+                                f"(local pairs, as `diffalign make-pairs --out` writes), {'/'.join(SAVE_TO_DISK_FILES)} "
+                                "(a `save_to_disk` folder) and *.parquet or *.arrow files (Pick-a-Pic layout: "
+                                f"{', '.join(PICKAPIC_COLUMNS)}); found {_folder_contents(path)}")
+        return datasets.load_dataset(spec, split=split)  # a hub id, or a folder in a hub dataset's layout
     except DataError:
         raise
     except Exception as e:  # offline, missing split, unreadable files
         raise DataError(f"data.dataset={spec!r} (split {split!r}) cannot be opened: {type(e).__name__}: {e}") from None
+
+
+def _digest(value: Any) -> Any:
+    """An identity of one stored image: a hash of its bytes (or of its path when only a path is stored)."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str):
+        value = value.encode()
+    return hashlib.blake2b(value, digest_size=16).digest() if isinstance(value, (bytes, bytearray)) else None
+
+
+def _image_ids(ds, column: str) -> list:
+    """A hash of every image of ``column`` (of its bytes, or its path if only that is stored), read in batches
+    without decoding."""
+    out: list = []
+    for batch in ds.select_columns([column]).with_format("arrow").iter(batch_size=256):
+        out.extend(_digest(v) for v in batch.column(0).to_pylist())
+    return out
 
 
 def _pickapic(spec: str, cfg: DataConfig) -> PairSource:
@@ -163,9 +363,21 @@ def _pickapic(spec: str, cfg: DataConfig) -> PairSource:
     has_scores = {"score_0", "score_1"} <= set(ds.column_names)
     s0, s1 = (ds["score_0"], ds["score_1"]) if has_scores else ([None] * len(labels), [None] * len(labels))
     images = ds.select_columns(["caption", "jpg_0", "jpg_1"])
+    captions: list = []  # the caption column, read on first use
+
+    def all_captions() -> list:
+        if len(captions) != len(labels):
+            captions[:] = ds["caption"]
+        return captions
+
+    def caption_of(i: int) -> str:
+        return all_captions()[i] or ""
 
     def scores(i: int) -> tuple[float | None, float | None]:
         return (s0[i], s1[i]) if labels[i] != 0 else (s1[i], s0[i])
+
+    def score_keys(i: int) -> tuple[str, str]:
+        return ("score_0", "score_1") if labels[i] != 0 else ("score_1", "score_0")
 
     def get(i: int) -> Pair:
         r = images[i]
@@ -173,8 +385,17 @@ def _pickapic(spec: str, cfg: DataConfig) -> PairSource:
         w, l = ("0", "1") if first else ("1", "0")
         return Pair(r["caption"] or "", r[f"jpg_{w}"], r[f"jpg_{l}"], *scores(i))
 
+    def keys() -> list[tuple]:
+        if set(PICKAPIC_UIDS) <= set(ds.column_names):
+            id0, id1 = ds[PICKAPIC_UIDS[0]], ds[PICKAPIC_UIDS[1]]
+        else:
+            id0, id1 = _image_ids(ds, "jpg_0"), _image_ids(ds, "jpg_1")
+        return [(c or "", a, b) if label != 0 else (c or "", b, a)
+                for c, a, b, label in zip(all_captions(), id0, id1, labels)]
+
     fingerprint = getattr(ds, "_fingerprint", None) or hashlib.sha256(spec.encode()).hexdigest()
-    return PairSource(spec, f"{fingerprint}:{cfg.keep_ties}", get, rows, ties, scores)
+    return PairSource(spec, f"{fingerprint}:{cfg.keep_ties}", get, rows, ties, scores, score_keys, caption_of,
+                      keys=keys)
 
 
 # ----- local pairs: JSONL / CSV with image paths relative to the file -----
@@ -184,15 +405,15 @@ LOCAL_REQUIRED = ("prompt", "chosen", "rejected")
 def read_local_rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"data.dataset={str(path)!r}: no such file")
+    text = read_utf8(path)
     if path.suffix == ".csv":
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in LOCAL_REQUIRED if c not in (reader.fieldnames or [])]
-            if missing:
-                raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(LOCAL_REQUIRED)}")
-            return list(reader)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        missing = [c for c in LOCAL_REQUIRED if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(LOCAL_REQUIRED)}")
+        return list(reader)
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -208,9 +429,13 @@ def read_local_rows(path: Path) -> list[dict]:
     return rows
 
 
+def _local_label(path: Path, i: int) -> str:
+    return f"row {i + 2}" if path.suffix == ".csv" else f"line {i + 1}"
+
+
 def local_row_name(path: Path, i: int) -> str:
     """How an error names row ``i`` of a local pairs file: its line (JSONL) or row with the header as 1 (CSV)."""
-    return f"{path}, row {i + 2}" if path.suffix == ".csv" else f"{path}, line {i + 1}"
+    return f"{path}, {_local_label(path, i)}"
 
 
 def local_image(root: Path, row: dict, key: str, where: str) -> Path:
@@ -223,11 +448,24 @@ def local_image(root: Path, row: dict, key: str, where: str) -> Path:
     return f
 
 
+def _file_ids(sizes: dict[Path, int]) -> dict[Path, Any]:
+    """An identity per image file: its path, or the hash of its bytes where another file has the same size (only
+    those can be equal, so most files are never read)."""
+    by_size = defaultdict(list)
+    for f, size in sizes.items():
+        by_size[size].append(f)
+    ids: dict[Path, Any] = {}
+    for files in by_size.values():
+        for f in files:
+            ids[f] = hashlib.sha256(f.read_bytes()).digest() if len(files) > 1 else str(f)
+    return ids
+
+
 def _local_pairs(path: Path, cfg: DataConfig) -> PairSource:
     root = path.parent.resolve()
     raw = read_local_rows(path)
     digest = hashlib.sha256(path.read_bytes())
-    rows, ties, pairs = [], 0, []
+    rows, ties, pairs, sizes = [], 0, [], {}
     for i, r in enumerate(raw):
         where = local_row_name(path, i)
         files = []
@@ -236,14 +474,21 @@ def _local_pairs(path: Path, cfg: DataConfig) -> PairSource:
             st = f.stat()
             digest.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
             files.append(f)
+            sizes[f] = st.st_size
         scores = [_score(r, k, where) for k in ("chosen_score", "rejected_score")]
         pairs.append(Pair(str(r["prompt"] or ""), files[0], files[1], *scores))
         if str(r.get("tie", "")).lower() in ("true", "1") and not cfg.keep_ties:
             ties += 1
         else:
             rows.append(i)
+
+    def keys() -> list[tuple]:
+        ids = _file_ids(sizes)
+        return [(p.caption, ids[p.winner], ids[p.loser]) for p in pairs]
+
     return PairSource(str(path), f"{digest.hexdigest()}:{cfg.keep_ties}", pairs.__getitem__, rows, ties,
-                      lambda i: (pairs[i].score_w, pairs[i].score_l))
+                      lambda i: (pairs[i].score_w, pairs[i].score_l), lambda i: ("chosen_score", "rejected_score"),
+                      lambda i: pairs[i].caption, lambda i: _local_label(path, i), keys)
 
 
 def _score(row: dict, key: str, where: str) -> float | None:
