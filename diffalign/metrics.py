@@ -59,7 +59,7 @@ def pair_accuracies(backbone, pairs, resolution: int, timesteps: Sequence[int] =
     ranking, implicit, n = 0.0, 0.0, 0
     loader = torch.utils.data.DataLoader(pairs, batch_size=batch_size)
     for batch in loader:
-        enc = encode_batch(backbone, batch, resolution)
+        enc = encode_batch(backbone, batch)
         z = torch.cat([enc["latents_w"], enc["latents_l"]]).to(device, torch.float32)
         cond = batch_conditioning(backbone, enc, resolution).repeat(2).to(device)
         b = len(enc["latents_w"])

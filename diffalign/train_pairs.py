@@ -64,7 +64,7 @@ class PairTraining:
                 cached = build_cache(b, raw, cache, self.cfg.cache.dtype, d.on_bad_image)
             return cached, cached.empty_prompt()
         b.vae.to(self.device)
-        raw.drop_bad_rows(d.on_bad_image)
+        raw.drop_bad_rows(d.on_bad_image, b.tokenizers)
         return raw, b.encode_prompt([""])
 
     def _epoch_loader(self, epoch: int) -> DataLoader:
@@ -78,7 +78,7 @@ class PairTraining:
         """The encoded form of a batch (a no-op for cached batches)."""
         if "latents_w" in batch:
             return batch
-        return encode_batch(self.backbone, batch, self.resolution)
+        return encode_batch(self.backbone, batch)
 
     # ----- one step -----
     def _generator(self, micro_step: int) -> torch.Generator:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..files import atomic_save_safetensors, atomic_write_text
 from ..models import Backbone, Conditioning
-from .dataset import RawPairDataset, encode_batch
+from .dataset import RawPairDataset, check_captions, encode_batch
 from .readers import BadImageError
 
 log = logging.getLogger(__name__)
@@ -121,13 +121,18 @@ def is_complete(folder: Path) -> bool:
 
 def build_cache(backbone: Backbone, raw: RawPairDataset, folder: Path, dtype: str = "float32",
                 on_bad_image: str = "skip", batch_size: int = 8, num_workers: int = 0) -> CachedPairDataset:
-    """Encode ``raw`` into ``folder`` (or reuse it if complete) and open it."""
+    """Encode ``raw`` into ``folder`` (or reuse it if complete) and open it. The data checks of the pass
+    (undecodable, composited, converted and tiny images, truncated captions) are recorded in ``raw.source`` and
+    in meta.json, from which a reused cache restores them."""
     if is_complete(folder):
         log.info("reusing cache %s", folder)
-        return CachedPairDataset(folder)
+        cached = CachedPairDataset(folder)
+        raw.source.restore_counts(cached.meta.get("data_counts", {}))
+        raw.source.kept = cached.meta.get("pairs")
+        return cached
     folder.mkdir(parents=True, exist_ok=True)
     store = DTYPES[dtype]
-    shards, skipped = [], 0
+    shards, skipped, composited, converted, tiny_rows = [], 0, 0, 0, []
     n_shards = (len(raw) + SHARD_SIZE - 1) // SHARD_SIZE
     with tqdm(total=len(raw), desc="caching latents", unit="pair", leave=False) as bar:
         for k in range(n_shards):
@@ -135,33 +140,45 @@ def build_cache(backbone: Backbone, raw: RawPairDataset, folder: Path, dtype: st
             lo, hi = k * SHARD_SIZE, min(len(raw), (k + 1) * SHARD_SIZE)
             if (folder / name).is_file():  # finished by an interrupted build
                 with safe_open(str(folder / name), framework="pt") as f:
-                    size, bad = f.get_slice("row").get_shape()[0], int(f.metadata()["skipped"])
+                    size, info = f.get_slice("row").get_shape()[0], f.metadata()
+                bad = int(info["skipped"])
+                notes = {"composited": int(info.get("composited", 0)), "converted": int(info.get("converted", 0)),
+                         "tiny_rows": [int(r) for r in info.get("tiny_rows", "").split(",") if r]}
             else:
                 part = torch.utils.data.Subset(_SkipBad(raw, on_bad_image), range(lo, hi))
                 loader = DataLoader(part, batch_size=batch_size, collate_fn=_collate_good, num_workers=num_workers)
-                chunks = [encode_batch(backbone, b, raw.resolution) for b in loader if b is not None]
+                chunks = [encode_batch(backbone, b) for b in loader if b is not None]
                 size = sum(len(c["row"]) for c in chunks)
                 bad = (hi - lo) - size
+                notes = raw.image_counts(raw.source.rows[lo:hi])
                 if size:
                     tensors = {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
                     tensors = {key: v.to(store) if v.is_floating_point() and key != "scores" else v
                                for key, v in tensors.items()}
-                    _save(tensors, folder / name, {"skipped": str(bad)})
+                    _save(tensors, folder / name, {"skipped": str(bad), "composited": str(notes["composited"]),
+                                                   "converted": str(notes["converted"]),
+                                                   "tiny_rows": ",".join(map(str, notes["tiny_rows"]))})
             bar.update(hi - lo)
             skipped += bad
+            composited, converted = composited + notes["composited"], converted + notes["converted"]
+            tiny_rows += notes["tiny_rows"]
             if size:
                 shards.append({"file": name, "size": size})
     if not shards:
         raise BadImageError(f"{raw.source.name}: every pair has an undecodable image; nothing to train on")
     if skipped:
         log.warning("%s: skipped %d pair(s) with undecodable images", raw.source.name, skipped)
+    raw.source.bad_images_skipped = skipped
+    raw.report_images(composited, converted, tiny_rows)
+    check_captions(raw.source, backbone.tokenizers)
     empty = backbone.encode_prompt([""])
     _save({"prompt_embeds": empty.prompt_embeds[0].float().cpu(),
            **({"pooled": empty.pooled[0].float().cpu()} if empty.pooled is not None else {})},
           folder / "empty_prompt.safetensors")
-    meta = {"version": CACHE_VERSION, "source": raw.source.name, "pairs": sum(s["size"] for s in shards),
+    raw.source.kept = sum(s["size"] for s in shards)
+    meta = {"version": CACHE_VERSION, "source": raw.source.name, "pairs": raw.source.kept,
             "skipped_bad_images": skipped, "ties_dropped": raw.source.ties_dropped, "resolution": raw.resolution,
-            "dtype": dtype, "shards": shards}
+            "dtype": dtype, "shards": shards, "data_counts": raw.source.counts()}
     atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2))
     return CachedPairDataset(folder)
 

@@ -1,18 +1,28 @@
 """Torch datasets over preference pairs: raw images (decoded and transformed per item) and the encoded
-form the trainer consumes (latents + text conditioning)."""
+form the trainer consumes (latents + text conditioning); the checks of the pass that decodes every pair once."""
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Sequence
 
 import torch
 from torch.utils.data import Dataset
 
 from ..models import Backbone, Conditioning
-from .readers import BadImageError, PairSource, decode_image
+from .readers import BadImageError, PairSource, decode_image_noted
 from .transforms import paired_transform
 
 log = logging.getLogger(__name__)
+
+TINY_PX = 16  # an image is "tiny" when its shorter side is below max(TINY_PX, resolution // 4)
+
+
+def tiny_limit(resolution: int) -> int:
+    """Shorter sides below this are warned about: a quarter of the training resolution, and at least 16 px (such
+    images are upscaled 4x or more, so they train on blur)."""
+    return max(TINY_PX, resolution // 4)
 
 
 class RawPairDataset(Dataset):
@@ -29,12 +39,24 @@ class RawPairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, i: int) -> dict:
+    def decode_pair(self, i: int):
+        """``(row, pair, winner, loser)`` of pair ``i`` with both images decoded to RGB; what decoding did
+        (compositing, 16-bit conversion) and whether an image is tiny are noted per row in the source."""
         row = self.source.rows[i]
         pair = self.source.get(row)
-        where = f"{self.source.name}, row {row}"
-        winner = decode_image(pair.winner, f"{where} (preferred image)")
-        loser = decode_image(pair.loser, f"{where} (rejected image)")
+        where = self.source.where(row)
+        winner, note_w = decode_image_noted(pair.winner, f"{where} (preferred image)")
+        loser, note_l = decode_image_noted(pair.loser, f"{where} (rejected image)")
+        notes = tuple(n for n in (note_w, note_l) if n)
+        tiny = min(*winner.size, *loser.size) < tiny_limit(self.resolution)
+        if notes or tiny:
+            self.source.image_notes[row] = (notes, tiny)  # keyed by row: reading again does not count twice
+        else:
+            self.source.image_notes.pop(row, None)
+        return row, pair, winner, loser
+
+    def __getitem__(self, i: int) -> dict:
+        row, pair, winner, loser = self.decode_pair(i)
         images = paired_transform(winner, loser, self.resolution, self.seed, row, self.random_flip, self.center_crop)
         item = {"pixels_w": images.winner, "pixels_l": images.loser, "geometry": images.geometry,
                 "caption": pair.caption, "row": row}
@@ -42,27 +64,92 @@ class RawPairDataset(Dataset):
             item["scores"] = torch.tensor([pair.score_w, pair.score_l], dtype=torch.float32)
         return item
 
-    def drop_bad_rows(self, policy: str) -> int:
-        """Decode every pair once; drop (``policy="skip"``) or raise on (``"error"``) undecodable rows."""
+    def image_counts(self, rows: Sequence[int]) -> dict:
+        """Composited and converted images and the rows with a tiny image among ``rows`` (already decoded)."""
+        notes = [self.source.image_notes[r] for r in rows if r in self.source.image_notes]
+        return {"composited": sum(n.count("composited") for n, _ in notes),
+                "converted": sum(n.count("converted") for n, _ in notes),
+                "tiny_rows": [r for r in rows if self.source.image_notes.get(r, ((), False))[1]]}
+
+    def report_images(self, composited: int, converted: int, tiny_rows: list[int]) -> None:
+        """Record the image counts of a finished decoding pass in the source; one warning per kind."""
+        src = self.source
+        src.composited, src.converted, src.tiny_image_pairs = composited, converted, len(tiny_rows)
+        if composited:
+            log.warning("%s: composited %d image(s) with transparent pixels on a white background", src.name,
+                        composited)
+        if converted:
+            log.warning("%s: converted %d 16-bit or 32-bit image(s) (modes I;16, I, F) to 8 bits by their value "
+                        "range", src.name, converted)
+        if tiny_rows:
+            shown = ", ".join(src.label(r) for r in tiny_rows[:10]) + (", ..." if len(tiny_rows) > 10 else "")
+            log.warning("%s: %d pair(s) have an image whose shorter side is below %d px (a quarter of the %d px "
+                        "training resolution, at least %d px), upscaled 4x or more: %s", src.name, len(tiny_rows),
+                        tiny_limit(self.resolution), self.resolution, TINY_PX, shown)
+
+    def drop_bad_rows(self, policy: str, tokenizers: Sequence | None = None) -> int:
+        """Decode every pair once; drop (``policy="skip"``) or raise on (``"error"``) undecodable rows. Counts
+        composited, converted and tiny images (one warning each) and, given the text encoders' ``tokenizers``,
+        the captions they truncate; :meth:`PairSource.summary` reports them."""
         bad = []
         for i in range(len(self)):
             try:
-                pair = self.source[i]
-                decode_image(pair.winner, "")
-                decode_image(pair.loser, "")
+                self.decode_pair(i)
             except BadImageError:
                 if policy == "error":
-                    self[i]  # re-raise with the row and which image named
+                    raise  # the message names the row and which image
                 bad.append(self.source.rows[i])
         if bad:
-            log.warning("%s: skipped %d pair(s) with undecodable images (rows %s%s)", self.source.name, len(bad),
-                        ", ".join(map(str, bad[:10])), ", ..." if len(bad) > 10 else "")
-            self.source.rows = [r for r in self.source.rows if r not in set(bad)]
+            log.warning("%s: skipped %d pair(s) with undecodable images (%s%s)", self.source.name, len(bad),
+                        ", ".join(self.source.label(r) for r in bad[:10]), ", ..." if len(bad) > 10 else "")
+            dropped = set(bad)
+            self.source.rows = [r for r in self.source.rows if r not in dropped]
+        self.source.bad_images_skipped = len(bad)
+        counts = self.image_counts(self.source.rows)
+        self.report_images(counts["composited"], counts["converted"], counts["tiny_rows"])
+        if tokenizers:
+            check_captions(self.source, tokenizers)
         return len(bad)
 
 
+def _as_list(tokenizers) -> list:
+    return list(tokenizers) if isinstance(tokenizers, (list, tuple)) else [tokenizers]
+
+
+def count_truncated(tokenizers, captions: Sequence[str], batch_size: int = 1024) -> int:
+    """How many of ``captions`` are longer than a tokenizer's ``model_max_length`` (77 for CLIP, special tokens
+    included) and so get truncated; ``tokenizers`` is one tokenizer or a list (SDXL's two): a caption counts once
+    if any of them truncates it. Each distinct caption is tokenized once."""
+    toks = _as_list(tokenizers)
+    if not toks:
+        return 0
+    counts = Counter(c or "" for c in captions)
+    texts, over = list(counts), set()
+    for tok in toks:
+        limit = tok.model_max_length
+        for k in range(0, len(texts), batch_size):
+            chunk = [t for t in texts[k : k + batch_size] if t not in over]
+            if chunk:
+                ids = tok(chunk, truncation=False, padding=False, verbose=False)["input_ids"]
+                over.update(t for t, x in zip(chunk, ids) if len(x) > limit)
+    return sum(counts[t] for t in over)
+
+
+def check_captions(source: PairSource, tokenizers) -> int:
+    """Count the pairs whose caption the text encoders truncate, record it in ``source`` and warn once."""
+    toks = _as_list(tokenizers)
+    caption_of = source.caption_of or (lambda r: source.get(r).caption)
+    n = count_truncated(toks, [caption_of(r) for r in source.rows])
+    source.truncated_captions = n
+    if n:
+        limit = min(t.model_max_length for t in toks)
+        log.warning("%s: %d of %d caption(s) are longer than the text encoder's %d tokens and are truncated in "
+                    "training", source.name, n, len(source), limit)
+    return n
+
+
 @torch.no_grad()
-def encode_batch(backbone: Backbone, batch: dict, resolution: int) -> dict:
+def encode_batch(backbone: Backbone, batch: dict) -> dict:
     """Turn a collated raw batch into the encoded batch the trainer uses: latents of both images, the
     caption's conditioning (with SDXL time ids from each pair's geometry), rows and optional scores."""
     cond = backbone.encode_prompt(list(batch["caption"]))
