@@ -1,7 +1,8 @@
 """Resumable checkpoints written as safetensors + JSON (no pickle), into a temporary folder renamed into place.
 
 A checkpoint holds the LoRA weights, the optimizer state (tensors in safetensors, structure in JSON), the LR
-schedule, the gradient scaler, the torch RNG states and the trainer's position (step, epoch, batch).
+schedule, the gradient scaler, the torch RNG states, the trainer's position (step, epoch, batch), the LoRA's
+shape (rank, alpha, targets) and the metrics of every step so far (``history.json``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from .config import ConfigError
+from .files import atomic_save_safetensors, atomic_write_text
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE = "trainer_state.json"
@@ -73,18 +77,18 @@ def save_checkpoint(folder: Path, lora: dict[str, torch.Tensor], optimizer, lr_s
 
 def _write_checkpoint(tmp: Path, lora, optimizer, lr_scheduler, scaler, position: dict, extra) -> None:
     tmp.mkdir(parents=True)
-    save_file(lora, str(tmp / "lora.safetensors"))
+    atomic_save_safetensors(tmp / "lora.safetensors", lora)
     opt_tensors, opt_structure = _flatten_optimizer(optimizer.state_dict())
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    atomic_save_safetensors(tmp / "optimizer.safetensors", opt_tensors)
     rng = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / "rng.safetensors"))
+    atomic_save_safetensors(tmp / "rng.safetensors", rng)
     state = {"position": position, "optimizer": opt_structure, "lr_scheduler": lr_scheduler.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None}
     if extra is not None:
         extra(tmp)
-    (tmp / STATE).write_text(json.dumps(state, indent=1, default=_jsonable))  # last: marks the folder complete
+    atomic_write_text(tmp / STATE, json.dumps(state, indent=1, default=_jsonable))  # last: marks the folder complete
 
 
 def _jsonable(value):
@@ -124,11 +128,11 @@ def find_resume(output_dir: Path, resume: str) -> Path:
     if resume == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            raise FileNotFoundError(f"train.resume=latest: no checkpoint in {output_dir}")
+            raise ConfigError(f"train.resume=latest: no checkpoint in {output_dir}")
         return found[-1]
     path = Path(resume)
     if not (path / STATE).is_file():
-        raise FileNotFoundError(f"train.resume={resume!r}: not a checkpoint folder (no {STATE})")
+        raise ConfigError(f"train.resume={resume!r}: not a checkpoint folder (no {STATE})")
     return path
 
 
@@ -136,3 +140,80 @@ def rotate(output_dir: Path, keep: int) -> None:
     """Delete the oldest complete checkpoints beyond ``keep``; the newest is never deleted."""
     for old in list_checkpoints(output_dir)[: -max(keep, 1)]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+class OutputLock:
+    """An exclusive lock on ``train.output_dir`` while a run writes there, so two runs into one folder cannot both
+    write (``flock`` on ``.diffalign.lock``; released when the run ends or its process dies)."""
+
+    NAME = ".diffalign.lock"
+
+    def __init__(self, folder: Path):
+        self.path, self._file = Path(folder) / self.NAME, None
+
+    def __enter__(self) -> OutputLock:
+        try:
+            import fcntl
+        except ImportError:  # not on this platform: no lock
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise OutputDirError(f"train.output_dir={str(self.path.parent)!r}: another run (pid {holder}) is writing "
+                                 "there; wait for it to finish or choose another output_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()  # closing releases the flock
+            self._file = None
+
+
+def previous_run(output_dir: Path) -> list[Path]:
+    """What an earlier run left in ``output_dir``: its adapter and checkpoints (complete or half-written)."""
+    from .lora import WEIGHT_NAME
+
+    if not output_dir.is_dir():
+        return []
+    found = [output_dir / WEIGHT_NAME] if (output_dir / WEIGHT_NAME).is_file() else []
+    return found + sorted(p for p in output_dir.iterdir() if p.is_dir() and PATTERN.match(p.name.strip(".").removesuffix(".tmp")))
+
+
+def clear_previous_run(output_dir: Path) -> None:
+    """Delete an earlier run's adapter and checkpoints (``train.overwrite=true``)."""
+    for path in previous_run(output_dir):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+HISTORY = "history.json"
+
+
+def load_history(folder: Path, step: int) -> list[dict]:
+    """The metrics of steps 1..``step`` stored in a checkpoint (empty for checkpoints written before they were)."""
+    path = folder / HISTORY
+    if not path.is_file():
+        return []
+    return [h for h in json.loads(path.read_text()) if h.get("step", 0) <= step]
+
+
+def check_lora_shape(folder: Path, position: dict, weights: dict[str, torch.Tensor], lora) -> None:
+    """One clear line, instead of a page of size mismatches, when the config's LoRA is not the checkpoint's."""
+    saved = position.get("lora") or {}
+    ranks = {w.shape[0] for k, w in weights.items() if "lora_A" in k}
+    rank = saved.get("rank", next(iter(ranks)) if len(ranks) == 1 else None)
+    alpha = saved.get("alpha", lora.alpha)
+    targets = saved.get("targets", list(lora.targets))
+    if rank != lora.rank or alpha != lora.alpha or sorted(targets) != sorted(lora.targets):
+        raise ConfigError(f"train.resume: {folder} holds a LoRA of rank {rank}, alpha {alpha}, targets {targets}, "
+                          f"but the config asks for lora.rank={lora.rank}, lora.alpha={lora.alpha}, "
+                          f"lora.targets={list(lora.targets)}; resume with the checkpoint's lora settings")

@@ -17,19 +17,22 @@ class TrainingStopped(RuntimeError):
 
 class StopSignals:
     """While active, SIGINT and SIGTERM only set :attr:`requested`, so the loop can finish its step, write a
-    checkpoint and exit cleanly. A second SIGINT interrupts at once, as usual. Handlers are restored on exit;
-    outside the main thread (where Python forbids handlers) this does nothing."""
+    checkpoint and exit cleanly. A second signal aborts at once: after the first, both go back to the operating
+    system's default action, which ends the process even inside a long UNet call (a Python-level handler would only
+    run once that call returns). Checkpoints are written to a temporary folder and renamed, so the last complete
+    one stays valid. Handlers are restored on exit; outside the main thread (where Python forbids handlers) this
+    does nothing."""
 
     def __init__(self):
         self.requested: str | None = None
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        log.warning("%s received: finishing this step, then writing a checkpoint (SIGINT again to abort)",
-                    self.requested)
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_DFL)
+        log.warning("%s received: finishing this step, then writing a checkpoint (send it again to abort at once; "
+                    "the last checkpoint stays valid)", self.requested)
 
     def __enter__(self) -> StopSignals:
         try:

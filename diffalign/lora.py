@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -11,6 +12,9 @@ from pathlib import Path
 import torch
 
 from .config import LoraConfig
+from .files import default_mode
+
+log = logging.getLogger(__name__)
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -34,7 +38,19 @@ def add_lora(unet: torch.nn.Module, cfg: LoraConfig) -> list[torch.nn.Parameter]
     for p in params:
         p.data = p.data.float()
         p.requires_grad_(True)
+    _warn_rank_above_width(unet, cfg.rank)
     return params
+
+
+def _warn_rank_above_width(unet: torch.nn.Module, rank: int) -> None:
+    """A rank above a layer's ``min(in, out)`` adds parameters but no capacity there: say so once, naming one."""
+    narrow = [(name, min(m.in_features, m.out_features)) for name, m in unet.named_modules()
+              if hasattr(m, "lora_A") and hasattr(m, "in_features") and rank > min(m.in_features, m.out_features)]
+    if narrow:
+        name, width = narrow[0]
+        log.warning("lora.rank=%d is larger than the width of %d adapted layer(s), e.g. %s (min(in, out) = %d): the "
+                    "extra rank adds parameters but no capacity there; a rank <= %d is as expressive", rank,
+                    len(narrow), name, width, min(w for _, w in narrow))
 
 
 @contextlib.contextmanager
@@ -70,6 +86,8 @@ def save_lora(unet: torch.nn.Module, out_dir: str | Path, is_sdxl: bool) -> Path
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-lora-") as tmp:
         pipeline_cls.save_lora_weights(tmp, unet_lora_layers=lora_state_dict(unet),
                                        unet_lora_adapter_metadata=metadata)
+        # the file diffusers writes is private (0600) here; give it the umask's mode like every other output
+        os.chmod(Path(tmp) / WEIGHT_NAME, default_mode())
         os.replace(Path(tmp) / WEIGHT_NAME, out_dir / WEIGHT_NAME)
     return out_dir / WEIGHT_NAME
 

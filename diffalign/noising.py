@@ -5,8 +5,9 @@ releases and whose ``clip_sample`` default corrupts SD latents). All arithmetic 
 
 Grid convention: sample i climbs from the clean latent (ā = 1) through the shared levels ``round(j·T/n)`` below
 ``t_i`` and ends exactly at ``t_i``, so every gap is at most ``T/n`` (n = ``num_steps``). ``t_i = 0`` takes no
-step. The official InPO code stops at the last shared level below t but measures ε̃ at t; we take the last step
-to t (**ours**). Because every trajectory shares its prefix, inversions with a model that does not change (the
+step. The official InPO code measures ε̃ at t but does not invert exactly to it: under diffusers >= 0.22 its
+``DDIMInverseScheduler`` stops at the last shared level below t, under the diffusers 0.20 it pins it overshoots to
+the first level >= t. We take the last step to t itself (**ours**). Because every trajectory shares its prefix, inversions with a model that does not change (the
 reference) can be cached at the shared levels and finished with one live step (:func:`invert_to_shared_levels`, :func:`finish_inversion`).
 """
 

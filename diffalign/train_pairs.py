@@ -8,6 +8,7 @@ per-pair errors to the objective. InPO and SmPO replace forward noising by DDIM 
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from .lora import reference_mode
 from .models import Backbone, Conditioning, model_fingerprint, model_kind
 from .noising import ddim_invert, finish_inversion, invert_to_shared_levels, inverted_noise
 from .objectives.base import PairErrors
+
+log = logging.getLogger(__name__)
 
 
 class PairTraining:
@@ -43,6 +46,8 @@ class PairTraining:
                                       text_encoders=need_text)
         self.objective = objective_cls(cfg.objective, num_timesteps=self.backbone.scheduler.config.num_train_timesteps)
         self.dataset, self.empty_prompt = self._prepare_data(raw, cache)
+        if self.accelerator.is_main_process:
+            log.info("data: %s", raw_pairs.summary())
         self.validation_cond = self._validation_conditioning()
         if cfg.cache.enabled:
             self.backbone.free_encoders()

@@ -7,6 +7,7 @@ is computed comes from :class:`~diffalign.train_pairs.PairTraining` (offline pai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -36,7 +37,7 @@ class TrainResult:
     output_dir: Path
     adapter: Path | None  # None when interrupted (the checkpoint holds the weights)
     steps: int
-    history: list[dict] = field(default_factory=list)  # metrics per optimizer step
+    history: list[dict] = field(default_factory=list)  # metrics per optimizer step of this run (metrics.json: all)
     interrupted: bool = False
 
 
@@ -51,6 +52,10 @@ class Trainer(PairTraining, OnlineTraining):
         self.cfg = cfg
         self.output_dir = Path(cfg.train.output_dir)
         check_writable(self.output_dir)
+        if not cfg.train.resume and not cfg.train.overwrite and (earlier := ckpt.previous_run(self.output_dir)):
+            raise OutputDirError(
+                f"train.output_dir={str(self.output_dir)!r} already holds a run ({earlier[-1].name}); resume it with "
+                "--set train.resume=latest, replace it with --set train.overwrite=true, or choose another output_dir")
         # accelerate keeps one process-wide state; a second run in one process (a notebook, the tests) may use
         # another precision. The distributed state (PartialState) is kept.
         AcceleratorState._reset_state()
@@ -135,15 +140,26 @@ class Trainer(PairTraining, OnlineTraining):
 
     # ----- the loop -----
     def train(self) -> TrainResult:
+        """Run (or resume) training to ``train.max_steps``; the output folder is locked while this runs."""
+        lock = ckpt.OutputLock(self.output_dir) if self.accelerator.is_main_process else contextlib.nullcontext()
+        with lock:
+            return self._train()
+
+    def _train(self) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
         step, epoch, batch_in_epoch = 0, 0, 0
+        self._earlier_history: list[dict] = []
         if cfg.train.resume:
             step, epoch, batch_in_epoch = self._resume(ckpt.find_resume(self.output_dir, cfg.train.resume))
         if acc.is_main_process:
+            if cfg.train.overwrite and not cfg.train.resume:
+                ckpt.clear_previous_run(self.output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if cfg.log.to != "none":
                 acc.init_trackers(cfg.log.project, config=cfg.to_flat_dict())
-        history: list[dict] = []
+            log.info("training %s from step %d to %d into %s", self.objective.__class__.__name__.lower(), step,
+                     cfg.train.max_steps, self.output_dir.resolve())
+        self._history = history = []  # this run's steps; metrics.json and checkpoints also hold the earlier ones
         bar = tqdm(total=cfg.train.max_steps, initial=step, desc="training", disable=not acc.is_local_main_process)
         pending: list[dict] = []
         bad_steps = 0
@@ -157,7 +173,7 @@ class Trainer(PairTraining, OnlineTraining):
                     if not acc.sync_gradients:
                         continue
                     step += 1
-                    logged = self._gather(pending)
+                    logged = {"step": step, **self._gather(pending)}
                     pending = []
                     history.append(logged)
                     bar.update(1)
@@ -218,7 +234,15 @@ class Trainer(PairTraining, OnlineTraining):
         if self.accelerator.is_main_process:
             position = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                         "num_processes": self.accelerator.num_processes}
-            extra = (lambda tmp: self.source.save_round(self._round, tmp)) if self.source is not None else None
+            position["lora"] = {"rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha,
+                                "targets": list(self.cfg.lora.targets)}
+            history = self._earlier_history + self._history
+
+            def extra(tmp: Path) -> None:
+                atomic_write_text(tmp / ckpt.HISTORY, json.dumps(history, indent=1))
+                if self.source is not None:
+                    self.source.save_round(self._round, tmp)
+
             ckpt.save_checkpoint(self.output_dir / f"checkpoint-{step}", self._peft_state(), self.optimizer,
                                  self.lr_scheduler, self.accelerator.scaler, position, extra)
             ckpt.rotate(self.output_dir, self.cfg.train.checkpoints_keep)
@@ -232,7 +256,9 @@ class Trainer(PairTraining, OnlineTraining):
         from peft.utils import set_peft_model_state_dict
 
         weights, pos = ckpt.load_checkpoint(folder, self.optimizer, self.lr_scheduler, self.accelerator.scaler)
+        ckpt.check_lora_shape(folder, pos, weights, self.cfg.lora)
         set_peft_model_state_dict(self.accelerator.unwrap_model(self.unet), weights)
+        self._earlier_history = ckpt.load_history(folder, pos["step"])
         if self.source is not None:
             self._round = self.source.load_round(pos["epoch"], folder)
         then, now = pos.get("num_processes", 1), self.accelerator.num_processes
@@ -258,7 +284,8 @@ class Trainer(PairTraining, OnlineTraining):
             try:
                 save_lora(unet, self.output_dir, self.backbone.is_sdxl)
                 atomic_write_text(self.output_dir / "config.yaml", self.cfg.to_yaml())
-                atomic_write_text(self.output_dir / "metrics.json", json.dumps(history, indent=1))
+                everything = self._earlier_history + history
+                atomic_write_text(self.output_dir / "metrics.json", json.dumps(everything, indent=1))
             except OSError as e:
                 raise OutputDirError(f"cannot write the adapter to {self.output_dir}: {e.strerror or e}; the last "
                                      "checkpoint (if any) is intact: free space and resume with "
@@ -266,7 +293,7 @@ class Trainer(PairTraining, OnlineTraining):
             self.validate(step)
             from .card import write_model_card
 
-            write_model_card(self.output_dir, self.cfg, self.backbone.kind, step, history, self.objective.beta)
+            write_model_card(self.output_dir, self.cfg, self.backbone.kind, step, everything, self.objective.beta)
         acc.end_training()
         return TrainResult(self.output_dir, adapter, step, history)
 
@@ -294,6 +321,8 @@ def train(cfg: Config) -> TrainResult:
     """Train an adapter as ``cfg`` says and write it to ``cfg.train.output_dir``."""
     start = time.time()
     result = Trainer(cfg).train()
-    log.info("trained %d steps in %.1fs", result.steps, time.time() - start)
+    ran = len(result.history)
+    log.info("trained %d step(s) (%d to %d) in %.1f s", ran, result.steps - ran + 1 if ran else result.steps,
+             result.steps, time.time() - start)
     return result
 

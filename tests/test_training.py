@@ -67,7 +67,7 @@ def test_cached_items_equal_freshly_encoded_ones(tiny_sdxl, make_config):
     trainer = Trainer(make_config(tiny_sdxl, "cache.enabled=false", out="fresh"))
     cached = Trainer(make_config(tiny_sdxl, out="cached")).dataset
     raw = RawPairDataset(load_pairs(trainer.cfg.data), 32, trainer.cfg.train.seed)
-    fresh = encode_batch(trainer.backbone, torch.utils.data.default_collate([raw[3]]), 32)
+    fresh = encode_batch(trainer.backbone, torch.utils.data.default_collate([raw[3]]))
     for key, value in cached[3].items():
         assert torch.allclose(value, fresh[key][0].to(value.dtype), atol=1e-5), key
 
