@@ -96,6 +96,12 @@ def test_demo_quick(tmp_path, capsys):
     assert report["pair_accuracy"]["pairs"] == 4
     from PIL import Image
 
-    assert Image.open(out / "before_after.png").size == (4 * 32, 2 * 32)  # 4 held-out prompts, base over aligned
+    grid = Image.open(out / "before_after.png")  # 4 held-out prompts, base over aligned, 32 px enlarged 4x, labelled
+    assert grid.width > 4 * 128 and grid.height == 2 * 128 + 3 * 4
+    cell = grid.crop((grid.width - 4 - 128, 4, grid.width - 4, 4 + 128))  # the last base image, enlarged, pixels kept
+    assert cell.resize((32, 32), Image.NEAREST).resize((128, 128), Image.NEAREST).tobytes() == cell.tobytes()
+    label = grid.crop((0, 0, grid.width - 4 * 132, grid.height)).convert("L")
+    assert min(label.getdata()) < 100  # the row labels are written
+    assert f"all {report['seconds']:.0f} s" in printed and report["seconds"] >= report["pair_seconds"]
     rows = [json.loads(line) for line in (out / "pairs" / "pairs.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(r["chosen_shape_size"] >= r["rejected_shape_size"] for r in rows)
