@@ -44,3 +44,12 @@ def test_installed_wheel_runs_demo_from_another_folder(wheel, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert (work / "demo" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     assert (work / "demo" / "report.md").is_file()
+
+
+def test_every_shipped_recipe_names_its_output_folder():
+    from diffalign.config import TrainConfig, load_config
+    from diffalign.resources import builtin_recipes
+
+    default = TrainConfig().output_dir
+    for name in builtin_recipes():
+        assert load_config(name).train.output_dir not in ("", default), name
