@@ -17,7 +17,15 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A recipe or override that cannot be turned into a valid :class:`Config`."""
+    """A recipe or override that cannot be turned into a valid :class:`Config`. ``keys`` are the dotted keys the
+    message is about (:func:`load_config` uses them to name where each value came from)."""
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.keys = tuple(keys)
+
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")  # Diffusion-DPO variants (diffalign.objectives.dpo)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -28,12 +36,13 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 def _choice(section: str, name: str, value: Any, valid: tuple) -> None:
     if value not in valid:
-        raise ConfigError(f"{section}.{name}={value!r} is not valid; choose one of {', '.join(map(str, valid))}")
+        raise ConfigError(f"{section}.{name}={value!r} is not valid; choose one of {', '.join(map(str, valid))}",
+                          (f"{section}.{name}",))
 
 
 def _positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{section}.{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+        raise ConfigError(f"{section}.{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}", (f"{section}.{name}",))
 
 
 @dataclass
@@ -70,19 +79,21 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ConfigError(f"data.caption_dropout={self.caption_dropout!r} must be in [0, 1]")
+            raise ConfigError(f"data.caption_dropout={self.caption_dropout!r} must be in [0, 1]", ("data.caption_dropout",))
         _choice("data", "on_bad_image", self.on_bad_image, ("skip", "error"))
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
-            raise ConfigError(f"data.resolution={self.resolution!r} must be a positive multiple of 8")
+            raise ConfigError(f"data.resolution={self.resolution!r} must be a positive multiple of 8", ("data.resolution",))
         if self.max_pairs is not None:
             _positive("data", "max_pairs", self.max_pairs)
         if self.prompts and self.labels:
-            raise ConfigError("data.prompts (online D3PO) and data.labels (human feedback) are both set; choose one")
+            raise ConfigError("data.prompts (online D3PO) and data.labels (human feedback) are both set; choose one",
+                              ("data.prompts", "data.labels"))
 
 
 @dataclass
 class ObjectiveConfig:
-    name: str = _f("dpo", "Preference objective by registered name: dpo, mapo, inpo, smpo, or 'pkg.module:Class'.")
+    name: str = _f("dpo", "Preference objective by registered name: dpo, mapo, inpo, smpo, d3po, an entry point of "
+                          "diffalign.objectives, or 'pkg.module:Class' (found on sys.path or in the working folder).")
     beta: float | None = _f(
         None, "β; None uses the objective's default (dpo/inpo/smpo 5000: per-pixel mean MSE with the 1/2 factor; "
               "mapo and d3po 0.1).")
@@ -110,22 +121,24 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         if self.beta is not None:
             _positive("objective", "beta", self.beta)
-        _choice("objective", "loss_type", self.loss_type, ("sigmoid", "hinge", "ipo"))
+        _choice("objective", "loss_type", self.loss_type, LOSS_TYPES)
         _choice("objective", "inversion_model", self.inversion_model, ("policy", "reference"))
         _positive("objective", "mapo_scale", self.mapo_scale)
         _positive("objective", "inversion_steps", self.inversion_steps)
         _positive("objective", "renoise_iters", self.renoise_iters, allow_zero=True)
         _positive("objective", "gamma", self.gamma)
         if not 0 < self.clip_range < 1:
-            raise ConfigError(f"objective.clip_range={self.clip_range!r} must be in (0, 1)")
+            raise ConfigError(f"objective.clip_range={self.clip_range!r} must be in (0, 1)", ("objective.clip_range",))
         _positive("objective", "eta", self.eta)
         _positive("objective", "sample_steps", self.sample_steps)
         _positive("objective", "guidance", self.guidance)
         if self.per_prompt < 2:
-            raise ConfigError(f"objective.per_prompt={self.per_prompt!r} must be >= 2 (a pair needs two samples)")
+            raise ConfigError(f"objective.per_prompt={self.per_prompt!r} must be >= 2 (a pair needs two samples)",
+                              ("objective.per_prompt",))
         _positive("objective", "prompts_per_round", self.prompts_per_round)
         if not 0 < self.timestep_fraction <= 1:
-            raise ConfigError(f"objective.timestep_fraction={self.timestep_fraction!r} must be in (0, 1]")
+            raise ConfigError(f"objective.timestep_fraction={self.timestep_fraction!r} must be in (0, 1]",
+                              ("objective.timestep_fraction",))
         _positive("objective", "eval_every", self.eval_every, allow_zero=True)
 
 
@@ -139,7 +152,7 @@ class LoraConfig:
     def __post_init__(self) -> None:
         _positive("lora", "rank", self.rank)
         if not self.targets:
-            raise ConfigError("lora.targets is empty; name at least one module, e.g. to_q")
+            raise ConfigError("lora.targets is empty; name at least one module, e.g. to_q", ("lora.targets",))
 
 
 @dataclass
@@ -159,7 +172,7 @@ class OptimConfig:
         _positive("optim", "max_grad_norm", self.max_grad_norm, allow_zero=True)
         _positive("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
         if len(self.betas) != 2:
-            raise ConfigError(f"optim.betas={self.betas!r} must hold two numbers")
+            raise ConfigError(f"optim.betas={self.betas!r} must hold two numbers", ("optim.betas",))
 
 
 @dataclass
@@ -177,6 +190,9 @@ class TrainConfig:
     checkpoint_every: int = _f(500, "Write a resumable checkpoint every N optimizer steps (0: never).")
     checkpoints_keep: int = _f(2, "Keep at most this many checkpoints (the newest are kept).")
     resume: str | None = _f(None, "'latest' or a checkpoint folder to resume from.")
+    overwrite: bool = _f(False, "Train into an output_dir that already holds a run (its adapter or checkpoints), "
+                                "deleting that run's adapter and checkpoints first; without it such a folder is "
+                                "refused unless resuming.")
     validate_every: int = _f(0, "Write a validation image grid every N optimizer steps (0: only at the end).")
     validation_prompts: list[str] = _f([], "Prompts for validation grids (empty: no validation images).")
     validation_steps: int = _f(25, "Denoising steps for validation images.")
@@ -229,7 +245,8 @@ class Config:
                      "data.caption_dropout": (self.data.caption_dropout, 0.0), "cache.enabled": (self.cache.enabled, True)}
             for key, (value, required) in needs.items():
                 if value != required:
-                    raise ConfigError(f"objective.inversion_cache=true needs {key}={required!r} (got {value!r})")
+                    raise ConfigError(f"objective.inversion_cache=true needs {key}={required!r} (got {value!r})",
+                                      ("objective.inversion_cache", key))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -255,7 +272,7 @@ def valid_keys() -> list[str]:
 def _unknown(key: str) -> ConfigError:
     near = difflib.get_close_matches(key, valid_keys(), n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(near)}?" if near else f"; valid keys: {', '.join(valid_keys())}"
-    return ConfigError(f"unknown config key {key!r}{hint}")
+    return ConfigError(f"unknown config key {key!r}{hint}", (key,))
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -272,12 +289,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, arg)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}")
+        raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}", (key,))
     if origin is list:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} has the wrong type; expected a list")
+            raise ConfigError(f"{key}={value!r} has the wrong type; expected a list", (key,))
         (item,) = typing.get_args(tp)
         return [_coerce(key, v, item) for v in value]
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -293,7 +310,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return ""
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
-    raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}")
+    raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}", (key,))
 
 
 def _type_name(tp: Any) -> str:
@@ -327,27 +344,84 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     return Config(**sections)
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` strings (values parsed as YAML) onto a nested dict."""
+def apply_overrides(raw: dict[str, Any], overrides: list[str], origins: dict[str, str] | None = None) -> dict[str, Any]:
+    """Apply ``a.b=value`` strings (values parsed as YAML) onto a nested dict; ``origins`` (if given) records
+    ``"--set a.b=value"`` as the source of each key set. Errors name the ``--set``."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.max_steps=100")
         key, text = item.split("=", 1)
-        parts = key.strip().split(".")
+        key = key.strip()
+        parts = key.split(".")
         if len(parts) != 2:
-            raise _unknown(key)
+            raise ConfigError(f"--set {item}: {_unknown(key)}", (key,))
         section, name = parts
+        if origins is not None:
+            origins.setdefault(section, f"--set {item}")
+            origins[key] = f"--set {item}"
         raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
         if not isinstance(raw[section], dict):
-            raise ConfigError(f"--set {item!r}: section {section!r} is not a mapping")
-        raw[section][name] = yaml.safe_load(text) if text.strip() else None
+            raise ConfigError(f"--set {item}: section {section!r} is not a mapping")
+        try:
+            raw[section][name] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item}: the value is not valid YAML: {_yaml_problem(e)}") from None
     return raw
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line, positions as ``line L, column C`` and no ``<unicode string>``."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem:
+        text = e.problem
+        if e.problem_mark is not None:
+            text = f"line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}: {text}"
+        if e.context:
+            where = (f" at line {e.context_mark.line + 1}, column {e.context_mark.column + 1}"
+                     if e.context_mark is not None else "")
+            text += f" ({e.context}{where})"
+        return text
+    return " ".join(str(e).replace('in "<unicode string>", ', "").split())
+
+
+def _read_recipe(path: Path) -> dict[str, Any]:
+    """The recipe's nested dict; errors name the file once, on one line."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        problem = _yaml_problem(e)
+        if problem.startswith("line "):
+            where, _, problem = problem.partition(": ")
+            raise ConfigError(f"{path}, {where}: not valid YAML: {problem}") from None
+        raise ConfigError(f"{path}: not valid YAML: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for section, given in raw.items():
+        if given is not None and not isinstance(given, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping, got {given!r}")
+    return raw
+
+
+def _blame(e: ConfigError, origins: dict[str, str], fallback: str | None) -> ConfigError:
+    """``e`` prefixed with where its keys' values came from: the recipe file, ``--set key=value``, or both."""
+    sources = list(dict.fromkeys(origins[k] for k in e.keys if k in origins))
+    if not sources and not e.keys and fallback:
+        sources = [fallback]
+    return ConfigError(f"{' and '.join(sources)}: {e}" if sources else str(e), e.keys)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults < YAML recipe at ``path`` < ``overrides`` (``["train.max_steps=10", ...]``)."""
+    """Defaults < YAML recipe at ``path`` (a file, or a shipped recipe's name) < ``overrides``
+    (``["train.max_steps=10", ...]``). An error names the source of the bad value: the recipe file or the
+    ``--set``."""
     raw: dict[str, Any] = {}
-    source = "defaults"
+    origins: dict[str, str] = {}
+    source = None
     if path is not None:
         from .resources import builtin_recipes, recipe_path
 
@@ -355,12 +429,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"recipe {str(path)!r} does not exist (a file, or a shipped recipe: "
                               f"{', '.join(builtin_recipes())})")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
         source = str(path)
+        raw = _read_recipe(path)
+        for section, given in raw.items():
+            origins[str(section)] = source
+            origins.update({f"{section}.{key}": source for key in (given or {})})
+    raw = apply_overrides(raw, list(overrides or []), origins)
     try:
-        return config_from_dict(apply_overrides(raw, overrides or []), source)
+        return config_from_dict(raw, source or "config")
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") if path is not None else e from None
+        raise _blame(e, origins, source) from None

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,63 @@ def test_readme_documents_every_key():
 
     missing = [k for k in valid_keys() if f"`{k}`" not in readme]
     assert not missing, f"README's configuration reference lacks {missing}"
+
+
+def test_a_bad_override_is_blamed_on_the_override_not_the_recipe(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("optim:\n  lr: 1e-4\ntrain:\n  max_steps: 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, ["optim.lr=abc", "train.max_steps=5"])
+    assert str(info.value).startswith("--set optim.lr=abc: optim.lr='abc' has the wrong type"), info.value
+    assert "recipe.yaml" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"^--set train.lerning=3: unknown config key 'train.lerning'"):
+        load_config(recipe, ["train.lerning=3"])
+    with pytest.raises(ConfigError, match=r"^--set optim.lr=-1: optim.lr=-1.0 must be > 0"):
+        load_config(None, ["optim.lr=-1"])
+    # the recipe's own bad value names the recipe, once
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe)
+    assert str(info.value) == f"{recipe}: train.max_steps=0 must be > 0"
+    # ... unless an override fixes it
+    assert load_config(recipe, ["train.max_steps=5"]).train.max_steps == 5
+
+
+def test_a_cross_key_error_names_every_source(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("objective:\n  inversion_cache: true\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, ["objective.inversion_model=policy"])
+    assert str(info.value).startswith(f"{recipe} and --set objective.inversion_model=policy: "), info.value
+
+
+@pytest.mark.parametrize("text, message", [
+    ("optim:\n  lr: [1\n", r"line 3, column 1: not valid YAML: expected ',' or ']'"),
+    ("- a\n- b\n", "expected a mapping of sections, got list"),
+    ("optim: 3\n", "section 'optim' must be a mapping, got 3"),
+])
+def test_a_bad_recipe_names_its_path_once_on_one_line(tmp_path, text, message):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe)
+    msg = str(info.value)
+    assert msg.count(str(recipe)) == 1 and msg.startswith(str(recipe)) and "\n" not in msg, msg
+    assert re.search(message, msg), msg
+    assert "<unicode string>" not in msg
+
+
+def test_a_shipped_recipe_by_name():
+    assert load_config("sdxl-dpo") == load_config(resource_dir("recipes") / "sdxl-dpo.yaml")
+
+
+def test_objective_help_names_every_builtin_and_loss_types_are_defined_once():
+    import dataclasses
+
+    from diffalign import config
+    from diffalign.objectives import dpo
+    from diffalign.registry import BUILTIN_OBJECTIVES
+
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(config.ObjectiveConfig)}
+    assert all(name in helps["name"] for name in BUILTIN_OBJECTIVES), helps["name"]
+    assert dpo.LOSS_TYPES is config.LOSS_TYPES
+    assert all(t in helps["loss_type"] for t in config.LOSS_TYPES)

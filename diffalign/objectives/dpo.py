@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import ObjectiveConfig
+from ..config import LOSS_TYPES, ObjectiveConfig
 from .base import PairErrors, pair_metrics
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+__all__ = ["DPO", "LOSS_TYPES", "dpo_loss"]
 
 
 def dpo_loss(model_err_w: Tensor, model_err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor,
