@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -34,12 +35,14 @@ def sample_to_folder(base: str, prompts_file: str | Path, out: str | Path, per_p
                      guidance: float = 5.0, eta: float = 1.0, seed: int = 0, resolution: int | None = None,
                      device: str | None = None) -> Path:
     """Sample ``per_prompt`` images per prompt from one shared ``x_T`` and store their trajectories (see the
-    module doc). Resumable: prompts whose trajectory exists are skipped. Returns the manifest path."""
+    module doc) at ``resolution`` px, by default the model's own size (its UNet's sample size times the VAE's
+    scale factor: what ``generate``, ``make-pairs`` and ``eval`` draw). Resumable: prompts whose trajectory exists
+    are skipped. Returns the manifest path."""
     out, prompts = Path(out), read_prompts(prompts_file)
     if per_prompt < 2:
         raise DataError(f"--per-prompt {per_prompt}: people need at least 2 images per prompt to compare")
     backbone = Backbone.load(base)
-    resolution = resolution or (1024 if backbone.is_sdxl else 512)
+    resolution = resolution or backbone.unet.config.sample_size * backbone.vae_scale_factor
     settings = {"base": str(base), "per_prompt": per_prompt, "steps": steps, "guidance": guidance, "eta": eta,
                 "seed": seed, "resolution": resolution}
     manifest = _read_manifest(out) if (out / MANIFEST).is_file() else None
@@ -106,6 +109,9 @@ def read_labels(labels: str | Path, manifest: dict) -> dict[int, torch.Tensor]:
             raise DataError(f"{where}: prompt_id {pid!r} is not in the manifest (ids 0..{len(ids) - 1})")
         if not isinstance(scores, list) or len(scores) != k or not all(isinstance(s, (int, float)) for s in scores):
             raise DataError(f"{where}: scores must be a list of {k} numbers (one per image of prompt {pid}), got {scores!r}")
+        bad = next((i for i, s in enumerate(scores) if not math.isfinite(s)), None)
+        if bad is not None:
+            raise DataError(f"{where}: score {bad + 1} is not a finite number ({scores[bad]}); scores must be finite")
         total, count = sums.get(pid, [torch.zeros(k), 0])
         sums[pid] = [total + torch.tensor(scores, dtype=torch.float32), count + 1]
     if not sums:

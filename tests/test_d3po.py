@@ -153,6 +153,8 @@ def test_human_feedback_round_trip(tiny_sdxl, d3po_config, tmp_path, capsys):
     ('{"prompt_id": 7, "scores": [1, 0, 0]}', "prompt_id 7 is not in the manifest"),
     ('{"prompt_id": 0, "scores": [1, 0]}', "scores must be a list of 3 numbers"),
     ('{"prompt_id": 0, "scores": [1, 0, 0]', "not valid JSON"),
+    ('{"prompt_id": 0, "scores": [1, NaN, 0]}', "score 2 is not a finite number (nan)"),
+    ('{"prompt_id": 0, "scores": [1, 0, Infinity]}', "score 3 is not a finite number (inf)"),
 ])
 def test_label_mismatches_are_named(tiny_sd15, d3po_config, tmp_path, capsys, line, message):
     prompts = tmp_path / "human.txt"
@@ -193,3 +195,21 @@ def test_an_update_window_spans_every_trained_step_of_its_pairs(tiny_sd15, d3po_
         items = [item for b in batches[start:start + window] for item in b["items"]]
         pairs = {i for i, _ in items}
         assert len(pairs) == 4 and all(sum(1 for i, _ in items if i == p) == src.trained_steps for p in pairs)
+
+
+def test_sample_draws_at_the_models_own_size(tiny_sd15, tmp_path):
+    from PIL import Image
+
+    from diffalign.models import Backbone
+
+    backbone = Backbone.load(str(tiny_sd15))
+    size = backbone.unet.config.sample_size * backbone.vae_scale_factor  # what `generate` draws: 64 px here
+    assert size != 512
+    prompts = tmp_path / "human.txt"
+    prompts.write_text("a cat\n")
+    out = tmp_path / "samples"
+    assert main(["sample", "--base", str(tiny_sd15), "--prompts", str(prompts), "--per-prompt", "2", "--steps", "1",
+                 "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resolution"] == size
+    assert Image.open(out / manifest["prompts"][0]["images"][0]).size == (size, size)
