@@ -1,10 +1,19 @@
-"""Command line: ``diffalign train | generate | score | make-pairs | sample | eval | export | demo``."""
+"""Command line: ``diffalign train | generate | score | make-pairs | sample | eval | export | demo``.
+
+Errors: our own error types (:data:`USER_ERRORS`: bad config, data, model, adapter, reward, output folder or
+argument) print one ``error: ...`` line to stderr and exit 2; anything else is a bug and keeps its traceback. One
+case prints both: a reward head that raises (:class:`~diffalign.rewards.RewardFailed`) prints the ``error:`` line
+naming the head and the prompt(s), then the head's own traceback, and exits 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import math
 import sys
+import traceback
 from pathlib import Path
 
 from .checkpoint import OutputDirError
@@ -13,9 +22,17 @@ from .data.readers import DataError
 from .export import ExportError
 from .guards import TrainingStopped
 from .models import ModelLoadError
-from .rewards.base import RewardError
+from .rewards.base import RewardError, RewardFailed
 
-USER_ERRORS = (ConfigError, DataError, ExportError, ModelLoadError, OutputDirError, RewardError, FileNotFoundError, KeyError, ImportError)
+
+class ArgumentError(ValueError):
+    """A command-line value that is refused before anything loads (``--steps 0``, ``--height 30``, ...)."""
+
+
+# Our own error types, each a one-line `error:`. FileNotFoundError is the one built-in: our code raises it for a
+# missing user file (an adapter folder, a checkpoint to resume) with a message naming the path.
+USER_ERRORS = (ConfigError, DataError, ExportError, ModelLoadError, OutputDirError, RewardError, ArgumentError,
+               FileNotFoundError)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -24,6 +41,11 @@ def _train(args: argparse.Namespace) -> None:
     from .trainer import train
 
     cfg = load_config(args.config, args.set)
+    if cfg.optim.name == "adamw8bit":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("optim.name=adamw8bit needs bitsandbytes: pip install 'diffalign[bnb]'")
     result = train(cfg)
     if not PartialState().is_main_process:
         return
@@ -47,9 +69,8 @@ def _generate(args: argparse.Namespace) -> None:
     images = []
     for i, prompt in enumerate(args.prompt):
         g = torch.Generator().manual_seed(args.seed + i)
-        kw = {"height": args.height, "width": args.width} if args.height else {}
-        img = pipe(prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
-                   guidance_scale=args.guidance, generator=g, **kw).images[0]
+        img = pipe(prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                   generator=g, height=args.height, width=args.width).images[0]
         path = out / f"{i:03d}.png"
         atomic_save_image(path, img)
         images.append(img)
@@ -107,10 +128,12 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate
+    from .report import summary_text
 
     rewards = _rewards(args)
-    evaluate(args.base, args.adapter, args.prompts, rewards, args.out, seeds=args.seeds, scales=args.scale,
-             pairs=args.pairs, steps=args.steps, guidance=args.guidance, height=args.height, width=args.width)
+    report = evaluate(args.base, args.adapter, args.prompts, rewards, args.out, seeds=args.seeds, scales=args.scale,
+                      pairs=args.pairs, steps=args.steps, guidance=args.guidance, height=args.height, width=args.width)
+    print(summary_text(report))
     print(f"{Path(args.out) / 'report.json'}\n{Path(args.out) / 'report.html'}")
 
 
@@ -128,8 +151,31 @@ def _export(args: argparse.Namespace) -> None:
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=30, help="denoising steps")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: the model's own "
+                   "size, its UNet sample_size x VAE scale factor)")
+    p.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's own)")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse sampling values no run could use, before anything loads (:class:`ArgumentError`)."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for name in ("steps", "seeds", "per_prompt", "batch_size"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ArgumentError(f"{flag(name)} {value}: must be at least 1")
+    for name in ("height", "width", "resolution"):
+        value = getattr(args, name, None)
+        if value is not None and (value <= 0 or value % 8):
+            raise ArgumentError(f"{flag(name)} {value}: must be a positive multiple of 8")
+    for name in ("guidance", "scale", "margin", "eta"):
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and not math.isfinite(value):
+                raise ArgumentError(f"{flag(name)} {value}: must be a finite number")
+    if getattr(args, "eta", None) is not None and args.eta <= 0:
+        raise ArgumentError(f"--eta {args.eta}: must be > 0 (D3PO's step log-probability needs noise)")
 
 
 def _reward_args(p: argparse.ArgumentParser) -> None:
@@ -146,16 +192,49 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), quick=args.quick, reward=args.reward, steps=args.steps)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffalign", description="Align diffusion models with human preferences.")
-    sub = parser.add_subparsers(dest="command", required=True)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, except where there is none to show (None, False, an empty
+    list) or the help already says it; descriptions and epilogs keep their line breaks."""
 
-    p = sub.add_parser("train", help="train a LoRA adapter from a recipe")
-    p.add_argument("--config", "-c", help="YAML recipe (defaults < recipe < --set)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.max_steps=100")
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        nothing = default is None or default is False or default is argparse.SUPPRESS or default == []
+        if nothing or "%(default)" in text or "(default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _train_epilog() -> str:
+    from .resources import builtin_recipes
+
+    names = builtin_recipes()
+    lines, line = [], " "
+    for name in names:
+        if len(line) + len(name) > 100:
+            lines.append(line.rstrip(","))
+            line = " "
+        line += f" {name},"
+    lines.append(line.rstrip(","))
+    return ("config keys: every section.key, its default and meaning are listed in README.md, section\n"
+            "  'Configuration reference' (or in Python: diffalign.config.valid_keys() and the fields' help).\n"
+            "shipped recipes (give the name to --config, e.g. --config sdxl-dpo):\n" + "\n".join(lines))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffalign", description="Align diffusion models with human preferences.",
+                                     formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add = functools.partial(sub.add_parser, formatter_class=HelpFormatter)  # every help shows its defaults
+
+    p = add("train", help="train a LoRA adapter from a recipe",
+                       description="Train a LoRA adapter: defaults < recipe (--config) < --set overrides.",
+                       epilog=_train_epilog())
+    p.add_argument("--config", "-c", help="YAML recipe: a file or a shipped recipe's name (defaults < recipe < --set)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override, repeatable; the value is YAML, e.g. train.max_steps=100 or lora.targets=[to_q,to_v]")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("generate", help="generate images from a base model with aligned adapters")
+    p = add("generate", help="generate images from a base model with aligned adapters")
     p.add_argument("--base", required=True, help="base model: hub id or local diffusers folder")
     p.add_argument("--adapter", action="append", help="adapter folder (repeatable)")
     p.add_argument("--scale", type=float, action="append", help="adapter scale, one per --adapter (default 1.0)")
@@ -166,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="generated", help="output folder")
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("score", help="score images, or the two images of every pair of a dataset, with reward heads")
+    p = add("score", help="score images, or the two images of every pair of a dataset, with reward heads")
     _reward_args(p)
     p.add_argument("--images", help="folder of images, scored in file-name order")
     p.add_argument("--prompts", help="prompts of --images: .txt (one per line, or one for all) or .jsonl")
@@ -175,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="images per reward call")
     p.set_defaults(func=_score)
 
-    p = sub.add_parser("make-pairs", help="generate K images per prompt, score them and write a local-pairs dataset")
+    p = add("make-pairs", help="generate K images per prompt, score them and write a local-pairs dataset")
     _reward_args(p)
     p.add_argument("--base", required=True, help="base model: hub id or local diffusers folder")
     p.add_argument("--adapter", default=None, help="adapter folder to generate with (default: the base alone)")
@@ -189,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (rerun with the same settings to resume)")
     p.set_defaults(func=_make_pairs)
 
-    p = sub.add_parser("sample", help="D3PO human feedback: K images per prompt from one initial latent, with their "
+    p = add("sample", help="D3PO human feedback: K images per prompt from one initial latent, with their "
                        "trajectories, for people to score")
     p.add_argument("--base", required=True, help="base model: hub id or local diffusers folder")
     p.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with \"prompt\"")
@@ -198,11 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (> 0)")
     p.add_argument("--seed", type=int, default=0, help="prompt i's initial latent and noise use seed and i")
-    p.add_argument("--resolution", type=int, default=None, help="image size (default 512 SD1.5, 1024 SDXL)")
+    p.add_argument("--resolution", type=int, default=None, help="image size, a multiple of 8 (default: the model's "
+                   "own size, as generate draws)")
     p.add_argument("--out", required=True, help="output folder (images/, trajectories/, manifest.json)")
     p.set_defaults(func=_sample)
 
-    p = sub.add_parser("eval", help="base vs aligned images on the same prompts and seeds, scored; report.json/html")
+    p = add("eval", help="base vs aligned images on the same prompts and seeds, scored; report.json/html")
     _reward_args(p)
     p.add_argument("--base", required=True, help="base model: hub id or local diffusers folder")
     p.add_argument("--adapter", action="append", required=True, help="adapter folder (repeatable)")
@@ -214,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (rerun to resume: existing images are reused)")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("export", help="export an adapter: kohya format (A1111/ComfyUI) or a fused full pipeline")
+    p = add("export", help="export an adapter: kohya format (A1111/ComfyUI) or a fused full pipeline")
     p.add_argument("adapter", help="a diffalign output folder (or its pytorch_lora_weights.safetensors)")
     p.add_argument("--format", choices=["kohya"], help="write the LoRA in this format to --out (a .safetensors file)")
     p.add_argument("--fuse", action="store_true", help="write a full diffusers pipeline with the adapter fused in")
@@ -223,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file (--format) or folder (--fuse)")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("demo", help="offline end to end on the testbed model: make-pairs, Diffusion-DPO, eval")
+    p = add("demo", help="offline end to end on the testbed model: make-pairs, Diffusion-DPO, eval")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--reward", default="shape_size", help="programmatic reward that labels the pairs "
                    "(shape_size, vividness, jpeg_compressibility, ...)")
@@ -233,19 +313,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """diffusers' and transformers' logs down to errors, and their loading progress bars off ("Loading weights",
+    "Loading pipeline components", "No LoRA keys associated to CLIPTextModel"). Hub download bars stay on, as do
+    our own warnings and progress bars."""
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+
+        hub_bars = not are_progress_bars_disabled()
+    except ImportError:  # pragma: no cover - huggingface_hub comes with diffusers
+        hub_bars, enable_progress_bars = False, None
+    for module in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            lib = __import__(module, fromlist=["set_verbosity_error"])
+        except ImportError:  # pragma: no cover - both are dependencies
+            continue
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    if hub_bars:  # transformers' disable_progress_bar switches the hub's download bars off too
+        enable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "diffusers", "transformers", "accelerate"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.command == "generate" and args.scale and len(args.scale) != len(args.adapter or []):
-        print(f"error: {len(args.adapter or [])} --adapter but {len(args.scale)} --scale", file=sys.stderr)
-        return 2
     try:
+        check_arguments(args)
+        if args.command == "generate" and args.scale and len(args.scale) != len(args.adapter or []):
+            raise ArgumentError(f"{len(args.adapter or [])} --adapter but {len(args.scale)} --scale")
+        quiet_libraries()
         args.func(args)
+    except RewardFailed as e:  # one line naming the head and prompt(s), then the head's own traceback
+        print(f"error: {e}", file=sys.stderr)
+        cause = e.__cause__ or e
+        traceback.print_exception(type(cause), cause, cause.__traceback__, file=sys.stderr)
+        return 2
     except USER_ERRORS as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)

@@ -6,6 +6,11 @@ Layout of the output folder::
     scores.jsonl          one line per finished prompt: prompt, image paths, seeds, every head's scores
     pairs.jsonl           the local-pairs dataset (data.md), rebuilt from scores.jsonl at the end
     make_pairs.json       the settings; a rerun with the same settings resumes, skipping finished prompts
+
+A prompt is done when its line is in ``scores.jsonl``. Its images are scored in memory first, then each is written
+atomically (temporary file, renamed), then the line is appended: a failing reward writes nothing of that prompt,
+an interruption or error while saving removes the prompt's images written so far, and a resume clears temporary
+files a hard kill left behind and regenerates every prompt without a line (same seeds, same images).
 """
 
 from __future__ import annotations
@@ -69,6 +74,33 @@ def _finished(out: Path, prompts: list[str]) -> dict[int, dict]:
     return done
 
 
+def _clear_partial(out: Path, done: dict[int, dict]) -> None:
+    """Before resuming: remove temporary files a hard kill left in ``images/``, and rewrite ``scores.jsonl`` with
+    only its whole, finished lines (so the next append never lands on a torn line)."""
+    images = out / "images"
+    if images.is_dir():
+        for tmp in images.glob(".*.partial"):
+            tmp.unlink(missing_ok=True)
+    file = out / "scores.jsonl"
+    if file.is_file():
+        clean = "".join(json.dumps(done[i]) + "\n" for i in sorted(done))
+        if file.read_text() != clean:
+            atomic_write_text(file, clean)
+
+
+def _save_prompt_images(out: Path, files: list[str], images: list) -> None:
+    """Write one prompt's images, each atomically; on any error or interruption remove those already written."""
+    written = []
+    try:
+        for img, f in zip(images, files):
+            atomic_save_image(out / f, img)
+            written.append(out / f)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
 def _check_settings(out: Path, settings: dict) -> None:
     file = out / "make_pairs.json"
     if file.is_file():
@@ -101,6 +133,7 @@ def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, Reward
     done = _finished(out, prompts)
     todo = [i for i in range(len(prompts)) if i not in done]
     if todo:
+        _clear_partial(out, done)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = load_aligned_pipeline(base, [adapter] if adapter else [], device=device)
         pipe.set_progress_bar_config(disable=True)
@@ -112,12 +145,12 @@ def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, Reward
                           guidance_scale=guidance, generator=[torch.Generator().manual_seed(s) for s in seeds],
                           **size).images
             files = [f"images/p{pid:05d}_{k}.png" for k in range(per_prompt)]
-            for img, f in zip(images, files):
-                atomic_save_image(out / f, img)
-            scores = score_images(rewards, images, [prompts[pid]] * per_prompt)
-            done[pid] = {"prompt_id": pid, "prompt": prompts[pid], "images": files, "seeds": seeds, "scores": scores}
+            scores = score_images(rewards, images, [prompts[pid]] * per_prompt)  # a failing head writes nothing
+            _save_prompt_images(out, files, images)
+            record = {"prompt_id": pid, "prompt": prompts[pid], "images": files, "seeds": seeds, "scores": scores}
             with (out / "scores.jsonl").open("a") as f:
-                f.write(json.dumps(done[pid]) + "\n")
+                f.write(json.dumps(record) + "\n")
+            done[pid] = record
     return write_pairs(out, [done[i] for i in sorted(done)], rewards, pairing, margin, weights)
 
 

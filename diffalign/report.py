@@ -74,6 +74,30 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _columns(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Left-aligned text columns, two spaces apart."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+
+
+def summary_text(report: dict) -> str:
+    """The numbers of a ``diffalign eval`` report as plain text (what the command prints): per adapter and reward
+    head, the win rate vs base with its 95% interval, wins/ties/n and the mean scores of base and adapter; then
+    the held-out implicit and ranking accuracies when pairs were given."""
+    base, images = report["mean_scores"]["base"], len(report["prompts"]) * report["seeds"]
+    lines = [f"{len(report['prompts'])} prompts x {report['seeds']} seeds = {images} images per model; win rate: "
+             "share of (prompt, seed) where the adapter's image scores better than base's (ties count 1/2)"]
+    rows = [[model, head, f"{w['rate']:.3f}", f"[{w['low']:.3f}, {w['high']:.3f}]", f"{w['wins']}/{w['ties']}/{w['n']}",
+             f"{base[head]:.4g}", f"{report['mean_scores'][model][head]:.4g}"]
+            for model, per_head in report["win_rates"].items() for head, w in per_head.items()]
+    lines += _columns(["model", "head", "win rate", "95% CI", "wins/ties/n", "base mean", "aligned mean"], rows)
+    if report.get("pair_accuracy"):
+        rows = [[model, f"{a['implicit_accuracy']:.3f}", f"{a['ranking_accuracy']:.3f}", f"{a['pairs']:.0f}"]
+                for model, a in report["pair_accuracy"].items()]
+        lines += ["", "held-out pairs", *_columns(["model", "implicit acc", "ranking acc", "pairs"], rows)]
+    return "\n".join(lines)
+
+
 def write_html(out: Path, report: dict, higher_is_better: Mapping[str, bool]) -> Path:
     """Write ``out/report.html`` (and its plots) from a ``diffalign eval`` report."""
     models = list(report["scores"])

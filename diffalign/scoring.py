@@ -52,7 +52,7 @@ def score_images(rewards: Mapping[str, RewardModel], images: Sequence[Image.Imag
             end += 1
         batch, texts = to_tensor(images[start:end]), list(prompts[start:end])
         for name, reward in rewards.items():
-            out[name].extend(score(reward, batch, texts).tolist())
+            out[name].extend(score(reward, batch, texts, name=name).tolist())
         start = end
     return out
 

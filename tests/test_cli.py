@@ -114,3 +114,40 @@ def test_shipped_accelerate_configs_parse(name, kind):
 
     config = ClusterConfig.from_yaml_file(str(resource_dir("accelerate") / f"{name}.yaml"))
     assert config.distributed_type.name == kind and config.mixed_precision == "bf16"
+
+
+def _help(capsys, *args):
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--help"])
+    assert info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+def test_train_help_names_the_key_reference_and_the_shipped_recipes(capsys):
+    from diffalign.resources import builtin_recipes
+
+    text = _help(capsys, "train")
+    assert "README.md" in text and "Configuration reference" in text
+    assert all(name in text for name in builtin_recipes())
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("generate", ["denoising steps (default: 30)", "(default: generated)", "(default: 0)"]),
+    ("make-pairs", ["(default: 4)", "(default: best-worst)"]),
+    ("sample", ["(default: 7)", "DDIM steps (default: 20)"]),
+    ("eval", ["(default: 4)"]),
+    ("score", ["(default: 8)"]),
+    ("export", ["(default: 1.0)"]),
+    ("demo", ["(default: runs/demo)", "(default: shape_size)"]),
+])
+def test_every_help_shows_defaults(command, shown, capsys):
+    text = _help(capsys, command)
+    assert all(s in text for s in shown), text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_train_accepts_a_shipped_recipe_name(tmp_path, capsys):
+    # the recipe is found by name: the error is about the key, not a missing file
+    assert main(["train", "--config", "sdxl-dpo", "--set", "train.lerning=1"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: --set train.lerning=1: unknown config key 'train.lerning'"), last

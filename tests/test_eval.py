@@ -75,6 +75,26 @@ def test_eval_resumes_without_regenerating(evaluated, monkeypatch):
     assert json.loads((out / "report.json").read_text())["scores"] == before
 
 
+def test_eval_prints_the_numbers_then_the_paths(evaluated, capsys):
+    out, args = evaluated
+    capsys.readouterr()
+    assert main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads((out / "report.json").read_text())
+    assert lines[-2:] == [str(out / "report.json"), str(out / "report.html")]
+    text = "\n".join(lines)
+    assert "win rate" in text and "95% CI" in text and "base mean" in text and "aligned mean" in text
+    for head in ("brightness", "jpeg_compressibility"):
+        w = report["win_rates"]["aligned"][head]
+        row = next(line for line in lines if line.split()[:2] == ["aligned", head])
+        assert f"{w['rate']:.3f}" in row and f"[{w['low']:.3f}, {w['high']:.3f}]" in row, row
+        assert f"{report['mean_scores']['base'][head]:.4g}" in row and f"{report['mean_scores']['aligned'][head]:.4g}" in row
+    acc = report["pair_accuracy"]["aligned"]
+    row = next(line for line in lines if line.split()[:1] == ["aligned"] and len(line.split()) == 4)
+    assert row.split()[1:] == [f"{acc['implicit_accuracy']:.3f}", f"{acc['ranking_accuracy']:.3f}", "10"], row
+    assert any("held-out pairs" in line for line in lines)
+
+
 def test_a_seed_drawn_alone_equals_the_same_seed_drawn_with_others(evaluated, tiny_sd15, tmp_path):
     """eval draws all seeds of a prompt in one call; a regenerated single image must be the same picture."""
     import numpy as np

@@ -9,7 +9,11 @@ import torch
 from PIL import Image
 
 from ..lora import WEIGHT_NAME
-from ..models import model_kind
+from ..models import ModelLoadError, model_kind
+
+
+class AdapterError(ModelLoadError):
+    """An adapter file that cannot be read or loaded; the message names the file."""
 
 
 def stock_pipeline(base: str, revision: str | None = None, with_text_encoders: bool = True,
@@ -39,21 +43,56 @@ def adapter_file(adapter: str | Path) -> Path:
     return file
 
 
+def check_adapter_file(file: Path) -> None:
+    """Refuse a file that is not a whole safetensors file (garbage, truncated) with an :class:`AdapterError`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterError(f"adapter {str(file)!r} is not a readable safetensors file ({e}); it may be truncated or "
+                           "damaged: train again or copy it again") from None
+    if not keys:
+        raise AdapterError(f"adapter {str(file)!r} holds no tensors")
+
+
+def load_adapter(pipe, file: Path, name: str) -> None:
+    """Load one diffalign adapter into ``pipe``'s UNet only (what ``pipe.load_lora_weights`` does, without
+    asking the text encoders, which diffalign never trains), honouring the LoRA alpha in its metadata."""
+    check_adapter_file(file)
+    try:
+        state_dict, network_alphas, metadata = pipe.lora_state_dict(str(file.parent), weight_name=file.name,
+                                                                    return_lora_metadata=True)
+        if not state_dict or not all("lora" in key for key in state_dict):
+            raise ValueError("not a LoRA state dict (every key must contain 'lora')")
+        if not any(key.startswith("unet.") for key in state_dict):
+            raise ValueError("no UNet LoRA weights in it")
+        pipe.load_lora_into_unet(state_dict, network_alphas=network_alphas, unet=pipe.unet, adapter_name=name,
+                                 metadata=metadata, _pipeline=pipe)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise AdapterError(f"adapter {str(file)!r} cannot be loaded into {type(pipe).__name__}: "
+                           f"{type(e).__name__}: {e}") from None
+
+
 def load_aligned_pipeline(base: str, adapters: str | Path | list[str | Path] = (), scales: float | list[float] = 1.0,
                           device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None,
                           revision: str | None = None):
-    """A stock ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` for ``base`` with each adapter
-    loaded through ``pipe.load_lora_weights`` and activated at its scale (scale 0 reproduces the base)."""
+    """A stock ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` for ``base`` with each adapter loaded
+    into its UNet (the same weights ``pipe.load_lora_weights`` loads) and activated at its scale (scale 0
+    reproduces the base). A file that cannot be read or loaded raises :class:`AdapterError` naming it."""
     adapters = [adapters] if isinstance(adapters, (str, Path)) else list(adapters)
     scales = [scales] * len(adapters) if isinstance(scales, (int, float)) else list(scales)
     if len(scales) != len(adapters):
         raise ValueError(f"{len(adapters)} adapter(s) but {len(scales)} scale(s)")
+    files = [adapter_file(adapter) for adapter in adapters]
+    for file in files:  # before the base model loads: a bad file fails fast
+        check_adapter_file(file)
     pipe = stock_pipeline(base, revision=revision, torch_dtype=torch_dtype)
     names = []
-    for i, adapter in enumerate(adapters):
-        file = adapter_file(adapter)
+    for i, file in enumerate(files):
         name = f"aligned_{i}"
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+        load_adapter(pipe, file, name)
         names.append(name)
     if names:
         pipe.set_adapters(names, adapter_weights=[float(s) for s in scales])

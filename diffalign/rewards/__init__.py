@@ -15,7 +15,9 @@ from ..registry import resolve
 from .base import (
     FunctionReward,
     RewardError,
+    RewardFailed,
     RewardModel,
+    RewardNameError,
     as_reward,
     pareto_dominates,
     pareto_preference,
@@ -39,7 +41,7 @@ BUILTIN_REWARDS = {
 
 def load_reward(name: str, **kwargs) -> RewardModel:
     """Build the reward head ``name`` (classes get ``kwargs``; plain functions are wrapped)."""
-    obj = resolve(name, BUILTIN_REWARDS, "diffalign.rewards", "reward")
+    obj = resolve(name, BUILTIN_REWARDS, "diffalign.rewards", "reward", error=RewardNameError)
     if isinstance(obj, type):
         try:
             return as_reward(obj(**kwargs))
@@ -81,6 +83,6 @@ def load_rewards(names: str | Sequence[str], options: dict[str, dict[str, Any]] 
     return {name: load_reward(name, **options.get(name, {})) for name in names}
 
 
-__all__ = ["BUILTIN_REWARDS", "FunctionReward", "RewardError", "RewardModel", "as_reward", "load_reward", "load_rewards",
+__all__ = ["BUILTIN_REWARDS", "FunctionReward", "RewardError", "RewardFailed", "RewardModel", "RewardNameError", "as_reward", "load_reward", "load_rewards",
            "parse_reward_options", "split_names",
            "pareto_dominates", "pareto_preference", "score", "weighted_sum"]

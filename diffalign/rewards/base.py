@@ -17,6 +17,18 @@ class RewardError(ValueError):
     """Bad input to, or bad output from, a reward head; the message names the head."""
 
 
+class RewardNameError(RewardError, KeyError):
+    """A reward name that resolves to nothing, or a plug-in head that cannot be imported. Also a ``KeyError``
+    (what name lookups raised before), with the plain message as its text."""
+
+    __str__ = Exception.__str__  # not KeyError's repr() of the message
+
+
+class RewardFailed(RewardError):
+    """A reward head raised while scoring. The message names the head and the prompt(s); ``__cause__`` is the
+    head's own exception, whose traceback the CLI prints below its one ``error:`` line."""
+
+
 @runtime_checkable
 class RewardModel(Protocol):
     name: str
@@ -58,17 +70,34 @@ def check_inputs(name: str, images: Tensor, prompts: Sequence[str]) -> None:
         raise RewardError(f"reward {name!r}: images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
 
 
-def score(reward: RewardModel, images: Tensor, prompts: Sequence[str]) -> Tensor:
-    """``reward(images, prompts)`` with both sides checked: a [B] float tensor of finite values."""
+def score(reward: RewardModel, images: Tensor, prompts: Sequence[str], name: str | None = None) -> Tensor:
+    """``reward(images, prompts)`` with both sides checked: a [B] float tensor of finite values. Errors name the
+    head as ``name`` (the name the user gave it) or its own ``name``; a head that raises becomes
+    :class:`RewardFailed`, chained to the head's exception."""
     reward = as_reward(reward)
-    check_inputs(reward.name, images, prompts)
-    out = reward(images, list(prompts))
+    name = name or reward.name
+    check_inputs(name, images, prompts)
+    try:
+        out = reward(images, list(prompts))
+    except RewardError:
+        raise
+    except Exception as e:  # the head's own bug or failure: say which head and prompts, keep its traceback
+        raise RewardFailed(f"reward head {name!r} failed on {_describe_prompts(prompts)}: "
+                           f"{type(e).__name__}: {e}") from e
     if not isinstance(out, Tensor) or out.shape != (len(images),):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise RewardError(f"reward {reward.name!r} returned {shape}; expected a tensor of shape ({len(images)},)")
+        raise RewardError(f"reward {name!r} returned {shape}; expected a tensor of shape ({len(images)},)")
     if not torch.isfinite(out).all():
-        raise RewardError(f"reward {reward.name!r} returned non-finite values: {out.tolist()}")
+        raise RewardError(f"reward {name!r} returned non-finite values: {out.tolist()}")
     return out.float()
+
+
+def _describe_prompts(prompts: Sequence[str], show: int = 3) -> str:
+    """``prompt 'a cat'`` or ``prompts 'a cat', 'a dog' (+5 more)`` (distinct prompts, in order)."""
+    distinct = list(dict.fromkeys(prompts))
+    shown = ", ".join(repr(p if len(p) <= 80 else p[:77] + "...") for p in distinct[:show])
+    more = f" (+{len(distinct) - show} more)" if len(distinct) > show else ""
+    return f"prompt{'s' if len(distinct) > 1 else ''} {shown}{more}"
 
 
 def weighted_sum(rewards: Sequence[RewardModel], weights: Sequence[float], images: Tensor,
