@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from PIL import Image
 
 from . import testbed as tb
 from .config import load_config
-from .files import atomic_save_image, atomic_write_text
+from .files import atomic_write_text
 from .resources import recipe_path
 from .rewards import load_reward
 
@@ -121,18 +122,6 @@ def align_and_evaluate(out: Path, objective: str, reward: str, budget: Budget, p
     return summary
 
 
-def before_after_grid(eval_dir: Path, columns: int = 8) -> Image.Image:
-    """Base (top row) and aligned (bottom row) on the first ``columns`` held-out prompts (first seed each),
-    enlarged to a readable size and labelled."""
-    from .pipelines.grids import labelled_grid
-
-    report = json.loads((eval_dir / "report.json").read_text())
-    seeds, names = report["seeds"], list(report["images"])
-    n = min(columns, len(report["prompts"]))
-    return labelled_grid({("base" if name == "base" else "aligned"): [
-        Image.open(eval_dir / report["images"][name][i * seeds]) for i in range(n)] for name in names[:2]})
-
-
 def format_report(summary: dict) -> str:
     """A short markdown report of a demo run (``summary["seconds"]`` is the whole run, pairs included)."""
     w, before, after = summary["win_rate"], summary["prompt_following"]["base"], summary["prompt_following"]["aligned"]
@@ -164,7 +153,7 @@ def run_demo(out: Path, quick: bool = False, reward: str = "shape_size", steps: 
     pair_seconds = time.time() - start
     summary = align_and_evaluate(out, "dpo", reward, budget, pairs)
     summary.update(pair_seconds=pair_seconds, seconds=summary["seconds"] + pair_seconds)  # the whole run
-    atomic_save_image(out / "before_after.png", before_after_grid(out / "eval"))
+    shutil.copyfile(summary["grid"], out / "before_after.png")  # eval's base-over-aligned grid, enlarged, labelled
     atomic_write_text(out / "report.json", json.dumps(summary, indent=1) + "\n")
     atomic_write_text(out / "report.md", format_report(summary))
     print("\n" + (out / "report.md").read_text())

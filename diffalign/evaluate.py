@@ -22,7 +22,7 @@ from .data.prompts import read_prompts
 from .data.readers import DataError
 from .files import atomic_save_image, atomic_write_text
 from .metrics import pair_accuracies, win_rate
-from .pipelines import image_grid
+from .pipelines.grids import labelled_grid
 from .report import write_html
 from .rewards import RewardModel
 from .scoring import score_images
@@ -104,8 +104,9 @@ def evaluate(base: str, adapters: Sequence[str | Path], prompts_file: str | Path
     write_html(out, report, {h: r.higher_is_better for h, r in rewards.items()})
     for name, adapter in zip(names[1:], adapters):
         grid = out / "plots" / f"samples_{name}.png"
-        first = [images[m][i * seeds] for i in range(min(len(prompts), 8)) for m in ("base", name)]
-        atomic_save_image(grid, image_grid([Image.open(p) for p in first[0::2] + first[1::2]], cols=min(len(prompts), 8)))
+        n = min(len(prompts), 8)  # base over this adapter, first seed of the first prompts, enlarged and labelled
+        atomic_save_image(grid, labelled_grid({m if m == "base" else "aligned": [Image.open(images[m][i * seeds])
+                                                                               for i in range(n)] for m in ("base", name)}))
         update_card_with_eval(Path(adapter), name, report, grid)
     return report
 
@@ -122,10 +123,9 @@ def held_out_accuracies(base: str, adapters: Mapping[str, str | Path], pairs: st
 
     source = load_pairs(DataConfig(dataset=pairs))
     backbone = Backbone.load(base)
-    for part in (backbone.unet, backbone.vae, *backbone.text_encoders):
-        part.to(device)
+    backbone.to(device)
     # The model's native size (the UNet's sample size times the VAE's downsampling), as its pipeline draws.
-    resolution = resolution or backbone.unet.config.sample_size * 2 ** (len(backbone.vae.config.block_out_channels) - 1)
+    resolution = resolution or backbone.default_resolution
     raw = RawPairDataset(source, resolution, seed=0, random_flip=False, center_crop=True)
     result = {}
     for name, adapter in adapters.items():

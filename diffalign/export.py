@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from .files import atomic_folder, atomic_save_safetensors
 from .lora import WEIGHT_NAME
+from .models import KOHYA_BASE_VERSION, kind_of_unet_lora
 
 SUFFIXES = {".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight"}
 
@@ -68,10 +69,10 @@ def export_kohya(adapter: str | Path, out: str | Path) -> Path:
     if out.suffix != ".safetensors":
         raise ExportError(f"--out {str(out)!r}: a kohya LoRA is a .safetensors file")
     out.parent.mkdir(parents=True, exist_ok=True)
-    is_sdxl = any("add_embedding" in k for k in tensors) or _base_kind(adapter) == "sdxl"
+    kind = kind_of_unet_lora(tensors) or _base_kind(adapter) or "sd15"
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.get("r")),
             "ss_network_alpha": str(config.get("lora_alpha")),
-            "ss_base_model_version": "sdxl_base_v1-0" if is_sdxl else "sd_v1", "exported_by": "diffalign"}
+            "ss_base_model_version": KOHYA_BASE_VERSION[kind], "exported_by": "diffalign"}
     return atomic_save_safetensors(out, to_kohya(tensors, config), metadata=meta)
 
 

@@ -25,7 +25,7 @@ from .data.prompts import read_prompts
 from .data.readers import DataError
 from .files import atomic_save_image, atomic_write_text
 from .models import Backbone, Conditioning
-from .rollout import Rollouts, resolution_conditioning, sample_rollouts
+from .rollout import Rollouts, sample_rollouts
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -42,18 +42,17 @@ def sample_to_folder(base: str, prompts_file: str | Path, out: str | Path, per_p
     if per_prompt < 2:
         raise DataError(f"--per-prompt {per_prompt}: people need at least 2 images per prompt to compare")
     backbone = Backbone.load(base)
-    resolution = resolution or backbone.unet.config.sample_size * backbone.vae_scale_factor
+    resolution = resolution or backbone.default_resolution
     settings = {"base": str(base), "per_prompt": per_prompt, "steps": steps, "guidance": guidance, "eta": eta,
                 "seed": seed, "resolution": resolution}
     manifest = _read_manifest(out) if (out / MANIFEST).is_file() else None
     if manifest is not None and any(manifest.get(k) != v for k, v in settings.items()):
         raise DataError(f"{out} holds samples made with other settings; use a new --out or the same settings")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    for m in (backbone.unet, backbone.vae, *backbone.text_encoders):
-        m.to(device)
+    backbone.to(device)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "trajectories").mkdir(exist_ok=True)
-    negative = resolution_conditioning(backbone, backbone.encode_prompt([""]), resolution)
+    negative = backbone.at_resolution(backbone.encode_prompt([""]), resolution)
     entries = []
     for pid, prompt in enumerate(tqdm(prompts, desc="sampling", unit="prompt")):
         entry = {"prompt_id": pid, "prompt": prompt, "trajectory": f"trajectories/p{pid:05d}.safetensors",
@@ -61,7 +60,7 @@ def sample_to_folder(base: str, prompts_file: str | Path, out: str | Path, per_p
         entries.append(entry)
         if (out / entry["trajectory"]).is_file():
             continue
-        cond = resolution_conditioning(backbone, backbone.encode_prompt([prompt]), resolution)
+        cond = backbone.at_resolution(backbone.encode_prompt([prompt]), resolution)
         g = torch.Generator().manual_seed(seed * 1_000_003 + pid)
         rollouts = sample_rollouts(backbone, backbone.unet, [prompt], cond, negative, per_prompt, steps, guidance,
                                    eta, resolution, g)

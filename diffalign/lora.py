@@ -74,12 +74,10 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
 
 
-def save_lora(unet: torch.nn.Module, out_dir: str | Path, is_sdxl: bool) -> Path:
+def save_lora(unet: torch.nn.Module, out_dir: str | Path, pipeline_cls) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` (loadable by ``pipe.load_lora_weights(out_dir)``) into
-    ``out_dir`` atomically: a reader never sees a half-written file."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    pipeline_cls = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+    ``out_dir`` atomically: a reader never sees a half-written file. ``pipeline_cls`` is the base model's
+    stock pipeline class (:attr:`Backbone.pipeline_class`), whose ``save_lora_weights`` writes the file."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata = unet.peft_config["default"].to_dict()

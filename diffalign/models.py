@@ -72,6 +72,53 @@ def model_kind(pretrained: str, revision: str | None = None) -> str:
     return "sdxl" if "text_encoder_2" in index else "sd15"
 
 
+def pipeline_class(kind: str):
+    """The stock diffusers pipeline class of a model kind (``"sd15"`` or ``"sdxl"``)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+
+
+def pipeline_defaults(kind: str, with_text_encoders: bool = True) -> dict:
+    """Components to substitute when building a stock pipeline of ``kind``: no text encoders when they are not
+    wanted (prompts given as embeddings), and no SD1.5 safety checker (it would download a model)."""
+    defaults: dict = {}
+    if not with_text_encoders:
+        defaults["text_encoder"] = None
+        if kind == "sdxl":
+            defaults["text_encoder_2"] = None
+    if kind == "sd15":
+        defaults.update(safety_checker=None, requires_safety_checker=False)
+    return defaults
+
+
+def default_resolution(pretrained: str, revision: str | None = None) -> int:
+    """The model's own image size, read from its configs without loading weights: UNet ``sample_size`` times
+    the VAE's scale factor (512 for SD1.5, 1024 for SDXL, 32 for the testbed)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    model_kind(pretrained, revision)  # a clear error for a missing model first
+    try:
+        unet = UNet2DConditionModel.load_config(pretrained, subfolder="unet", revision=revision)
+        vae = AutoencoderKL.load_config(pretrained, subfolder="vae", revision=revision)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model {pretrained!r}: cannot read the UNet/VAE configs: {e}") from None
+    return _resolution(unet["sample_size"], vae["block_out_channels"])
+
+
+def _resolution(sample_size, block_out_channels) -> int:
+    size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+    return int(size) * 2 ** (len(block_out_channels) - 1)
+
+
+KOHYA_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}  # kohya's ss_base_model_version per kind
+
+
+def kind_of_unet_lora(keys) -> str | None:
+    """``"sdxl"`` when a UNet LoRA's key names show SDXL's added embedding, else None (undecided)."""
+    return "sdxl" if any("add_embedding" in k for k in keys) else None
+
+
 def model_fingerprint(pretrained: str, vae: str | None, revision: str | None) -> str:
     """A key that changes when the frozen encoders change: names, plus file sizes and times for local folders."""
     parts = [pretrained, vae or "", revision or ""]
@@ -103,6 +150,22 @@ class Backbone:
     @property
     def is_sdxl(self) -> bool:
         return self.kind == "sdxl"
+
+    @property
+    def pipeline_class(self):
+        """The stock diffusers pipeline class of this model."""
+        return pipeline_class(self.kind)
+
+    @property
+    def default_resolution(self) -> int:
+        """The model's own image size (see :func:`default_resolution`)."""
+        return _resolution(self.unet.config.sample_size, self.vae.config.block_out_channels)
+
+    def to(self, device) -> Backbone:
+        """Move every loaded part (UNet, VAE, text encoders) to ``device``."""
+        for part in (self.unet, self.vae, *self.text_encoders):
+            part.to(device)
+        return self
 
     @property
     def vae_scale_factor(self) -> int:
@@ -170,6 +233,20 @@ class Backbone:
             return None
         target = torch.tensor([resolution, resolution], dtype=geometry.dtype).expand(len(geometry), 2)
         return torch.cat([geometry, target], dim=1).float()
+
+    def at_resolution(self, cond: Conditioning, resolution: int) -> Conditioning:
+        """``cond`` with SDXL time ids for unscaled, uncropped images at ``resolution`` (SD1.5: unchanged)."""
+        if not self.is_sdxl:
+            return cond
+        geometry = torch.tensor([[resolution, resolution, 0, 0]] * len(cond.prompt_embeds))
+        return Conditioning(cond.prompt_embeds, cond.pooled, self.time_ids(geometry, resolution))
+
+    def pipeline_embeds(self, cond: Conditioning, negative: Conditioning) -> dict[str, Tensor]:
+        """The prompt-embedding keyword arguments of this model's stock pipeline call."""
+        kw = {"prompt_embeds": cond.prompt_embeds, "negative_prompt_embeds": negative.prompt_embeds}
+        if self.is_sdxl:
+            kw.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=negative.pooled)
+        return kw
 
     # ----- images -----
     @torch.no_grad()

@@ -26,10 +26,11 @@ from .data.prompts import read_prompts
 from .data.readers import DataError
 from .logprob import ddim_step_log_prob
 from .lora import reference_mode
-from .models import Backbone, Conditioning, model_kind
+from .models import Backbone, Conditioning, default_resolution
+from .objectives.base import StepLogProbs
 from .objectives.d3po import rollout_pairs
 from .rewards import load_rewards, parse_reward_options, score
-from .rollout import Rollouts, ddim_scheduler, guided_prediction, resolution_conditioning, sample_rollouts
+from .rollout import Rollouts, ddim_scheduler, guided_prediction, sample_rollouts
 
 log = logging.getLogger(__name__)
 ROUND_FILE = "rollouts.safetensors"
@@ -87,7 +88,7 @@ class RolloutSource:
         self.negative = self.stored.negative if self.stored is not None else self._encode([""])
 
     def _encode(self, prompts: list[str]) -> Conditioning:
-        return resolution_conditioning(self.backbone, self.backbone.encode_prompt(prompts), self.resolution)
+        return self.backbone.at_resolution(self.backbone.encode_prompt(prompts), self.resolution)
 
     def _generator(self, *key: int, shared: bool = False) -> torch.Generator:
         """A generator seeded by ``train.seed``, ``key`` and this rank (``shared``: the same on every rank)."""
@@ -191,27 +192,33 @@ class RolloutSource:
         return Round(index, rollouts, pairs, {**self._score_metrics(scores), "pairs": float(len(pairs))})
 
 
-class OnlineTraining:
-    """Mixed into :class:`~diffalign.trainer.Trainer` for objectives whose ``data`` is ``rollouts`` (D3PO)."""
+class RolloutFeed:
+    """The feed of objectives whose ``data`` is ``rollouts`` (D3PO): an epoch is a round (sample, score, pair), a
+    micro-batch ``train.batch_size`` pairs at one denoising step, its loss the objective's on the per-step
+    log-probabilities of policy and reference. Implements :class:`~diffalign.feeds.Feed`."""
 
-    def _init_rollouts(self, objective_cls) -> None:
-        """D3PO: prompts and rewards (online) or labelled trajectories (human feedback), then the backbone."""
-        cfg, m = self.cfg, self.cfg.model
+    def __init__(self, cfg: Config, accelerator, weight_dtype: torch.dtype, objective_cls) -> None:
+        """Prompts and rewards (online) or labelled trajectories (human feedback), then the backbone."""
+        self.cfg, self.accelerator, self.device = cfg, accelerator, accelerator.device
+        m = cfg.model
         self.source = RolloutSource(cfg)  # bad data fails before the model loads
-        self.resolution = cfg.data.resolution or (1024 if model_kind(m.pretrained, m.revision) == "sdxl" else 512)
+        self.resolution = cfg.data.resolution or default_resolution(m.pretrained, m.revision)
         need_text = self.source.needs_text_encoders or bool(cfg.train.validation_prompts)
-        self.backbone = Backbone.load(m.pretrained, m.vae, m.prediction_type, m.revision, self.weight_dtype,
+        self.backbone = Backbone.load(m.pretrained, m.vae, m.prediction_type, m.revision, weight_dtype,
                                       text_encoders=need_text)
         self.objective = objective_cls(cfg.objective, num_timesteps=self.backbone.scheduler.config.num_train_timesteps)
-        for part in (self.backbone.unet, self.backbone.vae, *self.backbone.text_encoders):
-            part.to(self.device)
-        self.vae_device, self.score_range = self.device, None
-        acc = self.accelerator
-        self.source.bind(self.backbone, self.resolution, acc.process_index, acc.num_processes,
-                         self._gather_round if acc.num_processes > 1 else None)
-        self.validation_cond = self._validation_conditioning()
+        self.backbone.to(self.device)
+        self.vae_device = self.device
+        self.source.bind(self.backbone, self.resolution, accelerator.process_index, accelerator.num_processes,
+                         self._gather_round if accelerator.num_processes > 1 else None)
         # one optimizer update spans every trained step of grad_accum micro-batches of pairs
-        self.accelerator.gradient_accumulation_steps = cfg.train.grad_accum * self.source.trained_steps
+        self.window = self.source.trained_steps
+        self.round: Round | None = None
+        self._metrics: dict[str, float] = {}
+        self._idle_rounds = 0  # consecutive rounds without a pair
+
+    def ready(self) -> None:
+        """Nothing to drop or place: sampling needs every part on the device."""
 
     def _gather_round(self, rollouts: Rollouts, scores: torch.Tensor) -> tuple[Rollouts, torch.Tensor]:
         """Every rank's rollouts and scores, concatenated in rank order (the same round on every rank)."""
@@ -225,31 +232,50 @@ class OnlineTraining:
         return (Rollouts(gather_object(list(r.prompts)), cat(r.latents), r.timesteps, cat(r.log_probs), cond,
                          r.negative, cat(r.images)), cat(scores))
 
-    def rollout_loss(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """D3PO: per-step log-probabilities of the stored ``x_{t-1}`` under the policy and the reference, with
-        CFG in the forward exactly as in sampling (winners and losers in one batch)."""
+    def batches(self, epoch: int, skip: int = 0) -> list[dict]:
+        """The micro-batches of round ``epoch`` (sampled and scored on first use), without the first ``skip``."""
+        if self.round is None or self.round.index != epoch:
+            self.round = self._new_round(epoch)
+        return self.source.batches(self.round, self.cfg.train.batch_size)[skip:]
+
+    def loss(self, unet, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Per-step log-probabilities of the stored ``x_{t-1}`` under the policy ``unet`` and the reference, with
+        CFG in the forward exactly as in sampling (winners and losers in one batch), into the objective."""
         b, s, dev = self.backbone, self.source, self.device
         x_t, x_prev, t = batch["x_t"].to(dev), batch["x_prev"].to(dev), batch["t"].to(dev)
         cond, negative = batch["cond"].to(dev), s.negative.to(dev)
 
-        def log_probs(unet) -> tuple[torch.Tensor, torch.Tensor]:
+        def log_probs(model) -> tuple[torch.Tensor, torch.Tensor]:
             with self.accelerator.autocast():
-                eps = guided_prediction(b, unet, x_t, t, cond, negative, s.guidance)
+                eps = guided_prediction(b, model, x_t, t, cond, negative, s.guidance)
             return ddim_step_log_prob(s.scheduler, eps.float(), t, x_t, eta=s.eta, prev_sample=x_prev)[1].chunk(2)
 
-        logp_w, logp_l = log_probs(self.unet)
-        with torch.no_grad(), reference_mode(self.accelerator.unwrap_model(self.unet)):
-            ref_w, ref_l = log_probs(self.unet)
-        return self.objective(logp_w, ref_w, logp_l, ref_l)
+        logp_w, logp_l = log_probs(unet)
+        with torch.no_grad(), reference_mode(self.accelerator.unwrap_model(unet)):
+            ref_w, ref_l = log_probs(unet)
+        return self.objective(StepLogProbs(logp_w, ref_w, logp_l, ref_l))
 
     def _new_round(self, index: int) -> Round:
         """Evaluate (every ``eval_every`` rounds), then sample and score round ``index`` with the current policy."""
-        unet, every = self.accelerator.unwrap_model(self.unet), self.cfg.objective.eval_every
+        unet, every = self.backbone.unet, self.cfg.objective.eval_every
         metrics = self.source.evaluate(unet, self.accelerator.autocast) if every and index % every == 0 else {}
         rnd = self.source.new_round(index, unet, self.accelerator.autocast)
         self._idle_rounds = 0 if rnd.pairs else self._idle_rounds + 1
         if self._idle_rounds >= 5:
             raise DataError(f"5 rounds in a row without a pair: the reward ties on every sample ({rnd.metrics})")
-        self._round_metrics = {**rnd.metrics, **metrics, "round": float(index)}
+        self._metrics = {**rnd.metrics, **metrics, "round": float(index)}
         return rnd
 
+    def take_metrics(self) -> dict[str, float]:
+        """The round's metrics (reward, pairs, timings), once: with the first optimizer step that trains on it."""
+        metrics, self._metrics = self._metrics, {}
+        return metrics
+
+    def save(self, folder: Path) -> None:
+        """The current round's rollouts go into the checkpoint."""
+        if self.round is not None:
+            self.source.save_round(self.round, folder)
+
+    def restore(self, folder: Path, epoch: int) -> None:
+        """Resume mid-round on exactly the checkpointed samples."""
+        self.round = self.source.load_round(epoch, folder)

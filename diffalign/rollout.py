@@ -93,14 +93,6 @@ def guided_prediction(backbone: Backbone, unet, x: Tensor, t: Tensor, cond: Cond
     return uncond + guidance * (conditional - uncond)
 
 
-def resolution_conditioning(backbone: Backbone, cond: Conditioning, resolution: int) -> Conditioning:
-    """SDXL time ids for unscaled, uncropped images at ``resolution`` (SD1.5: unchanged)."""
-    if not backbone.is_sdxl:
-        return cond
-    geometry = torch.tensor([[resolution, resolution, 0, 0]] * len(cond.prompt_embeds))
-    return Conditioning(cond.prompt_embeds, cond.pooled, backbone.time_ids(geometry, resolution))
-
-
 @torch.no_grad()
 def sample_rollouts(backbone: Backbone, unet, prompts: list[str], cond: Conditioning, negative: Conditioning,
                     per_prompt: int, num_steps: int, guidance: float, eta: float, resolution: int,

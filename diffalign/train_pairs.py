@@ -1,4 +1,4 @@
-"""The offline half of the trainer: preference pairs (cached or raw) in, per-pair denoising errors out.
+"""The pairs feed: preference pairs (cached or raw) in, per-pair denoising errors and the objective's loss out.
 
 Each step draws one timestep and one noise per pair (shared by winner and loser), runs winners and losers as one
 2B batch through the UNet, runs the reference (same UNet, adapters off) when the objective needs it, and hands
@@ -9,31 +9,38 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from .config import Config
 from .data.cache import WithTrajectories, build_cache, build_trajectory_cache, cache_folder, is_complete
 from .data.dataset import RawPairDataset, batch_conditioning, encode_batch
 from .data.readers import load_pairs
 from .lora import reference_mode
-from .models import Backbone, Conditioning, model_fingerprint, model_kind
+from .models import Backbone, Conditioning, default_resolution, model_fingerprint
 from .noising import ddim_invert, finish_inversion, invert_to_shared_levels, inverted_noise
 from .objectives.base import PairErrors
 
 log = logging.getLogger(__name__)
 
 
-class PairTraining:
-    """Mixed into :class:`~diffalign.trainer.Trainer` for objectives whose ``data`` is ``pairs``/``soft_pairs``."""
+class PairFeed:
+    """The feed of objectives whose ``data`` is ``pairs`` or ``soft_pairs`` (DPO, MaPO, InPO, SmPO): an epoch is a
+    seeded permutation of the pairs, a micro-batch ``train.batch_size`` of them, its loss the objective's on the
+    per-pair errors. Implements :class:`~diffalign.feeds.Feed`."""
 
-    def _init_pairs(self, objective_cls) -> None:
-        """Offline objectives: pairs (cached or raw), the backbone, the optional inversion cache."""
-        cfg = self.cfg
+    window = 1  # micro-batches per optimizer update (times train.grad_accum)
+
+    def __init__(self, cfg: Config, accelerator, weight_dtype: torch.dtype, objective_cls) -> None:
+        """Read the pairs (bad data fails before the model loads), load the backbone, build the objective and
+        prepare the training data (cached or raw). Text encoders stay loaded until :meth:`ready`."""
+        self.cfg, self.accelerator, self.device = cfg, accelerator, accelerator.device
         m, d = cfg.model, cfg.data
         raw_pairs = load_pairs(d)  # bad data fails before the model loads
-        self.resolution = d.resolution or (1024 if model_kind(m.pretrained, m.revision) == "sdxl" else 512)
+        self.resolution = d.resolution or default_resolution(m.pretrained, m.revision)
         raw = RawPairDataset(raw_pairs, self.resolution, cfg.train.seed, d.random_flip, d.center_crop)
         self.score_range = raw_pairs.score_range() if objective_cls.data == "soft_pairs" else None
         cache = None
@@ -42,20 +49,23 @@ class PairTraining:
             cache = cache_folder(model_fingerprint(m.pretrained, m.vae, m.revision), raw, cfg.cache.dtype, root)
         # With a complete cache and nothing to validate, the text encoders are never loaded at all.
         need_text = cache is None or not is_complete(cache) or bool(cfg.train.validation_prompts)
-        self.backbone = Backbone.load(m.pretrained, m.vae, m.prediction_type, m.revision, self.weight_dtype,
+        self.backbone = Backbone.load(m.pretrained, m.vae, m.prediction_type, m.revision, weight_dtype,
                                       text_encoders=need_text)
         self.objective = objective_cls(cfg.objective, num_timesteps=self.backbone.scheduler.config.num_train_timesteps)
         self.dataset, self.empty_prompt = self._prepare_data(raw, cache)
         if self.accelerator.is_main_process:
             log.info("data: %s", raw_pairs.summary())
-        self.validation_cond = self._validation_conditioning()
-        if cfg.cache.enabled:
+
+    def ready(self) -> None:
+        """After the trainer encoded what it needs (validation prompts): drop what the cache made unnecessary, place
+        the parts, and (InPO/SmPO with ``inversion_cache``) cache the reference inversions."""
+        if self.cfg.cache.enabled:
             self.backbone.free_encoders()
         self.backbone.unet.to(self.device)
-        if cfg.objective.inversion_cache and self.objective.noising != "forward":
+        if self.cfg.objective.inversion_cache and self.objective.noising != "forward":
             self.dataset = self._with_trajectories(self.dataset)  # before LoRA: the UNet is the reference
         # From the cache the VAE only decodes validation images: keep it off the accelerator until then.
-        self.vae_device = torch.device("cpu") if cfg.cache.enabled else self.device
+        self.vae_device = torch.device("cpu") if self.cfg.cache.enabled else self.device
         self.backbone.vae.to(self.vae_device)
 
     def _prepare_data(self, raw: RawPairDataset, cache: Path | None) -> tuple[torch.utils.data.Dataset, Conditioning]:
@@ -72,7 +82,12 @@ class PairTraining:
         raw.drop_bad_rows(d.on_bad_image, b.tokenizers)
         return raw, b.encode_prompt([""])
 
-    def _epoch_loader(self, epoch: int) -> DataLoader:
+    def batches(self, epoch: int, skip: int = 0) -> Iterable[dict]:
+        """The micro-batches of epoch ``epoch``, without the first ``skip`` (a resume)."""
+        loader = self.epoch_loader(epoch)
+        return self.accelerator.skip_first_batches(loader, skip) if skip else loader
+
+    def epoch_loader(self, epoch: int) -> DataLoader:
         """Batches of one epoch: a seeded permutation, sharded across processes by accelerate."""
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch))
         loader = DataLoader(Subset(self.dataset, order.tolist()), batch_size=self.cfg.train.batch_size,
@@ -90,9 +105,11 @@ class PairTraining:
         rank = self.accelerator.process_index
         return torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + micro_step) * 1009 + rank)
 
-    def compute_loss(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss and metrics of one encoded batch; noise, timesteps and caption dropout come from a generator
-        seeded by ``(seed, micro_step, rank)``, so runs and resumes are reproducible."""
+    def loss(self, unet, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss and metrics of one batch (encoded here unless it comes from the cache), the policy being ``unet``
+        (the accelerate-wrapped module, so gradients sync); noise, timesteps and caption dropout come from a
+        generator seeded by ``(seed, micro_step, rank)``, so runs and resumes are reproducible."""
+        batch = self.encoded(batch)
         b, dev = self.backbone, self.device
         z_w, z_l = batch["latents_w"].to(dev, torch.float32), batch["latents_l"].to(dev, torch.float32)
         n = len(z_w)
@@ -111,7 +128,7 @@ class PairTraining:
             x_t = b.scheduler.add_noise(latents, noise2, t2)
         else:  # InPO / SmPO: each latent's own inverted noise replaces the shared ε
             shared = torch.cat([batch["traj_w"], batch["traj_l"]]).to(dev) if "traj_w" in batch else None
-            x_t = self._invert(latents, t2, cond2, shared)
+            x_t = self.invert(latents, t2, cond2, shared)
             noise2 = inverted_noise(latents, x_t, t2, b.scheduler.alphas_cumprod)
         target = b.target(latents, noise2, t2).float()
 
@@ -120,11 +137,11 @@ class PairTraining:
                 pred = b.predict(x_t, t2, cond2, unet=unet)
             return ((pred.float() - target) ** 2).mean(dim=(1, 2, 3)).chunk(2)
 
-        model_w, model_l = errors(self.unet)
+        model_w, model_l = errors(unet)
         ref_w = ref_l = None
         if self.objective.needs_reference:
-            with reference_mode(self.accelerator.unwrap_model(self.unet)):
-                ref_w, ref_l = errors(self.unet)
+            with reference_mode(self.accelerator.unwrap_model(unet)):
+                ref_w, ref_l = errors(unet)
         scores = [None, None]
         if self.score_range is not None:
             lo, hi = self.score_range
@@ -132,13 +149,13 @@ class PairTraining:
         return self.objective(PairErrors(model_w, model_l, ref_w, ref_l, *scores))
 
     @torch.no_grad()
-    def _invert(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+    def invert(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                 shared: torch.Tensor | None = None) -> torch.Tensor:
         """DDIM (InPO) or ReNoise (SmPO) inversion of clean latents exactly to ``timesteps``, conditional, no CFG,
         with the policy (the official codes) or the reference (adapters off); from cached ``shared`` levels only
         the last step runs."""
         o, b = self.cfg.objective, self.backbone
-        unet = self.accelerator.unwrap_model(self.unet)
+        unet = b.unet  # the policy: the LoRA is attached to the backbone's UNet itself
         renoise = o.renoise_iters if self.objective.noising == "renoise" else 0
         context = reference_mode(unet) if o.inversion_model == "reference" else contextlib.nullcontext()
         predict = lambda x, t: b.predict_noise(x, t, cond, unet=unet)  # noqa: E731
@@ -167,3 +184,13 @@ class PairTraining:
         with self.accelerator.main_process_first():
             return build_trajectory_cache(pairs, folder, invert, self.cfg.cache.dtype)
 
+
+    # ----- the rest of the feed protocol: nothing per epoch to log or to checkpoint -----
+    def take_metrics(self) -> dict[str, float]:
+        return {}
+
+    def save(self, folder: Path) -> None:
+        pass
+
+    def restore(self, folder: Path, epoch: int) -> None:
+        pass

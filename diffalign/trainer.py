@@ -1,8 +1,8 @@
 """The one training loop: preference data -> LoRA adapter, on accelerate.
 
-The loop, optimization, guards, checkpoints and validation live here; what a micro-batch is and how its loss
-is computed comes from :class:`~diffalign.train_pairs.PairTraining` (offline pairs: DPO, MaPO, InPO, SmPO) or
-:class:`~diffalign.online.OnlineTraining` (D3PO rollouts). The objective's ``data`` declaration picks one.
+The loop, optimization, guards, checkpoints, logging and validation live here; what a micro-batch is and how its
+loss is computed comes from the feed the trainer holds (:mod:`diffalign.feeds`): the pairs feed (DPO, MaPO, InPO,
+SmPO) or the rollouts feed (D3PO). The objective's ``data`` declaration picks one.
 """
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .checkpoint import OutputDirError, check_writable
 from .config import Config, ConfigError
+from .feeds import Feed, make_feed
 from .files import atomic_save_image, atomic_write_text
 from .guards import StopSignals, TrainingStopped, any_process, grads_finite, zero_loss
 from .lora import add_lora, save_lora
 from .models import Conditioning
-from .online import OnlineTraining, RolloutSource, Round
 from .optim import build_optimizer
 from .registry import objective_class
-from .train_pairs import PairTraining
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +40,9 @@ class TrainResult:
     interrupted: bool = False
 
 
-class Trainer(PairTraining, OnlineTraining):
-    """Builds everything a run needs from a :class:`Config`; :meth:`train` runs it."""
+class Trainer:
+    """Builds everything a run needs from a :class:`Config`; :meth:`train` runs it. The data side is
+    :attr:`feed`; :attr:`backbone` and :attr:`objective` are the feed's."""
 
     def __init__(self, cfg: Config):
         from accelerate import Accelerator
@@ -67,15 +67,12 @@ class Trainer(PairTraining, OnlineTraining):
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision, torch.float32)
         objective_cls = objective_class(cfg.objective)  # an unknown name fails before anything loads
-        self.source: RolloutSource | None = None
-        self._round: Round | None = None
-        self._round_metrics: dict[str, float] = {}
-        self._idle_rounds = 0  # consecutive D3PO rounds without a pair
         self._bad_window = False  # a non-finite loss in the current accumulation window
-        if objective_cls.data == "rollouts":
-            self._init_rollouts(objective_cls)
-        else:
-            self._init_pairs(objective_cls)
+        self.feed: Feed = make_feed(cfg, self.accelerator, self.weight_dtype, objective_cls)
+        self.backbone, self.objective = self.feed.backbone, self.feed.objective
+        self.validation_cond = self._validation_conditioning()
+        self.feed.ready()
+        self.accelerator.gradient_accumulation_steps = cfg.train.grad_accum * self.feed.window
         self._prepare_optimization()
 
     def _prepare_optimization(self) -> None:
@@ -115,10 +112,7 @@ class Trainer(PairTraining, OnlineTraining):
         non-finite loss or gradient anywhere in the window skips the update (``metrics["skipped"] = 1``)."""
         acc = self.accelerator
         with acc.accumulate(self.unet):
-            if self.source is not None:
-                loss, metrics = self.rollout_loss(batch, micro_step)
-            else:
-                loss, metrics = self.compute_loss(self.encoded(batch), micro_step)
+            loss, metrics = self.feed.loss(self.unet, batch, micro_step)
             finite = bool(torch.isfinite(loss))
             acc.backward(loss if finite else zero_loss(self.lora_params))
             self._bad_window = self._bad_window or not finite
@@ -166,8 +160,8 @@ class Trainer(PairTraining, OnlineTraining):
         self.unet.train()
         with StopSignals() as signals:
             while step < cfg.train.max_steps:
-                for batch in self._batches(epoch, batch_in_epoch):
-                    metrics = self.training_step(batch, step * cfg.train.grad_accum + len(pending))
+                for batch in self.feed.batches(epoch, batch_in_epoch):
+                    metrics = self.training_step(batch, step * acc.gradient_accumulation_steps + len(pending))
                     batch_in_epoch += 1
                     pending.append(metrics)
                     if not acc.sync_gradients:
@@ -216,18 +210,8 @@ class Trainer(PairTraining, OnlineTraining):
         logged = dict(zip(keys, local.tolist()))
         logged["skipped"] = float(logged["skipped"] > 0)
         logged["lr"] = self.lr_scheduler.get_last_lr()[0]
-        logged.update(self._round_metrics)  # D3PO: the round's reward, pairs, timings (once)
-        self._round_metrics = {}
+        logged.update(self.feed.take_metrics())  # D3PO: the round's reward, pairs, timings (once)
         return logged
-
-    def _batches(self, epoch: int, skip: int):
-        """The micro-batches of epoch (or D3PO round) ``epoch``, without the first ``skip`` (a resume)."""
-        if self.source is None:
-            loader = self._epoch_loader(epoch)
-            return self.accelerator.skip_first_batches(loader, skip) if skip else loader
-        if self._round is None or self._round.index != epoch:
-            self._round = self._new_round(epoch)
-        return self.source.batches(self._round, self.cfg.train.batch_size)[skip:]
 
     def _checkpoint(self, step: int, epoch: int, batch_in_epoch: int) -> None:
         self.accelerator.wait_for_everyone()
@@ -240,8 +224,7 @@ class Trainer(PairTraining, OnlineTraining):
 
             def extra(tmp: Path) -> None:
                 atomic_write_text(tmp / ckpt.HISTORY, json.dumps(history, indent=1))
-                if self.source is not None:
-                    self.source.save_round(self._round, tmp)
+                self.feed.save(tmp)
 
             ckpt.save_checkpoint(self.output_dir / f"checkpoint-{step}", self._peft_state(), self.optimizer,
                                  self.lr_scheduler, self.accelerator.scaler, position, extra)
@@ -259,8 +242,7 @@ class Trainer(PairTraining, OnlineTraining):
         ckpt.check_lora_shape(folder, pos, weights, self.cfg.lora)
         set_peft_model_state_dict(self.accelerator.unwrap_model(self.unet), weights)
         self._earlier_history = ckpt.load_history(folder, pos["step"])
-        if self.source is not None:
-            self._round = self.source.load_round(pos["epoch"], folder)
+        self.feed.restore(folder, pos["epoch"])
         then, now = pos.get("num_processes", 1), self.accelerator.num_processes
         batch = pos["batch_in_epoch"]
         if then != now:  # the same data position and LR-schedule position in this world size's units
@@ -282,7 +264,7 @@ class Trainer(PairTraining, OnlineTraining):
         adapter = self.output_dir / "pytorch_lora_weights.safetensors"
         if acc.is_main_process:
             try:
-                save_lora(unet, self.output_dir, self.backbone.is_sdxl)
+                save_lora(unet, self.output_dir, self.backbone.pipeline_class)
                 atomic_write_text(self.output_dir / "config.yaml", self.cfg.to_yaml())
                 everything = self._earlier_history + history
                 atomic_write_text(self.output_dir / "metrics.json", json.dumps(everything, indent=1))
@@ -309,8 +291,8 @@ class Trainer(PairTraining, OnlineTraining):
         self.backbone.vae.to(self.device)
         images = validation_images(self.cfg.model, self.accelerator.unwrap_model(self.unet), self.backbone,
                                    *self.validation_cond, t.validation_steps, t.validation_guidance, t.seed,
-                                   self.resolution, self.device)
-        self.backbone.vae.to(self.vae_device)
+                                   self.feed.resolution, self.device)
+        self.backbone.vae.to(self.feed.vae_device)
         path = self.output_dir / "validation" / f"step-{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_image(path, image_grid(images))

@@ -114,7 +114,7 @@ def _cycling_step(trainer):
     def step():
         batch = next(state["it"], None)
         if batch is None:
-            state["it"], state["epoch"] = iter(trainer._epoch_loader(state["epoch"])), state["epoch"] + 1
+            state["it"], state["epoch"] = iter(trainer.feed.epoch_loader(state["epoch"])), state["epoch"] + 1
             batch = next(state["it"])
         trainer.training_step(batch, state["micro"])
         state["micro"] += 1
@@ -129,12 +129,12 @@ def _bare_step(trainer):
     from diffalign.models import Conditioning
 
     n, dev, backbone, unet = trainer.cfg.train.batch_size, trainer.device, trainer.backbone, trainer.unet
-    item = next(iter(trainer._epoch_loader(0)))
-    item = {k: v[0] for k, v in trainer.encoded(item).items()}
+    item = next(iter(trainer.feed.epoch_loader(0)))
+    item = {k: v[0] for k, v in trainer.feed.encoded(item).items()}
     x = torch.randn(2 * n, *item["latents_w"].shape, device=dev)
     t = torch.randint(0, 1000, (2 * n,), device=dev)
     cond = Conditioning(item["prompt_embeds"][None], item["pooled"][None] if "pooled" in item else None,
-                        backbone.time_ids(item["geometry"][None], trainer.resolution)).repeat(2 * n).to(dev)
+                        backbone.time_ids(item["geometry"][None], trainer.feed.resolution)).repeat(2 * n).to(dev)
 
     def step():
         with trainer.accelerator.autocast():
@@ -211,9 +211,9 @@ def d3po_rounds(recipe: str, overrides: list[str], steps: list[int], rounds: int
         trainer = Trainer(cfg)
         unet, samples = trainer.accelerator.unwrap_model(trainer.unet), []
         for index in range(rounds + 1):  # round 0 warms up
-            rnd = trainer.source.new_round(index, unet, trainer.accelerator.autocast)
+            rnd = trainer.feed.source.new_round(index, unet, trainer.accelerator.autocast)
             start = time.perf_counter()
-            for i, batch in enumerate(trainer.source.batches(rnd, cfg.train.batch_size)):
+            for i, batch in enumerate(trainer.feed.source.batches(rnd, cfg.train.batch_size)):
                 trainer.training_step(batch, index * 10_000 + i)
             train_s = time.perf_counter() - start
             if index:

@@ -47,6 +47,6 @@ trainer_mod.save_lora = spy("adapter", trainer_mod.save_lora)
 ckpt.save_checkpoint = spy("checkpoint", ckpt.save_checkpoint)
 result = trainer.train()
 record["history"] = result.history
-if trainer.source is not None:  # D3PO: the round every rank trained on
-    record["round_prompts"] = trainer._round.rollouts.prompts
+if hasattr(trainer.feed, "source"):  # D3PO: the round every rank trained on
+    record["round_prompts"] = trainer.feed.round.rollouts.prompts
 (record_dir / f"rank{rank}.json").write_text(json.dumps(record))

@@ -186,7 +186,7 @@ def adapter_sd15(tmp_path_factory, tiny_sd15):
     backbone = Backbone.load(str(tiny_sd15))
     add_lora(backbone.unet, LoraConfig(rank=4))
     folder = tmp_path_factory.mktemp("adapter") / "aligned"
-    save_lora(backbone.unet, folder, is_sdxl=False)
+    save_lora(backbone.unet, folder, backbone.pipeline_class)
     return folder
 
 

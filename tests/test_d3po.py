@@ -87,11 +87,11 @@ def test_online_rounds_move_every_lora_parameter(kind, request, d3po_config):
 
 def test_a_fixed_batch_lowers_the_loss(tiny_sd15, d3po_config):
     trainer = Trainer(d3po_config(tiny_sd15, "optim.lr=3e-3"))
-    rnd = trainer.source.new_round(0, trainer.accelerator.unwrap_model(trainer.unet))
-    batch = trainer.source.batches(rnd, 2)[0]
+    rnd = trainer.feed.source.new_round(0, trainer.accelerator.unwrap_model(trainer.unet))
+    batch = trainer.feed.source.batches(rnd, 2)[0]
     losses = []
     for _ in range(6):
-        loss, _ = trainer.rollout_loss(batch, 0)
+        loss, _ = trainer.feed.loss(trainer.unet, batch, 0)
         trainer.accelerator.backward(loss)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
@@ -102,8 +102,8 @@ def test_a_fixed_batch_lowers_the_loss(tiny_sd15, d3po_config):
 
 def test_stored_log_prob_equals_the_recomputed_one(tiny_sd15, d3po_config):
     trainer = Trainer(d3po_config(tiny_sd15))
-    rnd = trainer.source.new_round(0, trainer.accelerator.unwrap_model(trainer.unet))
-    r, s, b = rnd.rollouts, trainer.source, trainer.backbone
+    rnd = trainer.feed.source.new_round(0, trainer.accelerator.unwrap_model(trainer.unet))
+    r, s, b = rnd.rollouts, trainer.feed.source, trainer.backbone
     for j in range(len(r.timesteps)):
         x_t = r.latents[:, :, j].flatten(0, 1)
         cond = r.cond.select(torch.arange(len(r.prompts)).repeat_interleave(r.per_prompt))
@@ -142,8 +142,8 @@ def test_human_feedback_round_trip(tiny_sdxl, d3po_config, tmp_path, capsys):
                       '{"prompt_id": 1, "scores": [1, 1, 1], "annotator": "a"}\n')  # prompt 1 ties: no pairs
     trainer = Trainer(d3po_config(tiny_sdxl, "data.prompts=", f"data.labels={labels}", "objective.reward=[]",
                                   "train.max_steps=2"))
-    assert trainer.source.steps == 3 and trainer.backbone.text_encoders == []
-    assert trainer.source.stored_pairs == [(0, 0, 1), (0, 0, 2), (0, 1, 2)]  # means 1, 0.5, 0
+    assert trainer.feed.source.steps == 3 and trainer.backbone.text_encoders == []
+    assert trainer.feed.source.stored_pairs == [(0, 0, 1), (0, 0, 2), (0, 1, 2)]  # means 1, 0.5, 0
     before = _lora(trainer)
     assert trainer.train().steps == 2
     assert any(not torch.equal(before[n], v) for n, v in _lora(trainer).items())
@@ -184,7 +184,7 @@ def test_an_update_window_spans_every_trained_step_of_its_pairs(tiny_sd15, d3po_
     trained steps of the same batch_size x grad_accum pairs, and no other pair."""
     trainer = Trainer(d3po_config(tiny_sd15, "objective.per_prompt=3", "train.batch_size=2", "train.grad_accum=2",
                                   "objective.sample_steps=4", "objective.timestep_fraction=0.5"))
-    src = trainer.source
+    src = trainer.feed.source
     rnd = src.new_round(0, trainer.accelerator.unwrap_model(trainer.unet))
     assert len(rnd.pairs) >= 4
     window = trainer.accelerator.gradient_accumulation_steps

@@ -60,28 +60,28 @@ def test_smpo_normalises_scores_on_the_training_set(tiny_sd15, make_config, scor
     from diffalign.data.readers import load_pairs
 
     scores = torch.tensor(load_pairs(trainer.cfg.data).score_pairs())
-    assert trainer.score_range == pytest.approx((scores.min().item(), scores.max().item()))
-    batch = next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=4)))
+    assert trainer.feed.score_range == pytest.approx((scores.min().item(), scores.max().item()))
+    batch = next(iter(torch.utils.data.DataLoader(trainer.feed.dataset, batch_size=4)))
     assert "scores" in batch
-    _, metrics = trainer.compute_loss(batch, 0)
+    _, metrics = trainer.feed.loss(trainer.unet, batch, 0)
     assert 0.5 <= metrics["soft_label"] <= 1 / (1 + math.exp(-1))
 
 
 @pytest.mark.parametrize("mode", ["reference", "policy"])
 def test_inversion_uses_the_chosen_model(mode, tiny_sd15, make_config):
     trainer = Trainer(make_config(tiny_sd15, "objective.name=inpo", f"objective.inversion_model={mode}"))
-    item = trainer.dataset[0]
+    item = trainer.feed.dataset[0]
     z = torch.stack([item["latents_w"], item["latents_l"]])
     from diffalign.data.dataset import batch_conditioning
 
     batch = {k: v[None] for k, v in item.items()}
     cond = batch_conditioning(trainer.backbone, batch, 32).repeat(2)
     t = torch.tensor([420, 420])
-    before = trainer._invert(z, t, cond)
+    before = trainer.feed.invert(z, t, cond)
     with torch.no_grad():
         for p in trainer.lora_params:
             p.add_(0.05 * torch.randn_like(p))
-    after = trainer._invert(z, t, cond)
+    after = trainer.feed.invert(z, t, cond)
     assert before.shape == z.shape and torch.isfinite(before).all()
     assert torch.equal(before, after) == (mode == "reference")  # the reference does not depend on θ
 
@@ -92,17 +92,17 @@ def test_cached_reference_inversion_gives_the_uncached_loss(objective, tiny_sdxl
               "data.caption_dropout=0", "objective.inversion_steps=5"]
     live = Trainer(make_config(tiny_sdxl, *common, out="live"))
     cached = Trainer(make_config(tiny_sdxl, *common, "objective.inversion_cache=true", out="cached"))
-    item = cached.dataset[0]
+    item = cached.feed.dataset[0]
     assert item["traj_w"].shape == (4, 4, 16, 16)  # the shared levels 200, 400, 600, 800
     for micro in range(3):  # different timesteps each time
-        batch = next(iter(torch.utils.data.DataLoader(cached.dataset, batch_size=4)))
+        batch = next(iter(torch.utils.data.DataLoader(cached.feed.dataset, batch_size=4)))
         plain = {k: v for k, v in batch.items() if not k.startswith("traj")}
-        a, ma = cached.compute_loss(batch, micro)
-        b, mb = live.compute_loss(plain, micro)
+        a, ma = cached.feed.loss(cached.unet, batch, micro)
+        b, mb = live.feed.loss(live.unet, plain, micro)
         assert a.item() == pytest.approx(b.item(), rel=1e-4)
         assert ma["err_policy_w"] == pytest.approx(mb["err_policy_w"], rel=1e-5)
     again = Trainer(make_config(tiny_sdxl, *common, "objective.inversion_cache=true", out="again"))
-    assert again.dataset.trajectories.folder == cached.dataset.trajectories.folder
+    assert again.feed.dataset.trajectories.folder == cached.feed.dataset.trajectories.folder
 
 
 @pytest.mark.parametrize("override, key", [
@@ -132,7 +132,7 @@ def test_trainer_inverts_v_prediction_models_from_their_noise(objective, kind, r
               "objective.inversion_model=reference", "data.caption_dropout=0", "objective.inversion_steps=5"]
     trainer = Trainer(make_config(request.getfixturevalue(f"tiny_{kind}"), *common, "objective.inversion_cache=true"))
     b = trainer.backbone
-    item = trainer.dataset[0]
+    item = trainer.feed.dataset[0]
     batch = {k: v[None] for k, v in item.items()}
     z = torch.cat([batch["latents_w"], batch["latents_l"]])
     cond = batch_conditioning(b, batch, 32).repeat(2)
@@ -141,8 +141,8 @@ def test_trainer_inverts_v_prediction_models_from_their_noise(objective, kind, r
     with reference_mode(b.unet):
         expected = ddim_invert(lambda x, s: b.predict_noise(x, s, cond), z, t, b.scheduler.alphas_cumprod, 5, renoise)
         raw = ddim_invert(lambda x, s: b.predict(x, s, cond), z, t, b.scheduler.alphas_cumprod, 5, renoise)
-    live = trainer._invert(z, t, cond)
-    cached = trainer._invert(z, t, cond, torch.cat([batch["traj_w"], batch["traj_l"]]))
+    live = trainer.feed.invert(z, t, cond)
+    cached = trainer.feed.invert(z, t, cond, torch.cat([batch["traj_w"], batch["traj_l"]]))
     assert torch.allclose(live, expected, atol=1e-5) and torch.allclose(cached, expected, atol=1e-4)
     assert not torch.allclose(raw, expected, atol=1e-3)  # v taken for ε would be caught
-    assert "v_prediction" in trainer.dataset.trajectories.folder.name
+    assert "v_prediction" in trainer.feed.dataset.trajectories.folder.name

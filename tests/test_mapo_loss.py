@@ -80,7 +80,7 @@ def test_mapo_runs_the_unet_once_per_step(objective, passes, tiny_sd15, make_con
     calls = []
     unet = trainer.accelerator.unwrap_model(trainer.unet)
     handle = unet.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
-    batch = next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=2)))
-    trainer.compute_loss(batch, 0)
+    batch = next(iter(torch.utils.data.DataLoader(trainer.feed.dataset, batch_size=2)))
+    trainer.feed.loss(trainer.unet, batch, 0)
     handle.remove()
     assert calls == [4] * passes  # one 2B batch (winners; losers) per pass; MaPO has no reference pass

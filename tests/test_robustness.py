@@ -78,13 +78,13 @@ def test_cli_reports_how_to_resume_after_a_signal(tiny_sd15, tmp_path, pickapic,
 
 
 def _poison(trainer, monkeypatch, bad_micro_steps):
-    real = trainer.compute_loss
+    real = trainer.feed.loss
 
-    def compute(batch, micro_step):
-        loss, metrics = real(batch, micro_step)
+    def compute(unet, batch, micro_step):
+        loss, metrics = real(unet, batch, micro_step)
         return (loss * float("nan") if micro_step in bad_micro_steps else loss), metrics
 
-    monkeypatch.setattr(trainer, "compute_loss", compute)
+    monkeypatch.setattr(trainer.feed, "loss", compute)
 
 
 def test_a_non_finite_step_is_skipped(tiny_sd15, make_config, monkeypatch):
@@ -135,12 +135,12 @@ def test_half_written_checkpoints_are_ignored_and_rotation_keeps_the_newest_vali
 def test_a_full_disk_while_checkpointing_leaves_nothing_half_written(tiny_sd15, make_config, tmp_path, monkeypatch):
     calls = []
 
-    def full_disk(tensors, path, *a, **k):
+    def full_disk(path, tensors, *a, **k):
         calls.append(path)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     trainer = Trainer(make_config(tiny_sd15, "train.max_steps=2", "train.checkpoint_every=1"))
-    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    monkeypatch.setattr(ckpt, "atomic_save_safetensors", full_disk)
     with pytest.raises(OutputDirError, match="cannot write checkpoint .*checkpoint-1: No space left on device"):
         trainer.train()
     assert calls and not [p for p in (tmp_path / "run").iterdir() if "checkpoint" in p.name]

@@ -25,10 +25,10 @@ def test_steps_move_every_lora_parameter_and_lower_the_loss(kind, objective, req
     trainer = Trainer(make_config(model, "optim.lr=2e-3", "data.caption_dropout=0", f"objective.name={objective}",
                                   f"data.dataset={scored_pickapic}", "objective.inversion_steps=4", *beta))
     before = _lora(trainer)
-    batch = next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=2)))
+    batch = next(iter(torch.utils.data.DataLoader(trainer.feed.dataset, batch_size=2)))
     losses = []
     for _ in range(8):  # the same batch, timesteps and noise every step
-        loss, metrics = trainer.compute_loss(batch, micro_step=0)
+        loss, metrics = trainer.feed.loss(trainer.unet, batch, micro_step=0)
         trainer.accelerator.backward(loss)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
@@ -65,7 +65,7 @@ def test_cached_items_equal_freshly_encoded_ones(tiny_sdxl, make_config):
     from diffalign.data.readers import load_pairs
 
     trainer = Trainer(make_config(tiny_sdxl, "cache.enabled=false", out="fresh"))
-    cached = Trainer(make_config(tiny_sdxl, out="cached")).dataset
+    cached = Trainer(make_config(tiny_sdxl, out="cached")).feed.dataset
     raw = RawPairDataset(load_pairs(trainer.cfg.data), 32, trainer.cfg.train.seed)
     fresh = encode_batch(trainer.backbone, torch.utils.data.default_collate([raw[3]]))
     for key, value in cached[3].items():
@@ -80,15 +80,15 @@ def test_second_run_reuses_the_cache_and_drops_encoders(tiny_sd15, make_config, 
 
     monkeypatch.setattr(cache_mod, "encode_batch", fail)
     trainer = Trainer(make_config(tiny_sd15, out="again"))
-    assert isinstance(trainer.dataset, CachedPairDataset) and len(trainer.dataset) == 10
+    assert isinstance(trainer.feed.dataset, CachedPairDataset) and len(trainer.feed.dataset) == 10
     assert trainer.backbone.text_encoders == []  # a complete cache: the text encoders are never loaded
-    item = trainer.dataset[0]
+    item = trainer.feed.dataset[0]
     assert set(item) >= {"latents_w", "latents_l", "prompt_embeds", "geometry", "row"}
     assert item["latents_w"].shape == (4, 16, 16)
     # a different resolution is a different cache
     monkeypatch.undo()
     other = Trainer(make_config(tiny_sd15, "data.resolution=24", out="third"))
-    assert other.dataset.folder != trainer.dataset.folder
+    assert other.feed.dataset.folder != trainer.feed.dataset.folder
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_sd15, make_config, tmp_path):
@@ -118,12 +118,12 @@ def test_interrupted_cache_build_resumes_from_written_shards(tiny_sd15, make_con
     import json
 
     trainer = Trainer(make_config(tiny_sd15, out="first"))
-    folder = trainer.dataset.folder
+    folder = trainer.feed.dataset.folder
     meta = json.loads((folder / "meta.json").read_text())
     (folder / "meta.json").unlink()  # as if the build died after writing its shards
     monkeypatch.setattr(cache_mod, "encode_batch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-encoded")))
     again = Trainer(make_config(tiny_sd15, out="second"))
-    assert again.dataset.folder == folder and json.loads((folder / "meta.json").read_text()) == meta
+    assert again.feed.dataset.folder == folder and json.loads((folder / "meta.json").read_text()) == meta
 
 
 def test_bf16_keeps_lora_fp32_and_options_run(tiny_sdxl, make_config):

@@ -21,15 +21,28 @@ class PairErrors:
     score_l: Tensor | None = None
 
 
+@dataclass
+class StepLogProbs:
+    """Per-step log-probabilities ``log π(x_{t-1} | x_t)`` of winners and losers under the policy and the
+    reference (shape [B], fp32): what ``rollouts`` objectives are given, one denoising step per micro-batch."""
+
+    policy_w: Tensor
+    ref_w: Tensor
+    policy_l: Tensor
+    ref_l: Tensor
+
+
 class Objective(Protocol):
     """A preference objective, constructed as ``Class(cfg: ObjectiveConfig, num_timesteps=T)``. The trainer
-    reads the three declarations to decide what to compute."""
+    reads the three declarations to decide what to compute: ``data`` picks the feed (``pairs``/``soft_pairs``:
+    the pairs feed, which hands over :class:`PairErrors`; ``rollouts``: the rollouts feed, which hands over
+    :class:`StepLogProbs`), ``noising`` how the pairs feed makes x_t (``rollout``: the sampled trajectory's own)."""
 
     needs_reference: bool
-    noising: Literal["forward", "ddim_inversion", "renoise"]
+    noising: Literal["forward", "ddim_inversion", "renoise", "rollout"]
     data: Literal["pairs", "soft_pairs", "rollouts"]
 
-    def __call__(self, errors: PairErrors) -> tuple[Tensor, dict[str, float]]:
+    def __call__(self, outputs: PairErrors | StepLogProbs) -> tuple[Tensor, dict[str, float]]:
         """Return ``(loss, metrics)``; metrics are plain floats for logging."""
         ...
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..config import ObjectiveConfig
 from ..rewards.base import pareto_dominates
-from .base import implicit_accuracy
+from .base import StepLogProbs, implicit_accuracy
 
 
 def d3po_step_loss(logp_w: Tensor, ref_logp_w: Tensor, logp_l: Tensor, ref_logp_l: Tensor, beta: float = 0.1,
@@ -62,5 +62,5 @@ class D3PO:
         self.beta = cfg.beta if cfg.beta is not None else self.default_beta
         self.clip = cfg.clip_range
 
-    def __call__(self, logp_w: Tensor, ref_logp_w: Tensor, logp_l: Tensor, ref_logp_l: Tensor):
-        return d3po_step_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, self.beta, self.clip)
+    def __call__(self, logps: StepLogProbs) -> tuple[Tensor, dict[str, float]]:
+        return d3po_step_loss(logps.policy_w, logps.ref_w, logps.policy_l, logps.ref_l, self.beta, self.clip)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ..lora import WEIGHT_NAME
-from ..models import ModelLoadError, model_kind
+from ..models import ModelLoadError, model_kind, pipeline_class, pipeline_defaults
 
 
 class AdapterError(ModelLoadError):
@@ -18,19 +18,11 @@ class AdapterError(ModelLoadError):
 
 def stock_pipeline(base: str, revision: str | None = None, with_text_encoders: bool = True,
                    torch_dtype: torch.dtype | None = None, **components):
-    """The base model's own diffusers pipeline class (``StableDiffusionPipeline`` or
-    ``StableDiffusionXLPipeline``), with ``components`` substituted and, if asked, no text encoders."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
+    """The base model's own stock diffusers pipeline class (:func:`~diffalign.models.pipeline_class`), with
+    ``components`` substituted and, if asked, no text encoders."""
     kind = model_kind(base, revision)
-    cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
-    if not with_text_encoders:
-        components.setdefault("text_encoder", None)
-        if kind == "sdxl":
-            components.setdefault("text_encoder_2", None)
-    if kind == "sd15":
-        components.setdefault("safety_checker", None)
-        components.setdefault("requires_safety_checker", False)
+    cls = pipeline_class(kind)
+    components = {**pipeline_defaults(kind, with_text_encoders), **components}
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     return cls.from_pretrained(base, revision=revision, **components, **kwargs)
 
@@ -78,7 +70,7 @@ def load_adapter(pipe, file: Path, name: str) -> None:
 def load_aligned_pipeline(base: str, adapters: str | Path | list[str | Path] = (), scales: float | list[float] = 1.0,
                           device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None,
                           revision: str | None = None):
-    """A stock ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` for ``base`` with each adapter loaded
+    """A stock diffusers pipeline (SD1.5 or SDXL) for ``base`` with each adapter loaded
     into its UNet (the same weights ``pipe.load_lora_weights`` loads) and activated at its scale (scale 0
     reproduces the base). A file that cannot be read or loaded raises :class:`AdapterError` naming it."""
     adapters = [adapters] if isinstance(adapters, (str, Path)) else list(adapters)

@@ -17,9 +17,7 @@ def validation_images(model: ModelConfig, unet, backbone: Backbone, cond: Condit
     and ``backbone.vae``, prompts given as embeddings so no text encoder is loaded."""
     pipe = stock_pipeline(model.pretrained, unet=unet, vae=backbone.vae, with_text_encoders=False,
                           revision=model.revision)
-    kw = dict(prompt_embeds=cond.prompt_embeds, negative_prompt_embeds=negative.prompt_embeds)
-    if backbone.is_sdxl:
-        kw.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=negative.pooled)
+    kw = backbone.pipeline_embeds(cond, negative)
     images = []
     was_training = unet.training
     unet.eval()
