@@ -25,10 +25,10 @@ class ConfigError(ValueError):
         self.keys = tuple(keys)
 
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo")  # Diffusion-DPO variants (diffalign.objectives.dpo)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its help text (every config field and objective option has one)."""
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
@@ -43,6 +43,10 @@ def _choice(section: str, name: str, value: Any, valid: tuple) -> None:
 def _positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{section}.{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}", (f"{section}.{name}",))
+
+
+# For objectives' Options dataclasses: ``beta: float = option(0.1, "help")``, checks in ``__post_init__``.
+option, check_choice, check_positive = _f, _choice, _positive
 
 
 @dataclass
@@ -90,56 +94,74 @@ class DataConfig:
                               ("data.prompts", "data.labels"))
 
 
-@dataclass
+@dataclass(init=False)
 class ObjectiveConfig:
+    """The ``objective:`` section: ``name`` and that objective's own options. Every objective class declares its
+    options as a dataclass, ``Options`` (``beta`` is one of them), and the section's other keys are validated
+    against it: an unknown key names the valid keys of *that* objective. ``cfg.objective.beta`` (or any option)
+    reads the options."""
+
     name: str = _f("dpo", "Preference objective by registered name: dpo, mapo, inpo, smpo, d3po, an entry point of "
                           "diffalign.objectives, or 'pkg.module:Class' (found on sys.path or in the working folder).")
-    beta: float | None = _f(
-        None, "β; None uses the objective's default (dpo/inpo/smpo 5000: per-pixel mean MSE with the 1/2 factor; "
-              "mapo and d3po 0.1).")
-    loss_type: str = _f("sigmoid", "Diffusion-DPO variant: sigmoid (the paper), hinge or ipo.")
-    mapo_scale: float = _f(0.5, "MaPO: s in f(s·e) (the official code's snr_value).")
-    inversion_steps: int = _f(10, "InPO/SmPO: inversion grid steps; the grid to t has spacing <= T/inversion_steps.")
-    inversion_model: str = _f("policy", "InPO/SmPO: invert with the policy (official) or the reference (adapters off).")
-    inversion_cache: bool = _f(
-        False, "InPO/SmPO: cache each latent's reference inversion at the shared grid levels once; every step then "
-               "runs one live inversion step instead of ~t/100. Needs inversion_model=reference, "
-               "data.caption_dropout=0 and cache.enabled.")
-    renoise_iters: int = _f(1, "SmPO: ReNoise iterations K per inversion step (0 = plain DDIM inversion).")
-    gamma: float = _f(10.0, "SmPO: label-smoothing strength γ in β·γ·(2p-1).")
-    reward: list[str] = _f([], "D3PO online: reward head(s) that label rollouts (several: Pareto dominance).")
-    reward_options: list[str] = _f([], "D3PO online: head keyword arguments as HEAD.KEY=VALUE strings.")
-    clip_range: float = _f(0.1, "D3PO: ε of the ratio clamp [1-ε, 1+ε].")
-    eta: float = _f(1.0, "D3PO: DDIM η of the rollouts (> 0: the step log-probability needs noise).")
-    sample_steps: int = _f(20, "D3PO: DDIM steps per rollout.")
-    guidance: float = _f(5.0, "D3PO: CFG scale in sampling and, identically, in the training forward.")
-    per_prompt: int = _f(2, "D3PO online: trajectories per prompt, all from one initial latent.")
-    prompts_per_round: int = _f(20, "D3PO online: prompts sampled per round by each process (the paper: 10 prompts x 2 batches).")
-    timestep_fraction: float = _f(1.0, "D3PO: fraction of each trajectory's steps trained (a random subset).")
-    eval_every: int = _f(0, "D3PO online: mean reward on data.eval_prompts every N rounds (0: never).")
+    options: Any = _f(None, "The objective's own options: its Options dataclass, built from the section's other keys.")
 
-    def __post_init__(self) -> None:
-        if self.beta is not None:
-            _positive("objective", "beta", self.beta)
-        _choice("objective", "loss_type", self.loss_type, LOSS_TYPES)
-        _choice("objective", "inversion_model", self.inversion_model, ("policy", "reference"))
-        _positive("objective", "mapo_scale", self.mapo_scale)
-        _positive("objective", "inversion_steps", self.inversion_steps)
-        _positive("objective", "renoise_iters", self.renoise_iters, allow_zero=True)
-        _positive("objective", "gamma", self.gamma)
-        if not 0 < self.clip_range < 1:
-            raise ConfigError(f"objective.clip_range={self.clip_range!r} must be in (0, 1)", ("objective.clip_range",))
-        _positive("objective", "eta", self.eta)
-        _positive("objective", "sample_steps", self.sample_steps)
-        _positive("objective", "guidance", self.guidance)
-        if self.per_prompt < 2:
-            raise ConfigError(f"objective.per_prompt={self.per_prompt!r} must be >= 2 (a pair needs two samples)",
-                              ("objective.per_prompt",))
-        _positive("objective", "prompts_per_round", self.prompts_per_round)
-        if not 0 < self.timestep_fraction <= 1:
-            raise ConfigError(f"objective.timestep_fraction={self.timestep_fraction!r} must be in (0, 1]",
-                              ("objective.timestep_fraction",))
-        _positive("objective", "eval_every", self.eval_every, allow_zero=True)
+    def __init__(self, name: str = "dpo", options: Any = None, **values: Any):
+        self.name = name
+        self.options = options if options is not None else build_options(name, values)
+
+    def __getattr__(self, key: str) -> Any:
+        options = self.__dict__.get("options")
+        if options is None or key.startswith("__") or not hasattr(options, key):
+            raise AttributeError(f"objective {self.__dict__.get('name')!r} has no option {key!r}")
+        return getattr(options, key)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form: ``{"name": ..., **options}``."""
+        return {"name": self.name, **dataclasses.asdict(self.options)}
+
+
+def options_class(name: str) -> type:
+    """The ``Options`` dataclass the objective ``name`` declares."""
+    from .registry import objective_class
+
+    cls = objective_class(name)
+    options = getattr(cls, "Options", None)
+    if options is None or not dataclasses.is_dataclass(options):
+        raise ConfigError(f"objective.name={name!r}: {cls.__name__} declares no options; give it a class attribute "
+                          "`Options`, a dataclass with (at least) `beta: float`", ("objective.name",))
+    return options
+
+
+def build_options(name: str, values: dict[str, Any]):
+    """``Options(**values)`` of the objective ``name``, each value checked against the field's type; an unknown
+    key names this objective's valid keys (and the built-in objective it belongs to, if any)."""
+    options = options_class(name)
+    hints = typing.get_type_hints(options)
+    valid = [f.name for f in dataclasses.fields(options)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints or key not in valid:
+            raise ConfigError(f"objective.{key}: not an option of objective {name!r}{_elsewhere(key, name)}; its "
+                              f"options are {', '.join(valid)}", (f"objective.{key}",))
+        if key == "beta" and value is None:  # `beta: null` (older recipes): the objective's own default
+            continue
+        kwargs[key] = _coerce(f"objective.{key}", value, hints[key])
+    return options(**kwargs)
+
+
+def _elsewhere(key: str, name: str) -> str:
+    """A hint for a key of the wrong objective: ``" (gamma is an option of smpo)"``, or a near spelling."""
+    from .registry import BUILTIN_OBJECTIVES
+
+    owners = [n for n in BUILTIN_OBJECTIVES if n != name and key in _builtin_option_names(n)]
+    if owners:
+        return f" ({key} is an option of {', '.join(owners)})"
+    near = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(options_class(name))], n=1)
+    return f" (did you mean objective.{near[0]}?)" if near else ""
+
+
+def _builtin_option_names(name: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(options_class(name))]
 
 
 @dataclass
@@ -239,7 +261,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
 
     def __post_init__(self) -> None:
-        if self.objective.inversion_cache:
+        if getattr(self.objective.options, "inversion_cache", False):
             # the cached inversions must not depend on θ or on a per-step random prompt
             needs = {"objective.inversion_model": (self.objective.inversion_model, "reference"),
                      "data.caption_dropout": (self.data.caption_dropout, 0.0), "cache.enabled": (self.cache.enabled, True)}
@@ -249,7 +271,7 @@ class Config:
                                       ("objective.inversion_cache", key))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "objective": self.objective.to_dict()}
 
     def to_flat_dict(self) -> dict[str, Any]:
         """``{"section.key": value}`` with non-scalar values as strings (what experiment trackers accept)."""
@@ -266,7 +288,11 @@ def _section_types() -> dict[str, type]:
 
 def valid_keys() -> list[str]:
     """Every dotted key a recipe or ``--set`` may name."""
-    return [f"{s}.{f.name}" for s, cls in _section_types().items() for f in dataclasses.fields(cls)]
+    from .registry import BUILTIN_OBJECTIVES
+
+    keys = [f"{s}.{f.name}" for s, cls in _section_types().items() if s != "objective" for f in dataclasses.fields(cls)]
+    objective = ["objective.name"] + [f"objective.{k}" for n in BUILTIN_OBJECTIVES for k in _builtin_option_names(n)]
+    return keys + list(dict.fromkeys(objective))
 
 
 def _unknown(key: str) -> ConfigError:
@@ -331,6 +357,10 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         given = raw.get(section) or {}
         if not isinstance(given, dict):
             raise ConfigError(f"{source}: section {section!r} must be a mapping, got {given!r}")
+        if cls is ObjectiveConfig:  # name + that objective's options, validated by its Options dataclass
+            name = _coerce("objective.name", given.get("name", "dpo"), str)
+            sections[section] = ObjectiveConfig(name, **{k: v for k, v in given.items() if k != "name"})
+            continue
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for key, value in given.items():

@@ -15,7 +15,6 @@ files a hard kill left behind and regenerates every prompt without a line (same 
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from collections.abc import Mapping
@@ -27,32 +26,11 @@ from tqdm.auto import tqdm
 from .data.prompts import read_prompts
 from .data.readers import DataError
 from .files import atomic_save_image, atomic_write_text
-from .rewards import RewardModel, pareto_dominates
-from .scoring import combine, score_images
+from .rewards import RewardModel
+from .rewards.combine import PAIRINGS, combine, pairs_from_scores, signed
+from .scoring import score_images
 
 log = logging.getLogger(__name__)
-PAIRINGS = ("best-worst", "all", "pareto")
-
-
-def select_pairs(scores: Mapping[str, list[float]], combined: list[float], pairing: str = "best-worst",
-                 margin: float = 0.0, higher_is_better: Mapping[str, bool] | None = None) -> list[tuple[int, int]]:
-    """``(winner, loser)`` image indices of one prompt.
-
-    ``best-worst``: the best against the worst by the combined score, if they differ by more than ``margin``;
-    ``all``: every ordered pair more than ``margin`` apart; ``pareto``: every pair where one image is at least as
-    good on every head and better on one (ties on all heads, or trade-offs, give no pair)."""
-    n = len(combined)
-    if pairing == "best-worst":
-        best = max(range(n), key=combined.__getitem__)
-        worst = min(range(n), key=combined.__getitem__)
-        return [(best, worst)] if combined[best] - combined[worst] > margin else []
-    if pairing == "all":
-        return [(i, j) for i, j in itertools.permutations(range(n), 2) if combined[i] - combined[j] > margin]
-    if pairing == "pareto":
-        sign = {h: 1.0 if (higher_is_better or {}).get(h, True) else -1.0 for h in scores}
-        vec = torch.tensor([[sign[h] * scores[h][i] for h in scores] for i in range(n)])
-        return [(i, j) for i, j in itertools.permutations(range(n), 2) if pareto_dominates(vec[i], vec[j])]
-    raise ValueError(f"pairing {pairing!r}: choose one of {', '.join(PAIRINGS)}")
 
 
 def _finished(out: Path, prompts: list[str]) -> dict[int, dict]:
@@ -159,8 +137,9 @@ def write_pairs(out: Path, records: list[dict], rewards: Mapping[str, RewardMode
     """Rebuild ``pairs.jsonl`` (and a clean ``scores.jsonl``) from the per-prompt records."""
     lines, higher = [], {name: r.higher_is_better for name, r in rewards.items()}
     for rec in records:
-        combined = combine(rewards, rec["scores"], weights)
-        for w, l in select_pairs(rec["scores"], combined, pairing, margin, higher):
+        combined = combine(rec["scores"], higher, weights)
+        table = torch.tensor([rec["scores"][h] for h in rewards], dtype=torch.float64).T  # [K, heads]
+        for w, l in pairs_from_scores(signed(table, list(higher.values())), pairing, combined, margin):
             row = {"prompt": rec["prompt"], "chosen": rec["images"][w], "rejected": rec["images"][l],
                    "chosen_score": combined[w], "rejected_score": combined[l]}
             for name in rewards:

@@ -206,7 +206,7 @@ class RolloutFeed:
         need_text = self.source.needs_text_encoders or bool(cfg.train.validation_prompts)
         self.backbone = Backbone.load(m.pretrained, m.vae, m.prediction_type, m.revision, weight_dtype,
                                       text_encoders=need_text)
-        self.objective = objective_cls(cfg.objective, num_timesteps=self.backbone.scheduler.config.num_train_timesteps)
+        self.objective = objective_cls(cfg.objective.options, num_timesteps=self.backbone.scheduler.config.num_train_timesteps)
         self.backbone.to(self.device)
         self.vae_device = self.device
         self.source.bind(self.backbone, self.resolution, accelerator.process_index, accelerator.num_processes,

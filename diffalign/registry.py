@@ -91,11 +91,13 @@ def resolve(name: str, builtins: dict[str, str], group: str, what: str,
     return obj
 
 
-def objective_class(cfg: ObjectiveConfig):
-    """The objective class named by ``cfg.name`` (resolved without building anything)."""
-    return resolve(cfg.name, BUILTIN_OBJECTIVES, "diffalign.objectives", "objective", error=ObjectiveNameError)
+def objective_class(name: str | ObjectiveConfig):
+    """The objective class named by ``name`` (or by an :class:`ObjectiveConfig`'s ``name``), resolved without
+    building anything."""
+    name = name if isinstance(name, str) else name.name
+    return resolve(name, BUILTIN_OBJECTIVES, "diffalign.objectives", "objective", error=ObjectiveNameError)
 
 
 def build_objective(cfg: ObjectiveConfig, num_timesteps: int = 1000):
-    """The objective named by ``cfg.name``, built as ``Class(cfg, num_timesteps=T)``."""
-    return objective_class(cfg)(cfg, num_timesteps=num_timesteps)
+    """The objective of ``cfg``, built as ``Class(cfg.options, num_timesteps=T)``: the plug-in contract."""
+    return objective_class(cfg.name)(cfg.options, num_timesteps=num_timesteps)

@@ -29,6 +29,7 @@ from .data.readers import (
 )
 from .files import atomic_write, atomic_write_text
 from .rewards import RewardModel, score
+from .rewards.combine import combine
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -55,18 +56,6 @@ def score_images(rewards: Mapping[str, RewardModel], images: Sequence[Image.Imag
             out[name].extend(score(reward, batch, texts, name=name).tolist())
         start = end
     return out
-
-
-def combine(rewards: Mapping[str, RewardModel], scores: Mapping[str, Sequence[float]],
-            weights: Sequence[float] | None = None) -> list[float]:
-    """Σ w_i · s_i per image (w_i negated for lower-is-better heads); one head alone keeps its own scale."""
-    weights = list(weights) if weights is not None else [1.0] * len(rewards)
-    if len(weights) != len(rewards):
-        raise ValueError(f"{len(rewards)} reward(s) but {len(weights)} weight(s)")
-    total = np.zeros(len(next(iter(scores.values()))))
-    for (name, reward), w in zip(rewards.items(), weights):
-        total += (w if reward.higher_is_better else -w) * np.asarray(scores[name])
-    return total.tolist()
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -124,7 +113,7 @@ def _score_local(rewards, path: Path, out, weights, batch_size) -> Path:
         where = local_row_name(path, i)
         images = [decode_image(local_image(root, row, key, where), f"{where}: {key}") for key in ("chosen", "rejected")]
         s = score_images(rewards, images, [str(row["prompt"] or "")] * 2, batch_size)
-        row["chosen_score"], row["rejected_score"] = combine(rewards, s, weights)
+        row["chosen_score"], row["rejected_score"] = combine(s, {n: r.higher_is_better for n, r in rewards.items()}, weights)
         for name in rewards:
             row[f"chosen_{name}"], row[f"rejected_{name}"] = s[name]
     atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
@@ -140,7 +129,7 @@ def _score_pickapic(rewards, spec: str, out: Path, weights, batch_size) -> Path:
     for i, row in enumerate(tqdm(ds.select_columns(["caption", "jpg_0", "jpg_1"]), desc="scoring pairs", unit="pair")):
         images = [decode_image(row[f"jpg_{k}"], f"{spec}, row {i}: jpg_{k}") for k in (0, 1)]
         s = score_images(rewards, images, [row["caption"] or ""] * 2, batch_size)
-        for k, value in zip((0, 1), combine(rewards, s, weights)):
+        for k, value in zip((0, 1), combine(s, {n: r.higher_is_better for n, r in rewards.items()}, weights)):
             columns.setdefault(f"score_{k}", []).append(value)
             for name in rewards:
                 columns.setdefault(f"score_{k}_{name}", []).append(s[name][k])

@@ -51,7 +51,7 @@ class PairFeed:
         need_text = cache is None or not is_complete(cache) or bool(cfg.train.validation_prompts)
         self.backbone = Backbone.load(m.pretrained, m.vae, m.prediction_type, m.revision, weight_dtype,
                                       text_encoders=need_text)
-        self.objective = objective_cls(cfg.objective, num_timesteps=self.backbone.scheduler.config.num_train_timesteps)
+        self.objective = objective_cls(cfg.objective.options, num_timesteps=self.backbone.scheduler.config.num_train_timesteps)
         self.dataset, self.empty_prompt = self._prepare_data(raw, cache)
         if self.accelerator.is_main_process:
             log.info("data: %s", raw_pairs.summary())
@@ -62,7 +62,7 @@ class PairFeed:
         if self.cfg.cache.enabled:
             self.backbone.free_encoders()
         self.backbone.unet.to(self.device)
-        if self.cfg.objective.inversion_cache and self.objective.noising != "forward":
+        if getattr(self.objective.options, "inversion_cache", False):
             self.dataset = self._with_trajectories(self.dataset)  # before LoRA: the UNet is the reference
         # From the cache the VAE only decodes validation images: keep it off the accelerator until then.
         self.vae_device = torch.device("cpu") if self.cfg.cache.enabled else self.device

@@ -71,7 +71,8 @@ def main() -> None:
     results = []
     for name in args.objectives.split(","):
         run = out / name
-        shutil.rmtree(run / "adapter", ignore_errors=True)
+        for stale in ("adapter", "eval"):  # a rerun must not reuse the previous adapter's evaluation images
+            shutil.rmtree(run / stale, ignore_errors=True)
         base_images = out / "shared" / "base_images"
         if base_images.is_dir():  # the base's evaluation images are the same for every objective
             shutil.copytree(base_images, run / "eval" / "images" / "base", dirs_exist_ok=True)

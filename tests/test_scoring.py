@@ -13,7 +13,7 @@ from diffalign import make_pairs as make_pairs_module
 from diffalign.cli import main
 from diffalign.config import DataConfig
 from diffalign.data.readers import load_pairs
-from diffalign.make_pairs import select_pairs
+from diffalign.rewards.combine import combine, pairs_from_scores, signed
 from diffalign.testing import write_pairs_jsonl, write_pickapic_parquet, write_plugin_distribution
 
 
@@ -100,9 +100,17 @@ def test_score_bad_input(tmp_path, capsys, args, message):
     assert not (tmp_path / "out.jsonl").exists() and not (pairs.parent / "pairs.scored.jsonl").exists()
 
 
+def select_pairs(scores, combined, pairing="best-worst", margin=0.0, higher_is_better=None):
+    """make-pairs' pairing of one prompt, through the one reward-combination module."""
+    table = signed(torch.tensor([scores[h] for h in scores]).T, [(higher_is_better or {}).get(h, True) for h in scores])
+    return pairs_from_scores(table, pairing, combined, margin)
+
+
 def test_select_pairs():
     scores = {"a": [0.0, 2.0, 1.0], "b": [1.0, 0.0, 0.5]}
     combined = [1.0, 2.0, 1.5]
+    assert combine(scores, {"a": True, "b": True}) == combined
+    assert combine(scores, {"a": True, "b": False}, [1.0, 2.0]) == [-2.0, 2.0, 0.0]
     assert select_pairs(scores, combined) == [(1, 0)]
     assert select_pairs(scores, combined, margin=1.0) == []
     assert select_pairs(scores, combined, "all", margin=0.2) == [(1, 0), (1, 2), (2, 0)]

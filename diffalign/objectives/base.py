@@ -33,11 +33,14 @@ class StepLogProbs:
 
 
 class Objective(Protocol):
-    """A preference objective, constructed as ``Class(cfg: ObjectiveConfig, num_timesteps=T)``. The trainer
+    """A preference objective, constructed as ``Class(options, num_timesteps=T)`` where ``options`` is an instance
+    of its own ``Options`` dataclass (which carries ``beta``), built and validated from the ``objective:`` section
+    of a config. The trainer
     reads the three declarations to decide what to compute: ``data`` picks the feed (``pairs``/``soft_pairs``:
     the pairs feed, which hands over :class:`PairErrors`; ``rollouts``: the rollouts feed, which hands over
     :class:`StepLogProbs`), ``noising`` how the pairs feed makes x_t (``rollout``: the sampled trajectory's own)."""
 
+    Options: type  # a dataclass; its fields are this objective's config keys (help in field metadata)
     needs_reference: bool
     noising: Literal["forward", "ddim_inversion", "renoise", "rollout"]
     data: Literal["pairs", "soft_pairs", "rollouts"]

@@ -12,14 +12,14 @@ from the reference on that step). Steps are separate losses combined by gradient
 
 from __future__ import annotations
 
-import itertools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import ObjectiveConfig
-from ..rewards.base import pareto_dominates
+from ..config import ConfigError, check_positive, option
+from ..rewards.combine import pairs_from_scores, signed
 from .base import StepLogProbs, implicit_accuracy
 
 
@@ -43,24 +43,50 @@ def rollout_pairs(scores: Tensor, higher_is_better: list[bool] | None = None) ->
     """``(prompt, winner, loser)`` for every ordered pair of one prompt's samples where the winner Pareto-dominates
     (≥ on every head, > on one; with one head: simply higher). ``scores`` is [P, K, H]. Ties and trade-offs give
     no pair, so they contribute no gradient."""
-    signs = torch.tensor([1.0 if h else -1.0 for h in (higher_is_better or [True] * scores.shape[-1])])
-    s = scores.float() * signs
-    return [(p, i, j) for p in range(s.shape[0]) for i, j in itertools.permutations(range(s.shape[1]), 2)
-            if pareto_dominates(s[p, i], s[p, j])]
+    s = signed(scores, higher_is_better)
+    return [(p, i, j) for p in range(s.shape[0]) for i, j in pairs_from_scores(s[p], "pareto")]
+
+
+@dataclass
+class D3POOptions:
+    beta: float = option(0.1, "β on the difference of the clamped per-step log-ratios.")
+    reward: list[str] = option([], "Online: reward head(s) that label rollouts (several: Pareto dominance).")
+    reward_options: list[str] = option([], "Online: head keyword arguments as HEAD.KEY=VALUE strings.")
+    clip_range: float = option(0.1, "ε of the ratio clamp [1-ε, 1+ε].")
+    eta: float = option(1.0, "DDIM η of the rollouts (> 0: the step log-probability needs noise).")
+    sample_steps: int = option(20, "DDIM steps per rollout.")
+    guidance: float = option(5.0, "CFG scale in sampling and, identically, in the training forward.")
+    per_prompt: int = option(2, "Online: trajectories per prompt, all from one initial latent.")
+    prompts_per_round: int = option(20, "Online: prompts sampled per round by each process (the paper: 10 prompts x "
+                                        "2 batches).")
+    timestep_fraction: float = option(1.0, "Fraction of each trajectory's steps trained (a random subset per pair).")
+    eval_every: int = option(0, "Online: mean reward on data.eval_prompts every N rounds (0: never).")
+
+    def __post_init__(self) -> None:
+        check_positive("objective", "beta", self.beta)
+        if not 0 < self.clip_range < 1:
+            raise ConfigError(f"objective.clip_range={self.clip_range!r} must be in (0, 1)", ("objective.clip_range",))
+        for name in ("eta", "sample_steps", "guidance", "prompts_per_round"):
+            check_positive("objective", name, getattr(self, name))
+        if self.per_prompt < 2:
+            raise ConfigError(f"objective.per_prompt={self.per_prompt!r} must be >= 2 (a pair needs two samples)",
+                              ("objective.per_prompt",))
+        if not 0 < self.timestep_fraction <= 1:
+            raise ConfigError(f"objective.timestep_fraction={self.timestep_fraction!r} must be in (0, 1]",
+                              ("objective.timestep_fraction",))
+        check_positive("objective", "eval_every", self.eval_every, allow_zero=True)
 
 
 class D3PO:
     """D3PO on online rollouts (or stored, human-labelled ones); reference = adapters off."""
 
+    Options = D3POOptions
     needs_reference = True
     noising = "rollout"
     data = "rollouts"
 
-    default_beta = 0.1
-
-    def __init__(self, cfg: ObjectiveConfig, num_timesteps: int = 1000):
-        self.beta = cfg.beta if cfg.beta is not None else self.default_beta
-        self.clip = cfg.clip_range
+    def __init__(self, options: D3POOptions, num_timesteps: int = 1000):
+        self.options, self.beta, self.clip = options, options.beta, options.clip_range
 
     def __call__(self, logps: StepLogProbs) -> tuple[Tensor, dict[str, float]]:
         return d3po_step_loss(logps.policy_w, logps.ref_w, logps.policy_l, logps.ref_l, self.beta, self.clip)

@@ -10,14 +10,29 @@ ipo ``(h - 1/(2β))²``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import LOSS_TYPES, ObjectiveConfig
+from ..config import check_choice, check_positive, option
 from .base import PairErrors, pair_metrics
 
-__all__ = ["DPO", "LOSS_TYPES", "dpo_loss"]
+__all__ = ["DPO", "DPOOptions", "LOSS_TYPES", "dpo_loss"]
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+
+
+@dataclass
+class DPOOptions:
+    beta: float = option(5000.0, "β on per-pixel mean squared errors with the 1/2 factor (the sigmoid loss at 5000 "
+                                 "equals diffusers' --beta_dpo 2500); hinge and ipo use β as diffusers does.")
+    loss_type: str = option("sigmoid", f"Diffusion-DPO variant: {', '.join(LOSS_TYPES)} (sigmoid: the paper).")
+
+    def __post_init__(self) -> None:
+        check_positive("objective", "beta", self.beta)
+        check_choice("objective", "loss_type", self.loss_type, LOSS_TYPES)
 
 
 def dpo_loss(model_err_w: Tensor, model_err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor,
@@ -43,15 +58,13 @@ def dpo_loss(model_err_w: Tensor, model_err_l: Tensor, ref_err_w: Tensor, ref_er
 class DPO:
     """Diffusion-DPO with forward noising on human-labelled pairs, reference = adapters off."""
 
+    Options = DPOOptions
     needs_reference = True
     noising = "forward"
     data = "pairs"
 
-    default_beta = 5000.0
-
-    def __init__(self, cfg: ObjectiveConfig, num_timesteps: int = 1000):
-        self.beta = cfg.beta if cfg.beta is not None else self.default_beta
-        self.loss_type = cfg.loss_type
+    def __init__(self, options: DPOOptions, num_timesteps: int = 1000):
+        self.options, self.beta, self.loss_type = options, options.beta, options.loss_type
 
     def __call__(self, errors: PairErrors) -> tuple[Tensor, dict[str, float]]:
         return dpo_loss(errors.model_w, errors.model_l, errors.ref_w, errors.ref_l, self.beta, self.loss_type)

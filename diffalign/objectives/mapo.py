@@ -11,12 +11,24 @@ e ≈ 0.005.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import ObjectiveConfig
+from ..config import check_positive, option
 from .base import PairErrors, pair_metrics
+
+
+@dataclass
+class MaPOOptions:
+    beta: float = option(0.1, "β of the margin term.")
+    mapo_scale: float = option(0.5, "s in f(s·e) (the official code's snr_value).")
+
+    def __post_init__(self) -> None:
+        check_positive("objective", "beta", self.beta)
+        check_positive("objective", "mapo_scale", self.mapo_scale)
 
 
 def mapo_f(u: Tensor) -> Tensor:
@@ -43,14 +55,13 @@ def mapo_loss(model_err_w: Tensor, model_err_l: Tensor, beta: float = 0.1, scale
 class MaPO:
     """MaPO: forward noising, one UNet pass on the 2B batch, no reference pass."""
 
+    Options = MaPOOptions
     needs_reference = False
     noising = "forward"
     data = "pairs"
-    default_beta = 0.1
 
-    def __init__(self, cfg: ObjectiveConfig, num_timesteps: int = 1000):
-        self.beta = cfg.beta if cfg.beta is not None else self.default_beta
-        self.scale = cfg.mapo_scale
+    def __init__(self, options: MaPOOptions, num_timesteps: int = 1000):
+        self.options, self.beta, self.scale = options, options.beta, options.mapo_scale
         self.num_timesteps = num_timesteps
 
     def __call__(self, errors: PairErrors) -> tuple[Tensor, dict[str, float]]:

@@ -11,12 +11,28 @@ ReNoise (``noising = "renoise"``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import ObjectiveConfig
+from ..config import check_positive, option
 from .base import PairErrors, pair_metrics
+from .inpo import InversionOptions
+
+
+@dataclass
+class SmPOOptions(InversionOptions):
+    beta: float = option(5000.0, "β of the InPO loss (per-pixel mean errors, 1/2 factor); scaled by γ·(2p-1).")
+    gamma: float = option(10.0, "Label-smoothing strength γ in β·γ·(2p-1).")
+    renoise_iters: int = option(1, "ReNoise iterations K per inversion step (0 = plain DDIM inversion).")
+
+    def __post_init__(self) -> None:
+        InversionOptions.__post_init__(self)
+        check_positive("objective", "beta", self.beta)
+        check_positive("objective", "gamma", self.gamma)
+        check_positive("objective", "renoise_iters", self.renoise_iters, allow_zero=True)
 
 
 def smpo_loss(model_err_w: Tensor, model_err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor, score_w: Tensor,
@@ -39,14 +55,13 @@ def smpo_loss(model_err_w: Tensor, model_err_l: Tensor, ref_err_w: Tensor, ref_e
 class SmPO:
     """SmPO: soft labels from reward scores, ReNoise inversion, reference = adapters off."""
 
+    Options = SmPOOptions
     needs_reference = True
     noising = "renoise"
     data = "soft_pairs"
-    default_beta = 5000.0
 
-    def __init__(self, cfg: ObjectiveConfig, num_timesteps: int = 1000):
-        self.beta = cfg.beta if cfg.beta is not None else self.default_beta
-        self.gamma = cfg.gamma
+    def __init__(self, options: SmPOOptions, num_timesteps: int = 1000):
+        self.options, self.beta, self.gamma = options, options.beta, options.gamma
 
     def __call__(self, errors: PairErrors) -> tuple[Tensor, dict[str, float]]:
         if errors.score_w is None or errors.score_l is None:

@@ -19,11 +19,10 @@ from .base import (
     RewardModel,
     RewardNameError,
     as_reward,
-    pareto_dominates,
-    pareto_preference,
     score,
     weighted_sum,
 )
+from .combine import pareto_dominates, pareto_preference
 
 BUILTIN_REWARDS = {
     "clip": "diffalign.rewards.clip:ClipScore",

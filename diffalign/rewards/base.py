@@ -102,21 +102,12 @@ def _describe_prompts(prompts: Sequence[str], show: int = 3) -> str:
 
 def weighted_sum(rewards: Sequence[RewardModel], weights: Sequence[float], images: Tensor,
                  prompts: Sequence[str]) -> Tensor:
-    """Σ w_i · r_i(images, prompts); a weight is negated for heads where lower is better."""
+    """Σ w_i · r_i(images, prompts), each head scored (and checked) by :func:`score`, then combined by
+    :func:`diffalign.rewards.combine.combine` (a weight is negated for heads where lower is better)."""
+    from .combine import combine
+
     if len(rewards) != len(weights):
         raise RewardError(f"{len(rewards)} rewards but {len(weights)} weights")
-    total = torch.zeros(len(images))
-    for r, w in zip(rewards, weights):
-        r = as_reward(r)
-        total = total + (w if r.higher_is_better else -w) * score(r, images, prompts).to(total.device)
-    return total
-
-
-def pareto_dominates(a: Tensor, b: Tensor) -> bool:
-    """True if score vector ``a`` is >= ``b`` on every reward and > on at least one (higher is better)."""
-    return bool((a >= b).all() and (a > b).any())
-
-
-def pareto_preference(a: Tensor, b: Tensor) -> int:
-    """1 if ``a`` dominates ``b``, -1 if ``b`` dominates ``a``, 0 for a tie (no pair, no gradient)."""
-    return 1 if pareto_dominates(a, b) else -1 if pareto_dominates(b, a) else 0
+    heads = {str(i): as_reward(r) for i, r in enumerate(rewards)}
+    scores = {k: score(r, images, prompts).tolist() for k, r in heads.items()}
+    return torch.tensor(combine(scores, {k: r.higher_is_better for k, r in heads.items()}, weights))
