@@ -16,13 +16,13 @@ import sys
 import traceback
 from pathlib import Path
 
-from .checkpoint import OutputDirError
 from .config import ConfigError, load_config
 from .data.readers import DataError
-from .export import ExportError
-from .guards import TrainingStopped
 from .models import ModelLoadError
+from .pipelines.export import ExportError
 from .rewards.base import RewardError, RewardFailed
+from .training.checkpoint import OutputDirError
+from .training.guards import TrainingStopped
 
 
 class ArgumentError(ValueError):
@@ -38,7 +38,7 @@ USER_ERRORS = (ConfigError, DataError, ExportError, ModelLoadError, OutputDirErr
 def _train(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
-    from .trainer import train
+    from .training.trainer import train
 
     cfg = load_config(args.config, args.set)
     if cfg.optim.name == "adamw8bit":
@@ -99,7 +99,7 @@ def _weights(args: argparse.Namespace) -> list[float] | None:
 
 
 def _score(args: argparse.Namespace) -> None:
-    from .scoring import score_dataset, score_folder
+    from .evaluation.scoring import score_dataset, score_folder
 
     if bool(args.dataset) == bool(args.images or args.prompts) or bool(args.images) != bool(args.prompts):
         raise DataError("give either --images DIR with --prompts FILE, or --dataset PAIRS")
@@ -111,7 +111,7 @@ def _score(args: argparse.Namespace) -> None:
 
 
 def _make_pairs(args: argparse.Namespace) -> None:
-    from .make_pairs import make_pairs
+    from .sampling.make_pairs import make_pairs
 
     weights, rewards = _weights(args), _rewards(args)
     print(make_pairs(args.base, args.prompts, rewards, args.out, per_prompt=args.per_prompt, adapter=args.adapter,
@@ -120,15 +120,15 @@ def _make_pairs(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from .human import sample_to_folder
+    from .sampling.human import sample_to_folder
 
     print(sample_to_folder(args.base, args.prompts, args.out, per_prompt=args.per_prompt, steps=args.steps,
                            guidance=args.guidance, eta=args.eta, seed=args.seed, resolution=args.resolution))
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate
-    from .report import summary_text
+    from .evaluation.evaluate import evaluate
+    from .evaluation.report import summary_text
 
     rewards = _rewards(args)
     report = evaluate(args.base, args.adapter, args.prompts, rewards, args.out, seeds=args.seeds, scales=args.scale,
@@ -138,7 +138,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .export import export_fused, export_kohya
+    from .pipelines.export import export_fused, export_kohya
 
     if args.fuse == bool(args.format):
         raise ExportError("give either --format kohya --out FILE.safetensors or --fuse --out PIPELINE_DIR")

@@ -55,7 +55,7 @@ def write_prompt_files(out: Path, budget: Budget) -> tuple[Path, Path]:
 
 def make_testbed_pairs(out: Path, reward: str, budget: Budget, adapter: str | None = None) -> tuple[str, str]:
     """Reward-labelled pairs from the testbed for the training and held-out prompts: (train, held-out) pairs.jsonl."""
-    from .make_pairs import make_pairs
+    from .sampling.make_pairs import make_pairs
 
     train_prompts, held_prompts = write_prompt_files(out / "prompts", budget)
     heads = {reward: load_reward(reward)}
@@ -69,7 +69,7 @@ def train_on_testbed(out: Path, objective: str, pairs: str, budget: Budget, rewa
                      overrides: list[str] = ()):
     """Train the shipped recipe ``testbed-<objective>`` from the testbed into ``out / "adapter"``: from ``pairs``,
     or, for D3PO, online on ``prompts`` with ``reward``."""
-    from .trainer import train
+    from .training.trainer import train
 
     base = [f"model.pretrained={tb.testbed_path()}", f"train.output_dir={out / 'adapter'}",
             f"cache.dir={out / 'cache'}", "log.to=none"]
@@ -85,8 +85,8 @@ def train_on_testbed(out: Path, objective: str, pairs: str, budget: Budget, rewa
 def evaluate_on_testbed(out: Path, adapter: Path, reward: str, budget: Budget, held_pairs: str) -> dict:
     """Base vs aligned on the held-out prompts: ``diffalign eval``'s report plus prompt following before and
     after (the guard)."""
-    from .evaluate import evaluate
-    from .scoring import to_tensor
+    from .evaluation.evaluate import evaluate
+    from .evaluation.scoring import to_tensor
 
     _, held_prompts = write_prompt_files(out / "prompts", budget)
     report = evaluate(str(tb.testbed_path()), [adapter], held_prompts, {reward: load_reward(reward)}, out / "eval",

@@ -100,7 +100,7 @@ VARIANTS = {
 
 def _trainer(recipe: str, overrides: list[str], variant: str):
     from diffalign.config import load_config
-    from diffalign.trainer import Trainer
+    from diffalign.training.trainer import Trainer
 
     cfg = load_config(recipe, overrides + ["log.to=none", "train.validation_prompts=[]", "train.checkpoint_every=0",
                                            "objective.name=dpo"] + VARIANTS[variant])
@@ -202,7 +202,7 @@ def d3po_rounds(recipe: str, overrides: list[str], steps: list[int], rounds: int
     import statistics
 
     from diffalign.config import load_config
-    from diffalign.trainer import Trainer
+    from diffalign.training.trainer import Trainer
 
     rows = []
     for n in steps:

@@ -28,7 +28,7 @@ def main() -> None:
 
     from diffalign.config import load_config
     from diffalign.testing import save_tiny_pipeline, write_pickapic_parquet
-    from diffalign.trainer import train
+    from diffalign.training.trainer import train
 
     kind = "sd15" if "sd15" in Path(args.recipe).name else "sdxl"
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-import diffalign.checkpoint as ckpt
-import diffalign.trainer as trainer_mod
+import diffalign.training.checkpoint as ckpt
+import diffalign.training.trainer as trainer_mod
 from diffalign.config import load_config
 
 record_dir, overrides = Path(sys.argv[1]), sys.argv[2:]

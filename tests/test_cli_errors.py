@@ -52,7 +52,7 @@ def test_a_keyerror_or_importerror_inside_our_code_keeps_its_traceback(exc, imag
     def broken(*a, **k):
         raise exc
 
-    monkeypatch.setattr("diffalign.scoring.score_folder", broken)
+    monkeypatch.setattr("diffalign.evaluation.scoring.score_folder", broken)
     with pytest.raises(type(exc)):
         main(["score", "--reward", "brightness", *images])
 
@@ -101,7 +101,7 @@ def test_a_reward_module_in_the_working_folder_is_found(tmp_path, images, monkey
 def test_an_objective_module_in_the_working_folder_is_found(tmp_path, monkeypatch, clean_modules):
     (tmp_path / "cwd_objectives.py").write_text("class Mine:\n    noising = 'forward'\n")
     _without_cwd(monkeypatch, tmp_path)
-    cls = objective_class(ObjectiveConfig(name="cwd_objectives:Mine"))
+    cls = objective_class("cwd_objectives:Mine")
     assert cls.__name__ == "Mine" and cls.noising == "forward"
 
 
@@ -245,7 +245,7 @@ def test_make_pairs_failing_on_a_prompt_leaves_only_finished_prompts(tmp_path, t
 
 
 def test_make_pairs_interrupted_while_saving_leaves_nothing_partial_and_resumes(tmp_path, tiny_sd15, monkeypatch):
-    from diffalign import make_pairs as module
+    from diffalign.sampling import make_pairs as module
 
     args = _make_pairs_args(tmp_path, tiny_sd15, "brightness")
     real, calls = module.atomic_save_image, []

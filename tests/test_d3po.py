@@ -8,10 +8,10 @@ import torch
 
 from diffalign.cli import main
 from diffalign.config import load_config
-from diffalign.logprob import ddim_step_log_prob
 from diffalign.objectives.d3po import d3po_step_loss, rollout_pairs
-from diffalign.rollout import guided_prediction
-from diffalign.trainer import Trainer, train
+from diffalign.sampling.trajectories import guided_prediction
+from diffalign.training.logprob import ddim_step_log_prob
+from diffalign.training.trainer import Trainer, train
 
 
 def _logsig(x: float) -> float:

@@ -6,7 +6,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from diffalign.pipelines import load_aligned_pipeline
-from diffalign.trainer import Trainer
+from diffalign.training.trainer import Trainer
 
 
 def _image(pipe, seed=0):

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from diffalign.cli import main
-from diffalign.metrics import wilson_interval, win_rate
+from diffalign.evaluation.metrics import wilson_interval, win_rate
 
 
 def test_wilson_interval_matches_published_values():
@@ -31,7 +31,7 @@ def test_win_rate_counts_ties_as_half_and_respects_direction():
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, tiny_sd15, pickapic):
     from diffalign.config import load_config
-    from diffalign.trainer import train
+    from diffalign.training.trainer import train
 
     root = tmp_path_factory.mktemp("eval-adapter")
     cfg = load_config(None, [f"model.pretrained={tiny_sd15}", f"data.dataset={pickapic}", "data.resolution=32",
@@ -100,7 +100,7 @@ def test_a_seed_drawn_alone_equals_the_same_seed_drawn_with_others(evaluated, ti
     import numpy as np
     from PIL import Image
 
-    from diffalign.evaluate import generate
+    from diffalign.evaluation.evaluate import generate
 
     out, _ = evaluated
     folder = tmp_path / "base"

@@ -7,9 +7,9 @@ import torch
 from safetensors import safe_open
 
 from diffalign.cli import main
-from diffalign.export import read_adapter, to_kohya
 from diffalign.pipelines import load_aligned_pipeline, stock_pipeline
-from diffalign.trainer import train
+from diffalign.pipelines.export import read_adapter, to_kohya
+from diffalign.training.trainer import train
 
 
 @pytest.fixture(scope="module")

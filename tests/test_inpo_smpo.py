@@ -12,7 +12,7 @@ from diffalign.objectives.dpo import dpo_loss
 from diffalign.objectives.inpo import InPO
 from diffalign.objectives.smpo import smpo_loss
 from diffalign.registry import build_objective
-from diffalign.trainer import Trainer
+from diffalign.training.trainer import Trainer
 
 
 def test_smpo_loss_matches_hand_computation():
@@ -126,7 +126,7 @@ def test_trainer_inverts_v_prediction_models_from_their_noise(objective, kind, r
     """The trainer's inversion (live and cached) converts a v-prediction UNet's output to ε before stepping."""
     from diffalign.data.dataset import batch_conditioning
     from diffalign.lora import reference_mode
-    from diffalign.noising import ddim_invert
+    from diffalign.training.noising import ddim_invert
 
     common = [f"objective.name={objective}", f"data.dataset={scored_pickapic}", "model.prediction_type=v_prediction",
               "objective.inversion_model=reference", "data.caption_dropout=0", "objective.inversion_steps=5"]

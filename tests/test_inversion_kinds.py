@@ -13,9 +13,9 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffalign import testbed as tb
+from diffalign.evaluation.scoring import to_tensor
 from diffalign.models import Backbone, Conditioning
-from diffalign.noising import ddim_invert, inverted_noise
-from diffalign.scoring import to_tensor
+from diffalign.training.noising import ddim_invert, inverted_noise
 
 
 class ConstantNoiseUNet(torch.nn.Module):

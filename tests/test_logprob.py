@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from diffalign.logprob import ddim_step_log_prob
+from diffalign.training.logprob import ddim_step_log_prob
 
 
 def _scheduler(prediction_type="epsilon", steps=10):

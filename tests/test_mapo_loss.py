@@ -74,7 +74,7 @@ def test_objective_is_reference_free_and_uses_its_own_beta():
 
 @pytest.mark.parametrize("objective, passes", [("mapo", 1), ("dpo", 2)])
 def test_mapo_runs_the_unet_once_per_step(objective, passes, tiny_sd15, make_config):
-    from diffalign.trainer import Trainer
+    from diffalign.training.trainer import Trainer
 
     trainer = Trainer(make_config(tiny_sd15, f"objective.name={objective}"))
     calls = []

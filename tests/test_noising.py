@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from diffalign.noising import CLEAN, ddim_inverse_step, ddim_invert, inversion_grid, inverted_noise
+from diffalign.training.noising import CLEAN, ddim_inverse_step, ddim_invert, inversion_grid, inverted_noise
 
 ALPHAS = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
 
@@ -121,7 +121,7 @@ def test_inversion_then_ddim_denoising_returns_the_latent():
 
 @pytest.mark.parametrize("renoise_iters", [0, 1])
 def test_cached_shared_levels_plus_one_live_step_equal_the_full_inversion(renoise_iters):
-    from diffalign.noising import finish_inversion, invert_to_shared_levels
+    from diffalign.training.noising import finish_inversion, invert_to_shared_levels
 
     torch.manual_seed(4)
     z = torch.randn(7, 4, 8, 8)

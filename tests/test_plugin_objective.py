@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from diffalign.config import ConfigError, ObjectiveConfig, load_config
-from diffalign.trainer import train
+from diffalign.training.trainer import train
 
 MODULE = '''
 from dataclasses import dataclass

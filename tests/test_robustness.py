@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import diffalign.checkpoint as ckpt
-from diffalign.checkpoint import OutputDirError
+import diffalign.training.checkpoint as ckpt
 from diffalign.cli import main
-from diffalign.guards import TrainingStopped
-from diffalign.trainer import Trainer, train
+from diffalign.training.checkpoint import OutputDirError
+from diffalign.training.guards import TrainingStopped
+from diffalign.training.trainer import Trainer, train
 
 
 def _weights(result):
@@ -60,7 +60,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes(tiny_sd15, make_confi
 
 
 def test_cli_reports_how_to_resume_after_a_signal(tiny_sd15, tmp_path, pickapic, capsys, monkeypatch):
-    import diffalign.trainer as trainer_mod
+    import diffalign.training.trainer as trainer_mod
 
     real = trainer_mod.Trainer.training_step
 
@@ -148,9 +148,9 @@ def test_a_full_disk_while_checkpointing_leaves_nothing_half_written(tiny_sd15, 
 
 KILLED_MID_WRITE = """
 import os, signal, sys
-import diffalign.checkpoint as ckpt
+import diffalign.training.checkpoint as ckpt
 from diffalign.config import load_config
-from diffalign.trainer import train
+from diffalign.training.trainer import train
 
 real = ckpt._write_checkpoint
 def write(tmp, *args):

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-import diffalign.checkpoint as ckpt
-from diffalign.checkpoint import OutputDirError
+import diffalign.training.checkpoint as ckpt
 from diffalign.config import ConfigError
-from diffalign.trainer import Trainer, train
+from diffalign.training.checkpoint import OutputDirError
+from diffalign.training.trainer import Trainer, train
 
 
 def _mode(path) -> int:
@@ -23,7 +23,7 @@ def _mode(path) -> int:
 
 
 def test_outputs_honour_the_umask(tiny_sd15, make_config, tmp_path):
-    from diffalign.evaluate import evaluate
+    from diffalign.evaluation.evaluate import evaluate
     from diffalign.rewards import load_reward
 
     old = os.umask(0o022)
@@ -66,7 +66,7 @@ def test_history_continues_across_a_resume(tiny_sd15, make_config, tmp_path, cap
     stopped = train(make_config(tiny_sd15, "train.max_steps=2", "train.checkpoint_every=2", out="resumed"))
     assert stopped.steps == 2
     (tmp_path / "resumed" / "pytorch_lora_weights.safetensors").unlink()  # as if interrupted after the checkpoint
-    with caplog.at_level(logging.INFO, logger="diffalign.trainer"):
+    with caplog.at_level(logging.INFO, logger="diffalign.training.trainer"):
         resumed = train(make_config(tiny_sd15, *opts, "train.resume=latest", out="resumed"))
     assert "trained 2 step(s) (3 to 4)" in caplog.text
     assert [h["step"] for h in resumed.history] == [3, 4]
@@ -91,7 +91,7 @@ def test_a_rank_wider_than_a_layer_is_warned_about(tiny_sd15, make_config, caplo
 SLOW_STEP = """
 import os, signal, sys, time
 from diffalign.config import load_config
-from diffalign.trainer import Trainer
+from diffalign.training.trainer import Trainer
 
 trainer = Trainer(load_config(sys.argv[1]))
 real = trainer.training_step

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from diffalign import make_pairs as make_pairs_module
 from diffalign.cli import main
 from diffalign.config import DataConfig
 from diffalign.data.readers import load_pairs
 from diffalign.rewards.combine import combine, pairs_from_scores, signed
+from diffalign.sampling import make_pairs as make_pairs_module
 from diffalign.testing import write_pairs_jsonl, write_pickapic_parquet, write_plugin_distribution
 
 

@@ -5,7 +5,7 @@ import torch
 
 import diffalign.data.cache as cache_mod
 from diffalign.data.cache import CachedPairDataset
-from diffalign.trainer import Trainer, train
+from diffalign.training.trainer import Trainer, train
 
 
 def _lora(trainer):
@@ -22,8 +22,9 @@ def test_steps_move_every_lora_parameter_and_lower_the_loss(kind, objective, req
     model = request.getfixturevalue(f"tiny_{kind}")
     # SmPO's effective beta is beta·γ·(2p-1), up to ~4.6x beta here: 500 puts it near DPO's 5000 at this lr.
     beta = ["objective.beta=500"] if objective == "smpo" else []
+    inversion = ["objective.inversion_steps=4"] if objective in ("inpo", "smpo") else []  # their own option
     trainer = Trainer(make_config(model, "optim.lr=2e-3", "data.caption_dropout=0", f"objective.name={objective}",
-                                  f"data.dataset={scored_pickapic}", "objective.inversion_steps=4", *beta))
+                                  f"data.dataset={scored_pickapic}", *inversion, *beta))
     before = _lora(trainer)
     batch = next(iter(torch.utils.data.DataLoader(trainer.feed.dataset, batch_size=2)))
     losses = []

@@ -1,7 +1,7 @@
 """D3PO (Yang et al., CVPR 2024, arXiv 2311.13231): DPO on each denoising step of online rollouts.
 
 For step j of a pair whose winner w and loser l share the initial latent, with ``log π(x_{t-1} | x_t)`` the DDIM
-step log-probability (:mod:`diffalign.logprob`):
+step log-probability (:mod:`diffalign.training.logprob`):
 
     r_i    = clamp(exp(log π_θ(i) - log π_ref(i)), 1 - ε, 1 + ε)      for i in {w, l}
     loss_j = -logsigmoid(β · (log r_w - log r_l))

@@ -17,14 +17,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..data.prompts import read_prompts
+from ..data.readers import DataError
+from ..files import atomic_save_image, atomic_write_text
+from ..pipelines.grids import labelled_grid
+from ..rewards import RewardModel
 from .card import update_card_with_eval
-from .data.prompts import read_prompts
-from .data.readers import DataError
-from .files import atomic_save_image, atomic_write_text
 from .metrics import pair_accuracies, win_rate
-from .pipelines.grids import labelled_grid
 from .report import write_html
-from .rewards import RewardModel
 from .scoring import score_images
 
 
@@ -45,7 +45,7 @@ def generate(base: str, adapter: str | None, scale: float, prompts: list[str], s
     paths = [folder / f"p{i:04d}_s{s}.png" for i in range(len(prompts)) for s in range(seeds)]
     todo = [k for k, p in enumerate(paths) if not p.is_file()]
     if todo:
-        from .pipelines import load_aligned_pipeline
+        from ..pipelines import load_aligned_pipeline
 
         pipe = load_aligned_pipeline(base, [adapter] if adapter else [], [scale] if adapter else 1.0, device=device)
         pipe.set_progress_bar_config(disable=True)
@@ -115,11 +115,11 @@ def held_out_accuracies(base: str, adapters: Mapping[str, str | Path], pairs: st
                         resolution: int | None = None) -> dict:
     """Implicit and ranking accuracy of each adapter on a held-out pairs dataset (at ``resolution``, default the
     model's native size)."""
-    from .config import DataConfig
-    from .data.dataset import RawPairDataset
-    from .data.readers import load_pairs
-    from .models import Backbone
-    from .pipelines import adapter_file
+    from ..config import DataConfig
+    from ..data.dataset import RawPairDataset
+    from ..data.readers import load_pairs
+    from ..models import Backbone
+    from ..pipelines import adapter_file
 
     source = load_pairs(DataConfig(dataset=pairs))
     backbone = Backbone.load(base)

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .config import ConfigError
-from .files import atomic_save_safetensors, atomic_write_text
+from ..config import ConfigError
+from ..files import atomic_save_safetensors, atomic_write_text
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE = "trainer_state.json"
@@ -181,7 +181,7 @@ class OutputLock:
 
 def previous_run(output_dir: Path) -> list[Path]:
     """What an earlier run left in ``output_dir``: its adapter and checkpoints (complete or half-written)."""
-    from .lora import WEIGHT_NAME
+    from ..lora import WEIGHT_NAME
 
     if not output_dir.is_dir():
         return []

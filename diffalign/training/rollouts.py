@@ -21,16 +21,16 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
-from .data.prompts import read_prompts
-from .data.readers import DataError
+from ..config import Config
+from ..data.prompts import read_prompts
+from ..data.readers import DataError
+from ..lora import reference_mode
+from ..models import Backbone, Conditioning, default_resolution
+from ..objectives.base import StepLogProbs
+from ..objectives.d3po import rollout_pairs
+from ..rewards import load_rewards, parse_reward_options, score
+from ..sampling.trajectories import Rollouts, ddim_scheduler, guided_prediction, sample_rollouts
 from .logprob import ddim_step_log_prob
-from .lora import reference_mode
-from .models import Backbone, Conditioning, default_resolution
-from .objectives.base import StepLogProbs
-from .objectives.d3po import rollout_pairs
-from .rewards import load_rewards, parse_reward_options, score
-from .rollout import Rollouts, ddim_scheduler, guided_prediction, sample_rollouts
 
 log = logging.getLogger(__name__)
 ROUND_FILE = "rollouts.safetensors"
@@ -57,7 +57,7 @@ class RolloutSource:
         self.steps, self.guidance, self.eta = o.sample_steps, o.guidance, o.eta
         self.stored, self.rewards, self.eval_prompts = None, {}, []
         if cfg.data.labels:
-            from .human import load_labelled_rollouts
+            from ..sampling.human import load_labelled_rollouts
 
             self.stored, scores, settings = load_labelled_rollouts(cfg.data.labels, cfg.data.rollouts or None)
             self.steps, self.guidance, self.eta = settings["steps"], settings["guidance"], settings["eta"]
@@ -195,7 +195,7 @@ class RolloutSource:
 class RolloutFeed:
     """The feed of objectives whose ``data`` is ``rollouts`` (D3PO): an epoch is a round (sample, score, pair), a
     micro-batch ``train.batch_size`` pairs at one denoising step, its loss the objective's on the per-step
-    log-probabilities of policy and reference. Implements :class:`~diffalign.feeds.Feed`."""
+    log-probabilities of policy and reference. Implements :class:`~diffalign.training.feeds.Feed`."""
 
     def __init__(self, cfg: Config, accelerator, weight_dtype: torch.dtype, objective_cls) -> None:
         """Prompts and rewards (online) or labelled trajectories (human feedback), then the backbone."""

@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data.prompts import read_prompts
-from .data.readers import DataError
-from .files import atomic_save_image, atomic_write_text
-from .rewards import RewardModel
-from .rewards.combine import PAIRINGS, combine, pairs_from_scores, signed
-from .scoring import score_images
+from ..data.prompts import read_prompts
+from ..data.readers import DataError
+from ..evaluation.scoring import score_images
+from ..files import atomic_save_image, atomic_write_text
+from ..rewards import RewardModel
+from ..rewards.combine import PAIRINGS, combine, pairs_from_scores, signed
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, Reward
                weights: list[float] | None = None, steps: int = 30, guidance: float = 5.0, seed: int = 0,
                height: int | None = None, width: int | None = None, device: str | None = None) -> Path:
     """Generate, score and pair; returns the path of ``pairs.jsonl``. Resumable: finished prompts are skipped."""
-    from .pipelines import load_aligned_pipeline
+    from ..pipelines import load_aligned_pipeline
 
     if per_prompt < 2:
         raise DataError(f"--per-prompt {per_prompt}: need at least 2 images per prompt to make a pair")

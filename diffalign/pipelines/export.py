@@ -14,9 +14,9 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from .files import atomic_folder, atomic_save_safetensors
-from .lora import WEIGHT_NAME
-from .models import KOHYA_BASE_VERSION, kind_of_unet_lora
+from ..files import atomic_folder, atomic_save_safetensors
+from ..lora import WEIGHT_NAME
+from ..models import KOHYA_BASE_VERSION, kind_of_unet_lora
 
 SUFFIXES = {".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight"}
 
@@ -84,7 +84,7 @@ def _base_of(adapter: str | Path) -> str | None:
 
 
 def _base_kind(adapter: str | Path) -> str | None:
-    from .models import model_kind
+    from ..models import model_kind
 
     base = _base_of(adapter)
     try:
@@ -97,7 +97,7 @@ def export_fused(adapter: str | Path, out: str | Path, base: str | None = None, 
     """A full diffusers pipeline folder with the adapter fused into the UNet at ``scale`` (loadable by
     ``DiffusionPipeline.from_pretrained``, no LoRA needed). ``base`` defaults to the one in the adapter's
     ``config.yaml``."""
-    from .pipelines import load_aligned_pipeline
+    from . import load_aligned_pipeline
 
     base = base or _base_of(adapter)
     if not base:

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data.prompts import read_prompts
-from .data.readers import DataError
-from .files import atomic_save_image, atomic_write_text
-from .models import Backbone, Conditioning
-from .rollout import Rollouts, sample_rollouts
+from ..data.prompts import read_prompts
+from ..data.readers import DataError
+from ..files import atomic_save_image, atomic_write_text
+from ..models import Backbone, Conditioning
+from .trajectories import Rollouts, sample_rollouts
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config
-from .files import atomic_write_text
+from ..config import Config
+from ..files import atomic_write_text
 
 EVAL_START, EVAL_END = "<!-- diffalign-eval -->", "<!-- /diffalign-eval -->"
 

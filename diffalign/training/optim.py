@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import OptimConfig
+from ..config import OptimConfig
 
 
 def build_optimizer(params: list[torch.nn.Parameter], o: OptimConfig) -> torch.optim.Optimizer:

@@ -18,8 +18,8 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .data.prompts import read_prompts
-from .data.readers import (
+from ..data.prompts import read_prompts
+from ..data.readers import (
     DataError,
     decode_image,
     local_image,
@@ -27,9 +27,9 @@ from .data.readers import (
     open_hf_dataset,
     read_local_rows,
 )
-from .files import atomic_write, atomic_write_text
-from .rewards import RewardModel, score
-from .rewards.combine import combine
+from ..files import atomic_write, atomic_write_text
+from ..rewards import RewardModel, score
+from ..rewards.combine import combine
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from .config import Config
-from .data.cache import WithTrajectories, build_cache, build_trajectory_cache, cache_folder, is_complete
-from .data.dataset import RawPairDataset, batch_conditioning, encode_batch
-from .data.readers import load_pairs
-from .lora import reference_mode
-from .models import Backbone, Conditioning, default_resolution, model_fingerprint
+from ..config import Config
+from ..data.cache import WithTrajectories, build_cache, build_trajectory_cache, cache_folder, is_complete
+from ..data.dataset import RawPairDataset, batch_conditioning, encode_batch
+from ..data.readers import load_pairs
+from ..lora import reference_mode
+from ..models import Backbone, Conditioning, default_resolution, model_fingerprint
+from ..objectives.base import PairErrors
 from .noising import ddim_invert, finish_inversion, invert_to_shared_levels, inverted_noise
-from .objectives.base import PairErrors
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class PairFeed:
     """The feed of objectives whose ``data`` is ``pairs`` or ``soft_pairs`` (DPO, MaPO, InPO, SmPO): an epoch is a
     seeded permutation of the pairs, a micro-batch ``train.batch_size`` of them, its loss the objective's on the
-    per-pair errors. Implements :class:`~diffalign.feeds.Feed`."""
+    per-pair errors. Implements :class:`~diffalign.training.feeds.Feed`."""
 
     window = 1  # micro-batches per optimizer update (times train.grad_accum)
 

@@ -51,8 +51,8 @@ def pair_accuracies(backbone, pairs, resolution: int, timesteps: Sequence[int] =
                     seed: int = 0, batch_size: int = 4, device: str | torch.device = "cpu") -> dict[str, float]:
     """Implicit and ranking accuracy of the UNet's active adapter on held-out ``pairs`` (a
     :class:`~diffalign.data.dataset.RawPairDataset`), the reference being the same UNet with adapters off."""
-    from .data.dataset import batch_conditioning, encode_batch
-    from .lora import reference_mode
+    from ..data.dataset import batch_conditioning, encode_batch
+    from ..lora import reference_mode
 
     unet = backbone.unet
     g = torch.Generator().manual_seed(seed)

@@ -1,7 +1,7 @@
 """The one training loop: preference data -> LoRA adapter, on accelerate.
 
 The loop, optimization, guards, checkpoints, logging and validation live here; what a micro-batch is and how its
-loss is computed comes from the feed the trainer holds (:mod:`diffalign.feeds`): the pairs feed (DPO, MaPO, InPO,
+loss is computed comes from the feed the trainer holds (:mod:`diffalign.training.feeds`): the pairs feed (DPO, MaPO, InPO,
 SmPO) or the rollouts feed (D3PO). The objective's ``data`` declaration picks one.
 """
 
@@ -17,16 +17,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..config import Config, ConfigError
+from ..files import atomic_save_image, atomic_write_text
+from ..lora import add_lora, save_lora
+from ..models import Conditioning
+from ..registry import objective_class
 from . import checkpoint as ckpt
 from .checkpoint import OutputDirError, check_writable
-from .config import Config, ConfigError
 from .feeds import Feed, make_feed
-from .files import atomic_save_image, atomic_write_text
 from .guards import StopSignals, TrainingStopped, any_process, grads_finite, zero_loss
-from .lora import add_lora, save_lora
-from .models import Conditioning
 from .optim import build_optimizer
-from .registry import objective_class
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ class Trainer:
                                      "checkpoint (if any) is intact: free space and resume with "
                                      "--set train.resume=latest") from None
             self.validate(step)
-            from .card import write_model_card
+            from ..evaluation.card import write_model_card
 
             write_model_card(self.output_dir, self.cfg, self.backbone.kind, step, everything, self.objective.beta)
         acc.end_training()
@@ -284,8 +284,8 @@ class Trainer:
         """A grid of validation images (one per prompt, fixed seeds) from a stock pipeline with our UNet."""
         if self.validation_cond is None or not self.accelerator.is_main_process:
             return None
-        from .pipelines import image_grid
-        from .pipelines.validation import validation_images
+        from ..pipelines import image_grid
+        from ..pipelines.validation import validation_images
 
         t = self.cfg.train
         self.backbone.vae.to(self.device)

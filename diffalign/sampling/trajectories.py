@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .logprob import ddim_step_log_prob
-from .models import Backbone, Conditioning
+from ..models import Backbone, Conditioning
+from ..training.logprob import ddim_step_log_prob
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Rollouts:
         """Write every tensor to one safetensors file (prompts in the metadata); atomic."""
         import json
 
-        from .files import atomic_save_safetensors
+        from ..files import atomic_save_safetensors
 
         tensors = {"latents": self.latents, "timesteps": self.timesteps, "log_probs": self.log_probs,
                    **_flat_cond("cond", self.cond), **_flat_cond("negative", self.negative)}

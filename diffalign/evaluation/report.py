@@ -7,7 +7,7 @@ import html
 from collections.abc import Mapping
 from pathlib import Path
 
-from .files import atomic_write_text
+from ..files import atomic_write_text
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}

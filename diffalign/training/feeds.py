@@ -14,8 +14,8 @@ from typing import Protocol
 
 import torch
 
-from .config import Config
-from .models import Backbone
+from ..config import Config
+from ..models import Backbone
 
 
 class Feed(Protocol):
@@ -49,11 +49,11 @@ class Feed(Protocol):
 def feed_class(data: str) -> type:
     """The feed for an objective's ``data`` declaration."""
     if data in ("pairs", "soft_pairs"):
-        from .train_pairs import PairFeed
+        from .pairs import PairFeed
 
         return PairFeed
     if data == "rollouts":
-        from .online import RolloutFeed
+        from .rollouts import RolloutFeed
 
         return RolloutFeed
     raise ValueError(f"objective data={data!r}: no feed for it; choose pairs, soft_pairs or rollouts")
