@@ -25,8 +25,6 @@ class ConfigError(ValueError):
         self.keys = tuple(keys)
 
 
-
-
 def _f(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with its help text (every config field and objective option has one)."""
     if isinstance(default, list):

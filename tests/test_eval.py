@@ -125,5 +125,7 @@ def test_report_renders_in_a_browser(evaluated):
     total = re.search(r'data-images-total="(\d+)"', dom)
     ok = re.search(r'data-images-ok="(\d+)"', dom)
     assert total and ok, dom[:2000]
-    assert int(total.group(1)) == 8 + 2 + 1 and ok.group(1) == total.group(1)  # 8 samples, 2 score plots, win rates
+    # 8 samples, the base-vs-aligned grid, 2 score plots, win rates
+    assert int(total.group(1)) == 8 + 1 + 2 + 1 and ok.group(1) == total.group(1)
+    assert "Base vs aligned" in dom
     assert "<table" in dom and "Win rate vs base" in dom and "aligned" in dom

@@ -101,13 +101,15 @@ def evaluate(base: str, adapters: Sequence[str | Path], prompts_file: str | Path
     report["scores"] = scores
     report["images"] = {n: [str(p.relative_to(out)) for p in images[n]] for n in names}
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+    grids = {}
+    for name in names[1:]:
+        grids[name] = out / "plots" / f"samples_{name}.png"
+        n = min(len(prompts), 8)  # base over this adapter, first seed of the first prompts, enlarged and labelled
+        atomic_save_image(grids[name], labelled_grid({m if m == "base" else "aligned": [
+            Image.open(images[m][i * seeds]) for i in range(n)] for m in ("base", name)}))
     write_html(out, report, {h: r.higher_is_better for h, r in rewards.items()})
     for name, adapter in zip(names[1:], adapters):
-        grid = out / "plots" / f"samples_{name}.png"
-        n = min(len(prompts), 8)  # base over this adapter, first seed of the first prompts, enlarged and labelled
-        atomic_save_image(grid, labelled_grid({m if m == "base" else "aligned": [Image.open(images[m][i * seeds])
-                                                                               for i in range(n)] for m in ("base", name)}))
-        update_card_with_eval(Path(adapter), name, report, grid)
+        update_card_with_eval(Path(adapter), name, report, grids[name])
     return report
 
 

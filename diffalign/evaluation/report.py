@@ -12,7 +12,7 @@ from ..files import atomic_write_text
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}
 .grid img{width:128px;height:128px;image-rendering:pixelated;margin:1px}.grid td{text-align:left;vertical-align:top}
-img.plot{max-width:560px;margin:4px}"""
+img.plot{max-width:560px;margin:4px}img.samples{max-width:100%;image-rendering:pixelated}"""
 
 # the page counts images that really decoded, so a headless browser test can read the result from the DOM
 CHECK = """<script>window.addEventListener('load',()=>{const imgs=[...document.images];
@@ -117,6 +117,12 @@ def write_html(out: Path, report: dict, higher_is_better: Mapping[str, bool]) ->
         rows = [[m, f"{a['implicit_accuracy']:.3f}", f"{a['ranking_accuracy']:.3f}", f"{a['pairs']:.0f}"]
                 for m, a in report["pair_accuracy"].items()]
         parts += ["<h2>Held-out pairs</h2>", _table(["model", "implicit accuracy", "ranking accuracy", "pairs"], rows)]
+    grids = [m for m in models[1:] if (out / "plots" / f"samples_{m}.png").is_file()]
+    if grids:  # the base-over-aligned grids (already enlarged), shown at their own size
+        parts += ["<h2>Base vs aligned</h2>", "".join(
+            f"<p>{html.escape(m)} (top row base, bottom row aligned; first seed of the first prompts)</p>"
+            f"<img class=samples src='plots/samples_{html.escape(m)}.png' alt='base vs {html.escape(m)}'>"
+            for m in grids)]
     parts += ["<h2>Plots</h2>", "".join(f"<img class=plot src='{html.escape(f)}' alt='{html.escape(f)}'>"
                                         for f in plots(out, report))]
     parts.append("<h2>Images</h2><table class=grid><tr><th class=l>prompt</th>"

@@ -151,7 +151,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if cfg.log.to != "none":
                 acc.init_trackers(cfg.log.project, config=cfg.to_flat_dict())
-            log.info("training %s from step %d to %d into %s", self.objective.__class__.__name__.lower(), step,
+            log.info("training %s from step %d to %d into %s", cfg.objective.name, step,
                      cfg.train.max_steps, self.output_dir.resolve())
         self._history = history = []  # this run's steps; metrics.json and checkpoints also hold the earlier ones
         bar = tqdm(total=cfg.train.max_steps, initial=step, desc="training", disable=not acc.is_local_main_process)
