@@ -161,5 +161,5 @@ def run_demo(out: Path, quick: bool = False, reward: str = "shape_size", steps: 
              "report": out / "report.md", "eval": Path(summary["eval_report"])}
     for name, path in paths.items():
         print(f"{name:>8}: {path}")
-    print("    grid: top row = base, bottom row = aligned; same held-out prompts and seeds")
+    print("          (grid: top row = base, bottom row = aligned; same held-out prompts and seeds)")
     return paths
