@@ -352,3 +352,12 @@ def test_cache_records_the_counts_and_restores_them(tmp_path, caplog):
 # ----- 10. stale arguments -----
 def test_encode_batch_takes_no_resolution():
     assert list(inspect.signature(encode_batch).parameters) == ["backbone", "batch"]
+
+
+def test_counts_survive_dataloader_workers(tmp_path):
+    """The decoding pass's notes travel with the items, so a cache built with worker processes counts them too."""
+    images = {"a.png": Image.new("RGBA", (40, 40), (0, 0, 0, 0)), "b.png": _solid("blue")}
+    path = _local(tmp_path, images, [{"prompt": "p", "chosen": "a.png", "rejected": "b.png"}])
+    raw = RawPairDataset(load_pairs(DataConfig(dataset=str(path))), 32, 0)
+    build_cache(_FakeBackbone(clip_tokenizer(tmp_path / "tok")), raw, tmp_path / "cache", num_workers=1)
+    assert raw.source.counts()["composited"] == 1

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..files import atomic_save_safetensors, atomic_write_text
 from ..models import Backbone, Conditioning
-from .dataset import RawPairDataset, check_captions, encode_batch
+from .dataset import RawPairDataset, check_captions, encode_batch, note_counts
 from .readers import BadImageError
 
 log = logging.getLogger(__name__)
@@ -147,10 +147,12 @@ def build_cache(backbone: Backbone, raw: RawPairDataset, folder: Path, dtype: st
             else:
                 part = torch.utils.data.Subset(_SkipBad(raw, on_bad_image), range(lo, hi))
                 loader = DataLoader(part, batch_size=batch_size, collate_fn=_collate_good, num_workers=num_workers)
-                chunks = [encode_batch(backbone, b) for b in loader if b is not None]
+                batches = [b for b in loader if b is not None]
+                chunks = [encode_batch(backbone, b) for b in batches]
                 size = sum(len(c["row"]) for c in chunks)
                 bad = (hi - lo) - size
-                notes = raw.image_counts(raw.source.rows[lo:hi])
+                notes = note_counts([r for b in batches for r in b["row"].tolist()],
+                                    torch.cat([b["notes"] for b in batches]) if batches else torch.zeros(0, 3))
                 if size:
                     tensors = {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
                     tensors = {key: v.to(store) if v.is_floating_point() and key != "scores" else v

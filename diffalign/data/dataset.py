@@ -17,6 +17,14 @@ from .transforms import paired_transform
 log = logging.getLogger(__name__)
 
 TINY_PX = 16  # an image is "tiny" when its shorter side is below max(TINY_PX, resolution // 4)
+NOTES = ("composited", "converted", "tiny")  # per item: images composited, images converted, 1 if one is tiny
+
+
+def note_counts(rows: Sequence[int], notes: torch.Tensor) -> dict:
+    """Totals of items' ``notes`` [N, 3] (:data:`NOTES`): composited and converted images, rows with a tiny one."""
+    total = notes.sum(0).tolist() if len(notes) else [0, 0, 0]
+    return {"composited": int(total[0]), "converted": int(total[1]),
+            "tiny_rows": [int(r) for r, n in zip(rows, notes) if n[2]]}
 
 
 def tiny_limit(resolution: int) -> int:
@@ -40,36 +48,27 @@ class RawPairDataset(Dataset):
         return len(self.source)
 
     def decode_pair(self, i: int):
-        """``(row, pair, winner, loser)`` of pair ``i`` with both images decoded to RGB; what decoding did
-        (compositing, 16-bit conversion) and whether an image is tiny are noted per row in the source."""
+        """``(row, pair, winner, loser, notes)`` of pair ``i`` with both images decoded to RGB; ``notes`` (see
+        :data:`NOTES`) say what decoding did and whether an image is tiny. They travel with the item rather than
+        in shared state, so DataLoader workers report them too."""
         row = self.source.rows[i]
         pair = self.source.get(row)
         where = self.source.where(row)
         winner, note_w = decode_image_noted(pair.winner, f"{where} (preferred image)")
         loser, note_l = decode_image_noted(pair.loser, f"{where} (rejected image)")
-        notes = tuple(n for n in (note_w, note_l) if n)
         tiny = min(*winner.size, *loser.size) < tiny_limit(self.resolution)
-        if notes or tiny:
-            self.source.image_notes[row] = (notes, tiny)  # keyed by row: reading again does not count twice
-        else:
-            self.source.image_notes.pop(row, None)
-        return row, pair, winner, loser
+        notes = torch.tensor([(note_w == "composited") + (note_l == "composited"),
+                              (note_w == "converted") + (note_l == "converted"), int(tiny)])
+        return row, pair, winner, loser, notes
 
     def __getitem__(self, i: int) -> dict:
-        row, pair, winner, loser = self.decode_pair(i)
+        row, pair, winner, loser, notes = self.decode_pair(i)
         images = paired_transform(winner, loser, self.resolution, self.seed, row, self.random_flip, self.center_crop)
         item = {"pixels_w": images.winner, "pixels_l": images.loser, "geometry": images.geometry,
-                "caption": pair.caption, "row": row}
+                "caption": pair.caption, "row": row, "notes": notes}
         if pair.score_w is not None and pair.score_l is not None:
             item["scores"] = torch.tensor([pair.score_w, pair.score_l], dtype=torch.float32)
         return item
-
-    def image_counts(self, rows: Sequence[int]) -> dict:
-        """Composited and converted images and the rows with a tiny image among ``rows`` (already decoded)."""
-        notes = [self.source.image_notes[r] for r in rows if r in self.source.image_notes]
-        return {"composited": sum(n.count("composited") for n, _ in notes),
-                "converted": sum(n.count("converted") for n, _ in notes),
-                "tiny_rows": [r for r in rows if self.source.image_notes.get(r, ((), False))[1]]}
 
     def report_images(self, composited: int, converted: int, tiny_rows: list[int]) -> None:
         """Record the image counts of a finished decoding pass in the source; one warning per kind."""
@@ -91,10 +90,12 @@ class RawPairDataset(Dataset):
         """Decode every pair once; drop (``policy="skip"``) or raise on (``"error"``) undecodable rows. Counts
         composited, converted and tiny images (one warning each) and, given the text encoders' ``tokenizers``,
         the captions they truncate; :meth:`PairSource.summary` reports them."""
-        bad = []
+        bad, rows, notes = [], [], []
         for i in range(len(self)):
             try:
-                self.decode_pair(i)
+                row, *_, note = self.decode_pair(i)
+                rows.append(row)
+                notes.append(note)
             except BadImageError:
                 if policy == "error":
                     raise  # the message names the row and which image
@@ -105,8 +106,7 @@ class RawPairDataset(Dataset):
             dropped = set(bad)
             self.source.rows = [r for r in self.source.rows if r not in dropped]
         self.source.bad_images_skipped = len(bad)
-        counts = self.image_counts(self.source.rows)
-        self.report_images(counts["composited"], counts["converted"], counts["tiny_rows"])
+        self.report_images(**note_counts(rows, torch.stack(notes) if notes else torch.zeros(0, len(NOTES))))
         if tokenizers:
             check_captions(self.source, tokenizers)
         return len(bad)

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,6 @@ BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 
 class DataError(ValueError):
     """A dataset that cannot be read as preference pairs; the message names the file, row or column."""
-
 
 
 class BadImageError(DataError):
@@ -80,7 +79,6 @@ class PairSource:
     converted: int | None = None  # 16/32-bit images (modes I;16, I, F) scaled to 8 bits by their range
     tiny_image_pairs: int | None = None  # pairs with an image whose shorter side is below the tiny limit
     truncated_captions: int | None = None  # captions longer than the text encoder's token limit
-    image_notes: dict = field(default_factory=dict)  # source row -> (notes of decode_image_noted, is tiny)
 
     def __len__(self) -> int:
         return len(self.rows)
