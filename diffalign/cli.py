@@ -40,13 +40,7 @@ def _train(args: argparse.Namespace) -> None:
 
     from .training.trainer import train
 
-    cfg = load_config(args.config, args.set)
-    if cfg.optim.name == "adamw8bit":
-        import importlib.util
-
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError("optim.name=adamw8bit needs bitsandbytes: pip install 'diffalign[bnb]'")
-    result = train(cfg)
+    result = train(load_config(args.config, args.set))
     if not PartialState().is_main_process:
         return
     if result.interrupted:

@@ -187,3 +187,10 @@ def test_reward_from_an_installed_entry_point(tmp_path, monkeypatch):
     head = load_reward("shiny")
     assert head.name == "shiny" and score(head, x, ["", ""]).tolist() == [0.0, 0.5]
     sys.modules.pop("shiny_rewards", None)
+
+
+def test_weighted_sum_keeps_the_gradient_of_differentiable_heads():
+    x = torch.full((2, 3, 8, 8), 0.5, requires_grad=True)
+    total = weighted_sum([lambda images, prompts: images.mean(dim=(1, 2, 3))], [2.0], x, ["", ""])
+    total.sum().backward()
+    assert torch.allclose(x.grad, torch.full_like(x, 2.0 / (3 * 8 * 8)))

@@ -51,8 +51,8 @@ def check_adapter_file(file: Path) -> None:
 
 def load_adapter(pipe, file: Path, name: str) -> None:
     """Load one diffalign adapter into ``pipe``'s UNet only (what ``pipe.load_lora_weights`` does, without
-    asking the text encoders, which diffalign never trains), honouring the LoRA alpha in its metadata."""
-    check_adapter_file(file)
+    asking the text encoders, which diffalign never trains), honouring the LoRA alpha in its metadata. The caller
+    has checked the file (:func:`check_adapter_file`)."""
     try:
         state_dict, network_alphas, metadata = pipe.lora_state_dict(str(file.parent), weight_name=file.name,
                                                                     return_lora_metadata=True)

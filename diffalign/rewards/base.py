@@ -103,11 +103,12 @@ def _describe_prompts(prompts: Sequence[str], show: int = 3) -> str:
 def weighted_sum(rewards: Sequence[RewardModel], weights: Sequence[float], images: Tensor,
                  prompts: Sequence[str]) -> Tensor:
     """Σ w_i · r_i(images, prompts), each head scored (and checked) by :func:`score`, then combined by
-    :func:`diffalign.rewards.combine.combine` (a weight is negated for heads where lower is better)."""
-    from .combine import combine
+    :func:`diffalign.rewards.combine.weighted` (a weight is negated for heads where lower is better);
+    differentiable through differentiable heads."""
+    from .combine import weighted
 
     if len(rewards) != len(weights):
         raise RewardError(f"{len(rewards)} rewards but {len(weights)} weights")
-    heads = {str(i): as_reward(r) for i, r in enumerate(rewards)}
-    scores = {k: score(r, images, prompts).tolist() for k, r in heads.items()}
-    return torch.tensor(combine(scores, {k: r.higher_is_better for k, r in heads.items()}, weights))
+    heads = [as_reward(r) for r in rewards]
+    table = torch.stack([score(r, images, prompts) for r in heads], dim=-1)  # [B, H]
+    return weighted(table, [r.higher_is_better for r in heads], weights)

@@ -19,19 +19,25 @@ PAIRINGS = ("best-worst", "all", "pareto")
 def signed(scores: Tensor, higher_is_better: Sequence[bool] | None = None) -> Tensor:
     """``scores`` [..., H] with lower-is-better heads negated, so that higher is better on every head."""
     signs = torch.tensor([1.0 if h else -1.0 for h in (higher_is_better or [True] * scores.shape[-1])])
-    return scores.float() * signs.to(scores.device)
+    return scores * signs.to(scores.device, scores.dtype if scores.is_floating_point() else torch.float32)
+
+
+def weighted(scores: Tensor, higher_is_better: Sequence[bool], weights: Sequence[float] | None = None) -> Tensor:
+    """Σ w_i · s_i over the heads of ``scores`` [N, H] (w_i negated for lower-is-better heads), in the scores'
+    dtype and device, differentiable; one head alone keeps its own scale."""
+    weights = list(weights) if weights is not None else [1.0] * scores.shape[-1]
+    if len(weights) != scores.shape[-1]:
+        raise ValueError(f"{scores.shape[-1]} reward(s) but {len(weights)} weight(s)")
+    w = torch.tensor(weights, dtype=scores.dtype, device=scores.device)
+    return (signed(scores, higher_is_better).to(scores.dtype) * w).sum(dim=-1)
 
 
 def combine(scores: Mapping[str, Sequence[float]], higher_is_better: Mapping[str, bool],
             weights: Sequence[float] | None = None) -> list[float]:
-    """Σ w_i · s_i per image (w_i negated for lower-is-better heads); one head alone keeps its own scale."""
+    """:func:`weighted` of per-head score lists (``{head: [score per image]}``), as a list (float64)."""
     names = list(scores)
-    weights = list(weights) if weights is not None else [1.0] * len(names)
-    if len(weights) != len(names):
-        raise ValueError(f"{len(names)} reward(s) but {len(weights)} weight(s)")
     table = torch.tensor([list(scores[n]) for n in names], dtype=torch.float64).T  # [N, H]
-    sign = torch.tensor([1.0 if higher_is_better.get(n, True) else -1.0 for n in names], dtype=torch.float64)
-    return (table * sign * torch.tensor(weights, dtype=torch.float64)).sum(dim=1).tolist()
+    return weighted(table, [higher_is_better.get(n, True) for n in names], weights).tolist()
 
 
 def pareto_dominates(a: Tensor, b: Tensor) -> bool:

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.prompts import read_prompts
-from ..data.readers import DataError
+from ..data.readers import DataError, read_utf8
 from ..files import atomic_save_image, atomic_write_text
 from ..models import Backbone, Conditioning
 from .trajectories import Rollouts, sample_rollouts
@@ -95,7 +95,7 @@ def read_labels(labels: str | Path, manifest: dict) -> dict[int, torch.Tensor]:
         raise DataError(f"data.labels={str(labels)!r}: no such file")
     ids = {e["prompt_id"] for e in manifest["prompts"]}
     sums: dict[int, list] = {}
-    for n, line in enumerate(labels.read_text().splitlines(), start=1):
+    for n, line in enumerate(read_utf8(labels).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{labels}, line {n}"

@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from .checkpoint import OutputDirError, check_writable
 from .feeds import Feed, make_feed
 from .guards import StopSignals, TrainingStopped, any_process, grads_finite, zero_loss
-from .optim import build_optimizer
+from .optim import build_optimizer, check_available
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class Trainer:
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision, torch.float32)
         objective_cls = objective_class(cfg.objective)  # an unknown name fails before anything loads
+        check_available(cfg.optim)  # so does an optimizer whose package is missing
         self._bad_window = False  # a non-finite loss in the current accumulation window
         self.feed: Feed = make_feed(cfg, self.accelerator, self.weight_dtype, objective_cls)
         self.backbone, self.objective = self.feed.backbone, self.feed.objective
