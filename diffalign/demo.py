@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from PIL import Image
 
 from . import testbed as tb
 from .config import load_config
-from .files import atomic_write_text
+from .files import atomic_copy, atomic_write_text
 from .resources import recipe_path
 from .rewards import load_reward
 
@@ -153,7 +152,7 @@ def run_demo(out: Path, quick: bool = False, reward: str = "shape_size", steps: 
     pair_seconds = time.time() - start
     summary = align_and_evaluate(out, "dpo", reward, budget, pairs)
     summary.update(pair_seconds=pair_seconds, seconds=summary["seconds"] + pair_seconds)  # the whole run
-    shutil.copyfile(summary["grid"], out / "before_after.png")  # eval's base-over-aligned grid, enlarged, labelled
+    atomic_copy(summary["grid"], out / "before_after.png")  # eval's base-over-aligned grid, enlarged, labelled
     atomic_write_text(out / "report.json", json.dumps(summary, indent=1) + "\n")
     atomic_write_text(out / "report.md", format_report(summary))
     print("\n" + (out / "report.md").read_text())

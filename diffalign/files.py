@@ -48,6 +48,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def atomic_copy(source: str | Path, path: str | Path) -> Path:
+    """Copy the file ``source`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))

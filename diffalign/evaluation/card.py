@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from ..config import Config
-from ..files import atomic_write_text
+from ..files import atomic_copy, atomic_write_text
 
 EVAL_START, EVAL_END = "<!-- diffalign-eval -->", "<!-- /diffalign-eval -->"
 
@@ -43,9 +43,7 @@ def update_card_with_eval(adapter_dir: Path, name: str, report: dict, grid: Path
              f"accuracy {acc['ranking_accuracy']:.3f}.\n") if acc else ""
     picture = ""
     if grid is not None:
-        import shutil
-
-        shutil.copyfile(grid, adapter_dir / "eval_samples.png")
+        atomic_copy(grid, adapter_dir / "eval_samples.png")
         picture = "\n![base (top) vs aligned (bottom), same seeds](eval_samples.png)\n"
     section = (f"{EVAL_START}\n## Evaluation\n\n{len(report['prompts'])} prompts × {report['seeds']} seeds, "
                f"{report['steps']} steps, CFG {report['guidance']}; win rate vs the base model with a 95% Wilson "

@@ -80,6 +80,18 @@ def _columns(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
 
 
+def _win_rows(report: dict) -> list[list[str]]:
+    """Per adapter and head: model, head, win rate, 95% interval, wins/ties/n (the page's and the printout's)."""
+    return [[m, h, f"{w['rate']:.3f}", f"[{w['low']:.3f}, {w['high']:.3f}]", f"{w['wins']}/{w['ties']}/{w['n']}"]
+            for m, per_head in report["win_rates"].items() for h, w in per_head.items()]
+
+
+def _accuracy_rows(report: dict) -> list[list[str]]:
+    """Per adapter: model, held-out implicit accuracy, ranking accuracy, pairs."""
+    return [[m, f"{a['implicit_accuracy']:.3f}", f"{a['ranking_accuracy']:.3f}", f"{a['pairs']:.0f}"]
+            for m, a in (report.get("pair_accuracy") or {}).items()]
+
+
 def summary_text(report: dict) -> str:
     """The numbers of a ``diffalign eval`` report as plain text (what the command prints): per adapter and reward
     head, the win rate vs base with its 95% interval, wins/ties/n and the mean scores of base and adapter; then
@@ -87,14 +99,11 @@ def summary_text(report: dict) -> str:
     base, images = report["mean_scores"]["base"], len(report["prompts"]) * report["seeds"]
     lines = [f"{len(report['prompts'])} prompts x {report['seeds']} seeds = {images} images per model; win rate: "
              "share of (prompt, seed) where the adapter's image scores better than base's (ties count 1/2)"]
-    rows = [[model, head, f"{w['rate']:.3f}", f"[{w['low']:.3f}, {w['high']:.3f}]", f"{w['wins']}/{w['ties']}/{w['n']}",
-             f"{base[head]:.4g}", f"{report['mean_scores'][model][head]:.4g}"]
-            for model, per_head in report["win_rates"].items() for head, w in per_head.items()]
+    rows = [[*row, f"{base[row[1]]:.4g}", f"{report['mean_scores'][row[0]][row[1]]:.4g}"] for row in _win_rows(report)]
     lines += _columns(["model", "head", "win rate", "95% CI", "wins/ties/n", "base mean", "aligned mean"], rows)
     if report.get("pair_accuracy"):
-        rows = [[model, f"{a['implicit_accuracy']:.3f}", f"{a['ranking_accuracy']:.3f}", f"{a['pairs']:.0f}"]
-                for model, a in report["pair_accuracy"].items()]
-        lines += ["", "held-out pairs", *_columns(["model", "implicit acc", "ranking acc", "pairs"], rows)]
+        lines += ["", "held-out pairs", *_columns(["model", "implicit acc", "ranking acc", "pairs"],
+                                                  _accuracy_rows(report))]
     return "\n".join(lines)
 
 
@@ -110,13 +119,11 @@ def write_html(out: Path, report: dict, higher_is_better: Mapping[str, bool]) ->
              _table(["model", *[f"{h} {arrow[h]}" for h in heads]],
                     [[m, *[f"{report['mean_scores'][m][h]:.4g}" for h in heads]] for m in models])]
     if report["win_rates"]:
-        rows = [[m, h, f"{w['rate']:.3f}", f"[{w['low']:.3f}, {w['high']:.3f}]", f"{w['wins']}/{w['ties']}/{w['n']}"]
-                for m, per_head in report["win_rates"].items() for h, w in per_head.items()]
-        parts += ["<h2>Win rate vs base</h2>", _table(["model", "head", "win rate", "95% interval", "wins/ties/n"], rows)]
+        parts += ["<h2>Win rate vs base</h2>", _table(["model", "head", "win rate", "95% interval", "wins/ties/n"],
+                                                      _win_rows(report))]
     if report["pair_accuracy"]:
-        rows = [[m, f"{a['implicit_accuracy']:.3f}", f"{a['ranking_accuracy']:.3f}", f"{a['pairs']:.0f}"]
-                for m, a in report["pair_accuracy"].items()]
-        parts += ["<h2>Held-out pairs</h2>", _table(["model", "implicit accuracy", "ranking accuracy", "pairs"], rows)]
+        parts += ["<h2>Held-out pairs</h2>", _table(["model", "implicit accuracy", "ranking accuracy", "pairs"],
+                                                    _accuracy_rows(report))]
     grids = [m for m in models[1:] if (out / "plots" / f"samples_{m}.png").is_file()]
     if grids:  # the base-over-aligned grids (already enlarged), shown at their own size
         parts += ["<h2>Base vs aligned</h2>", "".join(
