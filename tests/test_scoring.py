@@ -66,6 +66,12 @@ def test_score_local_pairs_feeds_soft_labels(tmp_path, plugin):
     assert source.score_pairs()[0] == pytest.approx((first["chosen_score"], first["rejected_score"]))
 
 
+def test_score_a_make_pairs_folder_like_data_dataset(tmp_path):
+    pairs = write_pairs_jsonl(tmp_path / "data", n=2, size=32)  # data/pairs.jsonl, as make-pairs writes
+    assert main(["score", "--reward", "brightness", "--dataset", str(pairs.parent)]) == 0
+    assert (pairs.parent / "pairs.scored.jsonl").is_file()
+
+
 def test_score_pickapic_parquet(tmp_path):
     data = write_pickapic_parquet(tmp_path / "pp.parquet", n=4, size=32)
     out = tmp_path / "scored.parquet"

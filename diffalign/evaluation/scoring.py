@@ -23,6 +23,7 @@ from ..data.readers import (
     DataError,
     decode_image,
     local_image,
+    local_pairs_file,
     local_row_name,
     open_hf_dataset,
     read_local_rows,
@@ -94,6 +95,8 @@ def score_dataset(rewards: Mapping[str, RewardModel], dataset: str | Path, out: 
     paths stay relative); Pick-a-Pic data (parquet, folder, hub id) gets ``score_0`` / ``score_1`` and
     ``score_0_<head>`` / ``score_1_<head>`` and is written as one parquet file."""
     path = Path(dataset)
+    if path.is_dir() and local_pairs_file(path):  # a make-pairs folder: the same rule as data.dataset
+        path = local_pairs_file(path)
     if path.suffix in (".jsonl", ".csv"):
         return _score_local(rewards, path, out, weights, batch_size)
     if out is None or Path(out).suffix != ".parquet":
