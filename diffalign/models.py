@@ -287,6 +287,12 @@ class Backbone:
             kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
         return unet(x_t, timesteps, encoder_hidden_states=cond.prompt_embeds, **kwargs).sample
 
+    def denoising_error(self, x_t: Tensor, timesteps: Tensor, cond: Conditioning, target: Tensor,
+                        unet=None) -> Tensor:
+        """Per-sample error ``e = mean over (C, H, W) of (prediction - target)²`` in fp32, shape [B]: what every
+        pair objective and the held-out pair accuracies compare (the β convention is defined on it)."""
+        return ((self.predict(x_t, timesteps, cond, unet=unet).float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+
     def predict_noise(self, x_t: Tensor, timesteps: Tensor, cond: Conditioning, unet=None) -> Tensor:
         """The UNet's prediction as noise ε̂ at ``(x_t, t)``, whatever the model predicts. For v-prediction,
         ``v = √ā ε - √(1-ā) x₀`` and ``x_t = √ā x₀ + √(1-ā) ε`` give ``ε = √ā v + √(1-ā) x_t``, with ā at the level

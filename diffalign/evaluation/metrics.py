@@ -69,9 +69,9 @@ def pair_accuracies(backbone, pairs, resolution: int, timesteps: Sequence[int] =
             t = torch.full((2 * b,), t_value, device=device, dtype=torch.long)
             x_t = backbone.scheduler.add_noise(z, noise, t)
             target = backbone.target(z, noise, t).float()
-            policy += ((backbone.predict(x_t, t, cond).float() - target) ** 2).mean(dim=(1, 2, 3))
+            policy += backbone.denoising_error(x_t, t, cond, target)
             with reference_mode(unet):
-                ref += ((backbone.predict(x_t, t, cond).float() - target) ** 2).mean(dim=(1, 2, 3))
+                ref += backbone.denoising_error(x_t, t, cond, target)
         pw, pl = policy.chunk(2)
         rw, rl = ref.chunk(2)
         inside = (rw - rl) - (pw - pl)

@@ -134,8 +134,7 @@ class PairFeed:
 
         def errors(unet) -> tuple[torch.Tensor, torch.Tensor]:
             with self.accelerator.autocast():
-                pred = b.predict(x_t, t2, cond2, unet=unet)
-            return ((pred.float() - target) ** 2).mean(dim=(1, 2, 3)).chunk(2)
+                return b.denoising_error(x_t, t2, cond2, target, unet=unet).chunk(2)
 
         model_w, model_l = errors(unet)
         ref_w = ref_l = None
