@@ -21,6 +21,7 @@ from .data.readers import DataError
 from .models import ModelLoadError
 from .pipelines.export import ExportError
 from .rewards.base import RewardError, RewardFailed
+from .sampling.settings import Sampling, add_sampling_arguments
 from .training.checkpoint import OutputDirError
 from .training.guards import TrainingStopped
 
@@ -61,10 +62,9 @@ def _generate(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images = []
+    sampling: Sampling = args.sampling
     for i, prompt in enumerate(args.prompt):
-        g = torch.Generator().manual_seed(args.seed + i)
-        img = pipe(prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                   generator=g, height=args.height, width=args.width).images[0]
+        img = pipe(prompt, generator=sampling.generators(i, [0], 1)[0], **sampling.pipeline_kwargs()).images[0]
         path = out / f"{i:03d}.png"
         atomic_save_image(path, img)
         images.append(img)
@@ -109,15 +109,13 @@ def _make_pairs(args: argparse.Namespace) -> None:
 
     weights, rewards = _weights(args), _rewards(args)
     print(make_pairs(args.base, args.prompts, rewards, args.out, per_prompt=args.per_prompt, adapter=args.adapter,
-                     pairing=args.pairing, margin=args.margin, weights=weights, steps=args.steps,
-                     guidance=args.guidance, seed=args.seed, height=args.height, width=args.width))
+                     pairing=args.pairing, margin=args.margin, weights=weights, sampling=args.sampling))
 
 
 def _sample(args: argparse.Namespace) -> None:
     from .sampling.human import sample_to_folder
 
-    print(sample_to_folder(args.base, args.prompts, args.out, per_prompt=args.per_prompt, steps=args.steps,
-                           guidance=args.guidance, eta=args.eta, seed=args.seed, resolution=args.resolution))
+    print(sample_to_folder(args.base, args.prompts, args.out, per_prompt=args.per_prompt, sampling=args.sampling))
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -126,7 +124,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     rewards = _rewards(args)
     report = evaluate(args.base, args.adapter, args.prompts, rewards, args.out, seeds=args.seeds, scales=args.scale,
-                      pairs=args.pairs, steps=args.steps, guidance=args.guidance, height=args.height, width=args.width)
+                      pairs=args.pairs, sampling=args.sampling)
     print(summary_text(report))
     print(f"{Path(args.out) / 'report.json'}\n{Path(args.out) / 'report.html'}")
 
@@ -142,34 +140,30 @@ def _export(args: argparse.Namespace) -> None:
         print(export_kohya(args.adapter, args.out))
 
 
-def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=30, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: the model's own "
-                   "size, its UNet sample_size x VAE scale factor)")
-    p.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's own)")
-
-
 def check_arguments(args: argparse.Namespace) -> None:
-    """Refuse sampling values no run could use, before anything loads (:class:`ArgumentError`)."""
+    """Refuse values no run could use, before anything loads (:class:`ArgumentError`); the sampling flags become
+    ``args.sampling``, a :class:`~diffalign.sampling.settings.Sampling` (its errors name the flag)."""
     def flag(name: str) -> str:
         return "--" + name.replace("_", "-")
 
-    for name in ("steps", "seeds", "per_prompt", "batch_size"):
+    for name in ("steps", "seeds", "per_prompt", "batch_size"):  # (demo's --steps is train.max_steps)
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ArgumentError(f"{flag(name)} {value}: must be at least 1")
-    for name in ("height", "width", "resolution"):
-        value = getattr(args, name, None)
-        if value is not None and (value <= 0 or value % 8):
-            raise ArgumentError(f"{flag(name)} {value}: must be a positive multiple of 8")
-    for name in ("guidance", "scale", "margin", "eta"):
+    if getattr(args, "resolution", None) is not None:  # `sample --resolution N`: both sides
+        if args.resolution <= 0 or args.resolution % 8:
+            raise ArgumentError(f"--resolution {args.resolution}: must be a positive multiple of 8")
+        args.height = args.width = args.resolution
+    for name in ("scale", "margin"):
         values = getattr(args, name, None)
         for value in values if isinstance(values, list) else [values]:
             if value is not None and not math.isfinite(value):
                 raise ArgumentError(f"{flag(name)} {value}: must be a finite number")
-    if getattr(args, "eta", None) is not None and args.eta <= 0:
-        raise ArgumentError(f"--eta {args.eta}: must be > 0 (D3PO's step log-probability needs noise)")
+    if hasattr(args, "guidance"):  # a sampling command
+        try:
+            args.sampling = Sampling.from_args(args)
+        except ConfigError as e:
+            raise ArgumentError(str(e)) from None
 
 
 def _reward_args(p: argparse.ArgumentParser) -> None:
@@ -233,9 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", help="adapter folder (repeatable)")
     p.add_argument("--scale", type=float, action="append", help="adapter scale, one per --adapter (default 1.0)")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
-    p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
-    _sampling_args(p)
+    add_sampling_arguments(p, helps={"seed": "seed of the first prompt; prompt i uses seed+i"})
     p.add_argument("--out", default="generated", help="output folder")
     p.set_defaults(func=_generate)
 
@@ -257,8 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairing", default="best-worst", choices=["best-worst", "all", "pareto"],
                    help="best vs worst, all ordered pairs above --margin, or Pareto dominance across heads")
     p.add_argument("--margin", type=float, default=0.0, help="minimum combined-score gap for a pair")
-    p.add_argument("--seed", type=int, default=0, help="image k of prompt i uses seed + i*K + k")
-    _sampling_args(p)
+    add_sampling_arguments(p, helps={"seed": "image k of prompt i uses seed + i*K + k (with --seed-policy per_image)"})
     p.add_argument("--out", required=True, help="output folder (rerun with the same settings to resume)")
     p.set_defaults(func=_make_pairs)
 
@@ -267,12 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="base model: hub id or local diffusers folder")
     p.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with \"prompt\"")
     p.add_argument("--per-prompt", type=int, default=7, help="images per prompt (the D3PO paper: 7)")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (> 0)")
-    p.add_argument("--seed", type=int, default=0, help="prompt i's initial latent and noise use seed and i")
-    p.add_argument("--resolution", type=int, default=None, help="image size, a multiple of 8 (default: the model's "
-                   "own size, as generate draws)")
+    # 20 steps: the D3PO paper's trajectories; prompt i's x_T and step noise come from one generator (seed, i)
+    add_sampling_arguments(p, skip=("seed_policy",), helps={"steps": "DDIM steps",
+                           "seed": "prompt i's initial latent and noise use seed and i"}, steps=20)
+    p.add_argument("--resolution", type=int, default=None, help="square image size, a multiple of 8: sets "
+                   "--height and --width (default: the model's own size, as generate draws)")
     p.add_argument("--out", required=True, help="output folder (images/, trajectories/, manifest.json)")
     p.set_defaults(func=_sample)
 
@@ -284,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with \"prompt\"")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (the same for every model)")
     p.add_argument("--pairs", default=None, help="held-out pairs dataset for implicit and ranking accuracy")
-    _sampling_args(p)
+    add_sampling_arguments(p, seed_policy="shared")  # every prompt, and every model, on the same seeds
     p.add_argument("--out", required=True, help="output folder (rerun to resume: existing images are reused)")
     p.set_defaults(func=_eval)
 

@@ -15,36 +15,11 @@ from typing import Any
 
 import yaml
 
+from .options import ConfigError, check_choice, check_positive, option
+from .sampling.settings import Sampling
 
-class ConfigError(ValueError):
-    """A recipe or override that cannot be turned into a valid :class:`Config`. ``keys`` are the dotted keys the
-    message is about (:func:`load_config` uses them to name where each value came from)."""
-
-    def __init__(self, message: str, keys: tuple[str, ...] = ()):
-        super().__init__(message)
-        self.keys = tuple(keys)
-
-
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with its help text (every config field and objective option has one)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
-
-
-def _choice(section: str, name: str, value: Any, valid: tuple) -> None:
-    if value not in valid:
-        raise ConfigError(f"{section}.{name}={value!r} is not valid; choose one of {', '.join(map(str, valid))}",
-                          (f"{section}.{name}",))
-
-
-def _positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{section}.{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}", (f"{section}.{name}",))
-
-
-# For objectives' Options dataclasses: ``beta: float = option(0.1, "help")``, checks in ``__post_init__``.
-option, check_choice, check_positive = _f, _choice, _positive
+# the section dataclasses below use the short names
+_f, _choice, _positive = option, check_choice, check_positive
 
 
 @dataclass
@@ -139,6 +114,8 @@ def build_options(name: str, values: dict[str, Any]):
     kwargs = {}
     for key, value in values.items():
         if key not in hints or key not in valid:
+            if f"objective.{key}" in MOVED:
+                raise _moved(f"objective.{key}")
             raise ConfigError(f"objective.{key}: not an option of objective {name!r}{_elsewhere(key, name)}; its "
                               f"options are {', '.join(valid)}", (f"objective.{key}",))
         if key == "beta" and value is None:  # `beta: null` (older recipes): the objective's own default
@@ -214,13 +191,12 @@ class TrainConfig:
                                 "deleting that run's adapter and checkpoints first; without it such a folder is "
                                 "refused unless resuming.")
     validate_every: int = _f(0, "Write a validation image grid every N optimizer steps (0: only at the end).")
-    validation_prompts: list[str] = _f([], "Prompts for validation grids (empty: no validation images).")
-    validation_steps: int = _f(25, "Denoising steps for validation images.")
-    validation_guidance: float = _f(5.0, "Classifier-free guidance scale for validation images.")
+    validation_prompts: list[str] = _f([], "Prompts for validation grids (empty: no validation images); drawn as "
+                                           "the sampling section says, image i with seed sampling.seed + i.")
     log_every: int = _f(1, "Log metrics every N optimizer steps.")
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_steps", "checkpoints_keep", "validation_steps", "max_bad_steps"):
+        for name in ("batch_size", "grad_accum", "max_steps", "checkpoints_keep", "max_bad_steps"):
             _positive("train", name, getattr(self, name))
         for name in ("checkpoint_every", "validate_every"):
             _positive("train", name, getattr(self, name), allow_zero=True)
@@ -252,6 +228,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    sampling: Sampling = field(default_factory=Sampling)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -293,7 +270,20 @@ def valid_keys() -> list[str]:
     return keys + list(dict.fromkeys(objective))
 
 
+# Keys that moved into the sampling section: an old recipe gets an error naming the new place.
+MOVED = {"objective.sample_steps": "sampling.steps", "objective.guidance": "sampling.guidance",
+         "objective.eta": "sampling.eta", "train.validation_steps": "sampling.steps",
+         "train.validation_guidance": "sampling.guidance"}
+
+
+def _moved(key: str) -> ConfigError:
+    return ConfigError(f"{key} has moved to {MOVED[key]} (one sampling section serves rollouts, validation images "
+                       "and the sampling commands); rename the key", (key,))
+
+
 def _unknown(key: str) -> ConfigError:
+    if key in MOVED:
+        return _moved(key)
     near = difflib.get_close_matches(key, valid_keys(), n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(near)}?" if near else f"; valid keys: {', '.join(valid_keys())}"
     return ConfigError(f"unknown config key {key!r}{hint}", (key,))

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from .config import load_config
 from .files import atomic_copy, atomic_write_text
 from .resources import recipe_path
 from .rewards import load_reward
+from .sampling.settings import Sampling
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,13 @@ class Budget:
     train_prompts: int = 128  # training prompts used (the first N of the testbed's 128)
     held_out_prompts: int = 16  # held-out prompts used for evaluation and held-out pairs
     per_prompt: int = 8  # images per prompt for make-pairs (best vs worst of 8: clearer preferences than of 4)
-    sample_steps: int = tb.SAMPLING["num_inference_steps"]  # DDIM steps for pairs and evaluation
+    sample_steps: int = tb.SAMPLING.steps  # denoising steps for pairs and evaluation
     eval_seeds: int = 8  # seeds per held-out prompt in the evaluation
     train_steps: int | None = None  # None: the recipe's train.max_steps
+
+    def sampling(self, **changes) -> Sampling:
+        """The testbed's sampling at this budget's steps."""
+        return dataclasses.replace(tb.SAMPLING, steps=self.sample_steps, **changes)
 
 
 FULL = Budget()
@@ -58,9 +64,10 @@ def make_testbed_pairs(out: Path, reward: str, budget: Budget, adapter: str | No
 
     train_prompts, held_prompts = write_prompt_files(out / "prompts", budget)
     heads = {reward: load_reward(reward)}
-    common = dict(per_prompt=budget.per_prompt, steps=budget.sample_steps, guidance=tb.SAMPLING["guidance_scale"])
-    train = make_pairs(str(tb.testbed_path()), train_prompts, heads, out / "pairs", adapter=adapter, **common)
-    held = make_pairs(str(tb.testbed_path()), held_prompts, heads, out / "held_out_pairs", seed=10_000, **common)
+    train = make_pairs(str(tb.testbed_path()), train_prompts, heads, out / "pairs", per_prompt=budget.per_prompt,
+                       adapter=adapter, sampling=budget.sampling())
+    held = make_pairs(str(tb.testbed_path()), held_prompts, heads, out / "held_out_pairs", per_prompt=budget.per_prompt,
+                      sampling=budget.sampling(seed=10_000))
     return str(train), str(held)
 
 
@@ -89,8 +96,7 @@ def evaluate_on_testbed(out: Path, adapter: Path, reward: str, budget: Budget, h
 
     _, held_prompts = write_prompt_files(out / "prompts", budget)
     report = evaluate(str(tb.testbed_path()), [adapter], held_prompts, {reward: load_reward(reward)}, out / "eval",
-                      seeds=budget.eval_seeds, pairs=held_pairs, steps=budget.sample_steps,
-                      guidance=tb.SAMPLING["guidance_scale"])
+                      seeds=budget.eval_seeds, pairs=held_pairs, sampling=budget.sampling(seed_policy="shared"))
     texts = [p for p in report["prompts"] for _ in range(report["seeds"])]
     following = {}
     for name, files in report["images"].items():

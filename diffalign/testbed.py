@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from .sampling.settings import Sampling
+
 TESTBED_DIR = Path(str(resources.files("diffalign.resources") / "testbed"))
 RESOLUTION = 32
 
@@ -34,7 +36,7 @@ HALF_SIZE = (5.0, 11.0)  # half the shape's extent in pixels at 32 px
 SATURATION = (0.6, 1.0)  # 1 = the palette colour, lower = mixed toward its own grey
 MASK_THRESHOLD = 0.15  # RGB distance (in [0, 1] units) from the background that counts as shape
 # How the testbed is sampled wherever its accuracy is reported (card, tests, demo, benchmark).
-SAMPLING = {"num_inference_steps": 20, "guidance_scale": 5.0}
+SAMPLING = Sampling(steps=20, guidance=5.0)
 
 
 def testbed_path() -> Path:

@@ -207,7 +207,7 @@ def d3po_rounds(recipe: str, overrides: list[str], steps: list[int], rounds: int
     rows = []
     for n in steps:
         cfg = load_config(recipe, overrides + ["log.to=none", "train.validation_prompts=[]", "train.checkpoint_every=0",
-                                               f"objective.sample_steps={n}", "objective.eval_every=0"])
+                                               f"sampling.steps={n}", "objective.eval_every=0"])
         trainer = Trainer(cfg)
         unet, samples = trainer.accelerator.unwrap_model(trainer.unet), []
         for index in range(rounds + 1):  # round 0 warms up

@@ -156,7 +156,7 @@ def measure(pipe, prompts: list[str], seeds: int) -> dict[str, float]:
     pipe.set_progress_bar_config(disable=True)
     images, used = [], []
     for seed in range(seeds):
-        out = pipe(prompts, generator=torch.Generator().manual_seed(seed), output_type="pt", **tb.SAMPLING)
+        out = pipe(prompts, generator=torch.Generator().manual_seed(seed), output_type="pt", **tb.SAMPLING.pipeline_kwargs())
         images.append(out.images), used.extend(prompts)
     return tb.prompt_following(torch.cat(images), used)
 
@@ -194,7 +194,7 @@ It exists so that alignment can be *shown* on a CPU; it is not a general-purpose
 ## Prompt following
 Measured with `diffalign.testbed.prompt_following` (the checker reads shape colour by hue, background colour
 by the border's median, shape class by fill ratio and asymmetry) on {info['seeds']} seeds per prompt, DDIM
-{tb.SAMPLING['num_inference_steps']} steps, guidance {tb.SAMPLING['guidance_scale']}:
+{tb.SAMPLING.steps} steps, guidance {tb.SAMPLING.guidance}:
 
 | accuracy | held-out prompts | training prompts |
 | --- | --- | --- |

@@ -55,8 +55,8 @@ def d3po_config(tmp_path):
 
     def make(model, *overrides, out="run"):
         base = [f"model.pretrained={model}", "objective.name=d3po", f"data.prompts={prompts}",
-                f"data.eval_prompts={prompts}", "objective.reward=[brightness]", "objective.sample_steps=3",
-                "objective.prompts_per_round=2", "objective.guidance=3.0", "data.resolution=32",
+                f"data.eval_prompts={prompts}", "objective.reward=[brightness]", "sampling.steps=3",
+                "objective.prompts_per_round=2", "sampling.guidance=3.0", "data.resolution=32",
                 "train.batch_size=1", "train.max_steps=4", f"train.output_dir={tmp_path / out}", "log.to=none",
                 "optim.lr=1e-3", "lora.rank=4", "train.checkpoint_every=0", "objective.eval_every=1"]
         return load_config(None, base + list(overrides))
@@ -183,7 +183,7 @@ def test_an_update_window_spans_every_trained_step_of_its_pairs(tiny_sd15, d3po_
     """As in the official code: the grad_accum x trained_steps micro-batches of one optimizer update hold all
     trained steps of the same batch_size x grad_accum pairs, and no other pair."""
     trainer = Trainer(d3po_config(tiny_sd15, "objective.per_prompt=3", "train.batch_size=2", "train.grad_accum=2",
-                                  "objective.sample_steps=4", "objective.timestep_fraction=0.5"))
+                                  "sampling.steps=4", "objective.timestep_fraction=0.5"))
     src = trainer.feed.source
     rnd = src.new_round(0, trainer.accelerator.unwrap_model(trainer.unet))
     assert len(rnd.pairs) >= 4

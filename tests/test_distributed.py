@@ -71,8 +71,8 @@ def test_two_processes_share_a_d3po_round_and_shard_its_items(tiny_sd15, tmp_pat
     prompts.write_text("a red square\na blue circle\na green triangle\n")
     out = tmp_path / "d3po"
     common = [f"model.pretrained={tiny_sd15}", "objective.name=d3po", f"data.prompts={prompts}",
-              "objective.reward=[brightness]", "objective.sample_steps=3", "objective.prompts_per_round=2",
-              "objective.guidance=3.0", "data.resolution=32", "train.batch_size=1", "log.to=none", "optim.lr=1e-3",
+              "objective.reward=[brightness]", "sampling.steps=3", "objective.prompts_per_round=2",
+              "sampling.guidance=3.0", "data.resolution=32", "train.batch_size=1", "log.to=none", "optim.lr=1e-3",
               "lora.rank=4", f"train.output_dir={out}"]
     ranks = _run(2, tmp_path / "rec", [*common, "train.max_steps=2", "train.checkpoint_every=2"])
     assert len(ranks[0]["weights"]) == 2 and ranks[0]["weights"] == ranks[1]["weights"]  # in sync every step

@@ -48,7 +48,7 @@ def test_stock_pipeline_loads_our_adapter(kind, lora, request, make_config):
 
 
 def test_outputs_of_a_run(tiny_sdxl, make_config, tmp_path):
-    cfg = make_config(tiny_sdxl, "train.validation_prompts=[a red square]", "train.validation_steps=2",
+    cfg = make_config(tiny_sdxl, "train.validation_prompts=[a red square]", "sampling.steps=2",
                       "log.to=tensorboard")
     result = Trainer(cfg).train()
     out = tmp_path / "run"

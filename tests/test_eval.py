@@ -10,6 +10,7 @@ import pytest
 
 from diffalign.cli import main
 from diffalign.evaluation.metrics import wilson_interval, win_rate
+from diffalign.sampling.settings import Sampling
 
 
 def test_wilson_interval_matches_published_values():
@@ -106,7 +107,8 @@ def test_a_seed_drawn_alone_equals_the_same_seed_drawn_with_others(evaluated, ti
     folder = tmp_path / "base"
     folder.mkdir()
     (folder / "p0000_s0.png").write_bytes((out / "images" / "base" / "p0000_s0.png").read_bytes())  # only seed 1 missing
-    generate(str(tiny_sd15), None, 1.0, ["a red square"], 2, folder, 2, 5.0, {"height": 32, "width": 32}, "cpu")
+    generate(str(tiny_sd15), None, 1.0, ["a red square"], 2, folder,
+             Sampling(steps=2, height=32, width=32, seed_policy="shared"), "cpu")
     alone = np.asarray(Image.open(folder / "p0000_s1.png"), dtype=np.int16)
     together = np.asarray(Image.open(out / "images" / "base" / "p0000_s1.png"), dtype=np.int16)
     assert np.abs(alone - together).max() <= 2

@@ -14,6 +14,7 @@ import pytest
 
 import diffalign.training.checkpoint as ckpt
 from diffalign.config import ConfigError
+from diffalign.sampling.settings import Sampling
 from diffalign.training.checkpoint import OutputDirError
 from diffalign.training.trainer import Trainer, train
 
@@ -32,7 +33,7 @@ def test_outputs_honour_the_umask(tiny_sd15, make_config, tmp_path):
         prompts = tmp_path / "prompts.txt"
         prompts.write_text("a red square\n")
         evaluate(str(tiny_sd15), [result.output_dir], prompts, {"brightness": load_reward("brightness")},
-                 tmp_path / "eval", seeds=1, steps=2, height=32, width=32)
+                 tmp_path / "eval", seeds=1, sampling=Sampling(steps=2, height=32, width=32, seed_policy="shared"))
     finally:
         os.umask(old)
     out = result.output_dir

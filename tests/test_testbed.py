@@ -73,7 +73,7 @@ def test_testbed_model_follows_prompts():
     pipe = StableDiffusionPipeline.from_pretrained(str(tb.testbed_path()))
     pipe.set_progress_bar_config(disable=True)
     _, held = tb.split_prompts()
-    images = torch.cat([pipe(held, generator=torch.Generator().manual_seed(s), output_type="pt", **tb.SAMPLING).images
+    images = torch.cat([pipe(held, generator=torch.Generator().manual_seed(s), output_type="pt", **tb.SAMPLING.pipeline_kwargs()).images
                         for s in range(2)])
     assert images.shape == (32, 3, 32, 32)
     acc = tb.prompt_following(images, held * 2)

@@ -13,12 +13,12 @@ EVAL_START, EVAL_END = "<!-- diffalign-eval -->", "<!-- /diffalign-eval -->"
 
 
 def _data(cfg: Config) -> str:
-    d, o = cfg.data, cfg.objective
+    d, o, s = cfg.data, cfg.objective, cfg.sampling
     if d.labels:
         return f"human labels `{d.labels}` of stored rollouts (D3PO)"
     if d.prompts:
-        return (f"online rollouts of the prompts in `{d.prompts}` ({o.per_prompt} per prompt, {o.sample_steps} DDIM "
-                f"steps, CFG {o.guidance}) labelled by `{', '.join(o.reward)}`")
+        return (f"online rollouts of the prompts in `{d.prompts}` ({o.per_prompt} per prompt, {s.steps} DDIM "
+                f"steps, CFG {s.guidance}) labelled by `{', '.join(o.reward)}`")
     return f"`{d.dataset}`"
 
 

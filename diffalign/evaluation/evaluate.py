@@ -2,7 +2,8 @@
 
 Output folder::
 
-    images/<model>/p0003_s1.png   prompt 3, seed 1 (reused when present, so an interrupted eval resumes)
+    images/<model>/p0003_s1.png   prompt 3, seed index 1 (reused when present, so an interrupted eval resumes;
+                                  the seed is sampling.seed + 1 with the default shared seed policy)
     report.json                   mean scores, win rates vs base with 95% intervals, held-out pair accuracies
     report.html                   grids per prompt, the numbers, and plots (plots/*.png), beside the images
 """
@@ -22,6 +23,7 @@ from ..data.readers import DataError
 from ..files import atomic_save_image, atomic_write_text
 from ..pipelines.grids import labelled_grid
 from ..rewards import RewardModel
+from ..sampling.settings import Sampling
 from .card import update_card_with_eval
 from .metrics import pair_accuracies, win_rate
 from .report import write_html
@@ -40,8 +42,9 @@ def model_names(adapters: Sequence[str | Path]) -> list[str]:
 
 
 def generate(base: str, adapter: str | None, scale: float, prompts: list[str], seeds: int, folder: Path,
-             steps: int, guidance: float, size: dict, device: str) -> list[Path]:
-    """Images of one model for every (prompt, seed), in that order; existing files are reused."""
+             sampling: Sampling, device: str) -> list[Path]:
+    """Images of one model for every (prompt, seed), in that order, drawn as ``sampling`` says; existing files
+    are reused."""
     paths = [folder / f"p{i:04d}_s{s}.png" for i in range(len(prompts)) for s in range(seeds)]
     todo = [k for k, p in enumerate(paths) if not p.is_file()]
     if todo:
@@ -57,9 +60,8 @@ def generate(base: str, adapter: str | None, scale: float, prompts: list[str], s
         for i, missing in by_prompt.items():
             # One call per prompt; each image has its own seeded generator, so it is the image a call with
             # that seed alone would draw (up to batched-arithmetic rounding).
-            images = pipe(prompts[i], num_images_per_prompt=len(missing), num_inference_steps=steps,
-                          guidance_scale=guidance, generator=[torch.Generator().manual_seed(s) for s in missing],
-                          **size).images
+            images = pipe(prompts[i], num_images_per_prompt=len(missing),
+                          generator=sampling.generators(i, missing, seeds), **sampling.pipeline_kwargs()).images
             for s, image in zip(missing, images):
                 path = paths[i * seeds + s]
                 atomic_save_image(path, image)
@@ -70,26 +72,28 @@ def generate(base: str, adapter: str | None, scale: float, prompts: list[str], s
 
 def evaluate(base: str, adapters: Sequence[str | Path], prompts_file: str | Path, rewards: Mapping[str, RewardModel],
              out: str | Path, seeds: int = 4, scales: Sequence[float] | None = None, pairs: str | None = None,
-             steps: int = 30, guidance: float = 5.0, height: int | None = None, width: int | None = None,
-             device: str | None = None) -> dict:
-    """Run the evaluation (see the module doc) and return the report."""
+             sampling: Sampling | None = None, device: str | None = None) -> dict:
+    """Run the evaluation (see the module doc) and return the report. ``sampling`` defaults to
+    :class:`Sampling` with the shared seed policy (every prompt on the same seeds)."""
     out, prompts = Path(out), read_prompts(prompts_file)
+    sampling = sampling or Sampling(seed_policy="shared")
+    _check_sampling(out, sampling)
     if seeds < 1:
         raise DataError(f"--seeds {seeds}: need at least one seed")
     scales = list(scales) if scales else [1.0] * len(adapters)
     if len(scales) != len(adapters):
         raise DataError(f"{len(adapters)} --adapter but {len(scales)} --scale")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    size = {k: v for k, v in (("height", height), ("width", width)) if v}
     names = model_names(adapters)
     sources = [None, *adapters]
     images, scores = {}, {}
     for name, adapter, scale in zip(names, sources, [1.0, *scales]):
         images[name] = generate(base, str(adapter) if adapter else None, scale, prompts, seeds, out / "images" / name,
-                                steps, guidance, size, device)
+                                sampling, device)
         texts = [p for p in prompts for _ in range(seeds)]
         scores[name] = score_images(rewards, [Image.open(p).convert("RGB") for p in images[name]], texts)
-    report = {"base": base, "prompts": prompts, "seeds": seeds, "steps": steps, "guidance": guidance,
+    report = {"base": base, "prompts": prompts, "seeds": seeds, "steps": sampling.steps,
+              "guidance": sampling.guidance, "sampling": sampling.as_dict(),
               "models": {n: {"adapter": str(a) if a else None, "scale": s} for n, a, s in zip(names, sources, [1.0, *scales])},
               "mean_scores": {n: {h: sum(v) / len(v) for h, v in scores[n].items()} for n in names},
               "win_rates": {}, "pair_accuracy": {}}
@@ -97,7 +101,8 @@ def evaluate(base: str, adapters: Sequence[str | Path], prompts_file: str | Path
         report["win_rates"][name] = {h: vars(win_rate(scores[name][h], scores["base"][h], r.higher_is_better))
                                      for h, r in rewards.items()}
     if pairs:
-        report["pair_accuracy"] = held_out_accuracies(base, dict(zip(names[1:], adapters)), pairs, device, height)
+        report["pair_accuracy"] = held_out_accuracies(base, dict(zip(names[1:], adapters)), pairs, device,
+                                                      sampling.height)
     report["scores"] = scores
     report["images"] = {n: [str(p.relative_to(out)) for p in images[n]] for n in names}
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
@@ -111,6 +116,24 @@ def evaluate(base: str, adapters: Sequence[str | Path], prompts_file: str | Path
     for name, adapter in zip(names[1:], adapters):
         update_card_with_eval(Path(adapter), name, report, grids[name])
     return report
+
+
+def _check_sampling(out: Path, sampling: Sampling) -> None:
+    """An eval folder reuses its images, so a rerun must draw them the same way (reports written before the
+    sampling block recorded only steps and guidance: the rest were the defaults)."""
+    file = out / "report.json"
+    if not file.is_file():
+        return
+    try:
+        old = json.loads(file.read_text())
+    except json.JSONDecodeError:
+        return  # a torn report is rewritten; its images are what the current settings draw at worst
+    was = {**Sampling(seed_policy="shared").as_dict(), "steps": old.get("steps"), "guidance": old.get("guidance"),
+           **old.get("sampling", {})}
+    changed = sorted(k for k, v in sampling.as_dict().items() if was.get(k) != v)
+    if changed:
+        raise DataError(f"{out} holds images drawn with other sampling settings ({', '.join(changed)} differ); use a "
+                        "new --out or the same settings to resume")
 
 
 def held_out_accuracies(base: str, adapters: Mapping[str, str | Path], pairs: str, device: str,

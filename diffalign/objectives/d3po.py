@@ -53,9 +53,6 @@ class D3POOptions:
     reward: list[str] = option([], "Online: reward head(s) that label rollouts (several: Pareto dominance).")
     reward_options: list[str] = option([], "Online: head keyword arguments as HEAD.KEY=VALUE strings.")
     clip_range: float = option(0.1, "ε of the ratio clamp [1-ε, 1+ε].")
-    eta: float = option(1.0, "DDIM η of the rollouts (> 0: the step log-probability needs noise).")
-    sample_steps: int = option(20, "DDIM steps per rollout.")
-    guidance: float = option(5.0, "CFG scale in sampling and, identically, in the training forward.")
     per_prompt: int = option(2, "Online: trajectories per prompt, all from one initial latent.")
     prompts_per_round: int = option(20, "Online: prompts sampled per round by each process (the paper: 10 prompts x "
                                         "2 batches).")
@@ -66,8 +63,7 @@ class D3POOptions:
         check_positive("objective", "beta", self.beta)
         if not 0 < self.clip_range < 1:
             raise ConfigError(f"objective.clip_range={self.clip_range!r} must be in (0, 1)", ("objective.clip_range",))
-        for name in ("eta", "sample_steps", "guidance", "prompts_per_round"):
-            check_positive("objective", name, getattr(self, name))
+        check_positive("objective", "prompts_per_round", self.prompts_per_round)
         if self.per_prompt < 2:
             raise ConfigError(f"objective.per_prompt={self.per_prompt!r} must be >= 2 (a pair needs two samples)",
                               ("objective.per_prompt",))

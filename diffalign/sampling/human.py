@@ -25,34 +25,40 @@ from ..data.prompts import read_prompts
 from ..data.readers import DataError, read_utf8
 from ..files import atomic_save_image, atomic_write_text
 from ..models import Backbone, Conditioning
+from .settings import Sampling
 from .trajectories import Rollouts, sample_rollouts
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
-def sample_to_folder(base: str, prompts_file: str | Path, out: str | Path, per_prompt: int = 7, steps: int = 20,
-                     guidance: float = 5.0, eta: float = 1.0, seed: int = 0, resolution: int | None = None,
-                     device: str | None = None) -> Path:
+def sample_to_folder(base: str, prompts_file: str | Path, out: str | Path, per_prompt: int = 7,
+                     sampling: Sampling | None = None, device: str | None = None) -> Path:
     """Sample ``per_prompt`` images per prompt from one shared ``x_T`` and store their trajectories (see the
-    module doc) at ``resolution`` px, by default the model's own size (its UNet's sample size times the VAE's
-    scale factor: what ``generate``, ``make-pairs`` and ``eval`` draw). Resumable: prompts whose trajectory exists
-    are skipped. Returns the manifest path."""
+    module doc), drawn as ``sampling`` says (default: 20 steps, the D3PO paper's, η 1) and square, by default at
+    the model's own size (its UNet's sample size times the VAE's scale factor: what ``generate``, ``make-pairs``
+    and ``eval`` draw). Resumable: prompts whose trajectory exists are skipped. Returns the manifest path."""
     out, prompts = Path(out), read_prompts(prompts_file)
+    sampling = sampling or Sampling(steps=20)
     if per_prompt < 2:
         raise DataError(f"--per-prompt {per_prompt}: people need at least 2 images per prompt to compare")
+    eta = sampling.trajectory_eta("--eta ")
     backbone = Backbone.load(base)
-    resolution = resolution or backbone.default_resolution
-    settings = {"base": str(base), "per_prompt": per_prompt, "steps": steps, "guidance": guidance, "eta": eta,
-                "seed": seed, "resolution": resolution}
+    height, width = sampling.size(backbone.default_resolution)
+    if height != width:
+        raise DataError(f"--height {height} --width {width}: trajectories are square; give one size")
+    resolution, seed = height, sampling.seed
+    settings = {"base": str(base), "per_prompt": per_prompt, "steps": sampling.steps, "guidance": sampling.guidance,
+                "eta": eta, "seed": seed, "resolution": resolution, "negative_prompt": sampling.negative_prompt}
     manifest = _read_manifest(out) if (out / MANIFEST).is_file() else None
-    if manifest is not None and any(manifest.get(k) != v for k, v in settings.items()):
+    if manifest is not None and any(manifest.get(k, "" if k == "negative_prompt" else None) != v
+                                    for k, v in settings.items()):
         raise DataError(f"{out} holds samples made with other settings; use a new --out or the same settings")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone.to(device)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "trajectories").mkdir(exist_ok=True)
-    negative = backbone.at_resolution(backbone.encode_prompt([""]), resolution)
+    negative = backbone.at_resolution(backbone.encode_prompt([sampling.negative_prompt]), resolution)
     entries = []
     for pid, prompt in enumerate(tqdm(prompts, desc="sampling", unit="prompt")):
         entry = {"prompt_id": pid, "prompt": prompt, "trajectory": f"trajectories/p{pid:05d}.safetensors",
@@ -62,8 +68,8 @@ def sample_to_folder(base: str, prompts_file: str | Path, out: str | Path, per_p
             continue
         cond = backbone.at_resolution(backbone.encode_prompt([prompt]), resolution)
         g = torch.Generator().manual_seed(seed * 1_000_003 + pid)
-        rollouts = sample_rollouts(backbone, backbone.unet, [prompt], cond, negative, per_prompt, steps, guidance,
-                                   eta, resolution, g)
+        rollouts = sample_rollouts(backbone, backbone.unet, [prompt], cond, negative, per_prompt, sampling,
+                                   resolution, g)
         for k, path in enumerate(entry["images"]):
             atomic_save_image(out / path, _to_pil(rollouts.images[0, k]))
         rollouts.images = None  # the PNGs are beside it

@@ -2,7 +2,7 @@
 
 Layout of the output folder::
 
-    images/p00003_2.png   image k of prompt 3 (seed = seed + 3·K + k)
+    images/p00003_2.png   image k of prompt 3 (seed + 3·K + k with the default seed policy: sampling.settings)
     scores.jsonl          one line per finished prompt: prompt, image paths, seeds, every head's scores
     pairs.jsonl           the local-pairs dataset (data.md), rebuilt from scores.jsonl at the end
     make_pairs.json       the settings; a rerun with the same settings resumes, skipping finished prompts
@@ -29,6 +29,7 @@ from ..evaluation.scoring import score_images
 from ..files import atomic_save_image, atomic_write_text
 from ..rewards import RewardModel
 from ..rewards.combine import PAIRINGS, combine, pairs_from_scores, signed
+from .settings import Sampling
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ def _save_prompt_images(out: Path, files: list[str], images: list) -> None:
 def _check_settings(out: Path, settings: dict) -> None:
     file = out / "make_pairs.json"
     if file.is_file():
-        old = json.loads(file.read_text())
+        # folders made before the sampling block had no eta, negative prompt or seed policy: theirs were the defaults
+        old = {**Sampling().as_dict(), **json.loads(file.read_text())}
         changed = sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k))
         if changed:
             raise DataError(f"{out} was made with other settings ({', '.join(changed)} differ); use a new --out or "
@@ -94,19 +96,18 @@ def _check_settings(out: Path, settings: dict) -> None:
 
 def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, RewardModel], out: str | Path,
                per_prompt: int = 4, adapter: str | None = None, pairing: str = "best-worst", margin: float = 0.0,
-               weights: list[float] | None = None, steps: int = 30, guidance: float = 5.0, seed: int = 0,
-               height: int | None = None, width: int | None = None, device: str | None = None) -> Path:
-    """Generate, score and pair; returns the path of ``pairs.jsonl``. Resumable: finished prompts are skipped."""
+               weights: list[float] | None = None, sampling: Sampling | None = None, device: str | None = None) -> Path:
+    """Generate (as ``sampling`` says; default :class:`Sampling`), score and pair; returns the path of
+    ``pairs.jsonl``. Resumable: finished prompts are skipped."""
     from ..pipelines import load_aligned_pipeline
 
     if per_prompt < 2:
         raise DataError(f"--per-prompt {per_prompt}: need at least 2 images per prompt to make a pair")
     if pairing not in PAIRINGS:
         raise DataError(f"pairing {pairing!r}: choose one of {', '.join(PAIRINGS)}")
-    out, prompts = Path(out), read_prompts(prompts_file)
+    out, prompts, sampling = Path(out), read_prompts(prompts_file), sampling or Sampling()
     settings = {"base": str(base), "adapter": str(adapter) if adapter else None, "prompts": prompts,
-                "per_prompt": per_prompt, "rewards": list(rewards), "weights": weights, "steps": steps,
-                "guidance": guidance, "seed": seed, "height": height, "width": width}
+                "per_prompt": per_prompt, "rewards": list(rewards), "weights": weights, **sampling.as_dict()}
     _check_settings(out, settings)
     done = _finished(out, prompts)
     todo = [i for i in range(len(prompts)) if i not in done]
@@ -116,12 +117,11 @@ def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, Reward
         pipe = load_aligned_pipeline(base, [adapter] if adapter else [], device=device)
         pipe.set_progress_bar_config(disable=True)
         (out / "images").mkdir(exist_ok=True)
-        size = {k: v for k, v in (("height", height), ("width", width)) if v}
         for pid in tqdm(todo, desc="prompts", unit="prompt", initial=len(done), total=len(prompts)):
-            seeds = [seed + pid * per_prompt + k for k in range(per_prompt)]
-            images = pipe(prompts[pid], num_images_per_prompt=per_prompt, num_inference_steps=steps,
-                          guidance_scale=guidance, generator=[torch.Generator().manual_seed(s) for s in seeds],
-                          **size).images
+            seeds = [sampling.seed_of(pid, k, per_prompt) for k in range(per_prompt)]
+            images = pipe(prompts[pid], num_images_per_prompt=per_prompt,
+                          generator=sampling.generators(pid, range(per_prompt), per_prompt),
+                          **sampling.pipeline_kwargs()).images
             files = [f"images/p{pid:05d}_{k}.png" for k in range(per_prompt)]
             scores = score_images(rewards, images, [prompts[pid]] * per_prompt)  # a failing head writes nothing
             _save_prompt_images(out, files, images)

@@ -1,4 +1,4 @@
-"""Rollouts for D3PO: DDIM sampling with η > 0 and classifier-free guidance, keeping every step.
+"""Rollouts for online objectives: DDIM sampling with η > 0 and classifier-free guidance, keeping every step.
 
 K images per prompt start from one shared initial latent ``x_T`` (so their differences come from the sampling
 noise alone, as D3PO requires); every step stores ``x_t`` and ``x_{t-1}`` (as ``latents[:, :, j]`` and
@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..models import Backbone, Conditioning
 from ..training.logprob import ddim_step_log_prob
+from .settings import Sampling
 
 
 @dataclass
@@ -82,9 +83,9 @@ def ddim_scheduler(backbone: Backbone, num_steps: int):
 
 def guided_prediction(backbone: Backbone, unet, x: Tensor, t: Tensor, cond: Conditioning, negative: Conditioning,
                       guidance: float) -> Tensor:
-    """CFG: ``ε_u + w (ε_c - ε_u)`` with both branches in one UNet call (``w = 1``: the conditional branch only).
-    ``cond`` has one row per sample; ``negative`` one row, broadcast."""
-    if guidance == 1.0:
+    """CFG: ``ε_u + w (ε_c - ε_u)`` with both branches in one UNet call; ``w <= 1``: the conditional branch only,
+    as diffusers' pipelines do. ``cond`` has one row per sample; ``negative`` one row, broadcast."""
+    if guidance <= 1.0:
         return backbone.predict(x, t, cond, unet=unet)
     both = Conditioning(*(None if c is None else torch.cat([n.expand_as(c), c])
                           for c, n in ((cond.prompt_embeds, negative.prompt_embeds), (cond.pooled, negative.pooled),
@@ -95,14 +96,16 @@ def guided_prediction(backbone: Backbone, unet, x: Tensor, t: Tensor, cond: Cond
 
 @torch.no_grad()
 def sample_rollouts(backbone: Backbone, unet, prompts: list[str], cond: Conditioning, negative: Conditioning,
-                    per_prompt: int, num_steps: int, guidance: float, eta: float, resolution: int,
-                    generator: torch.Generator, decode: bool = True, autocast=None) -> Rollouts:
-    """Sample ``per_prompt`` trajectories for each prompt from one shared ``x_T`` per prompt (see module doc).
-    ``cond`` holds one row per prompt and ``negative`` one row; noise comes from ``generator`` (on the CPU);
-    ``autocast`` is a factory of a fresh autocast context (e.g. ``accelerator.autocast``)."""
+                    per_prompt: int, sampling: Sampling, resolution: int, generator: torch.Generator,
+                    decode: bool = True, autocast=None) -> Rollouts:
+    """Sample ``per_prompt`` trajectories for each prompt from one shared ``x_T`` per prompt (see module doc), with
+    ``sampling``'s steps, guidance and η (:meth:`~Sampling.trajectory_eta`), square at ``resolution``. ``cond``
+    holds one row per prompt and ``negative`` one row (the negative prompt's); noise comes from ``generator`` (on
+    the CPU); ``autocast`` is a factory of a fresh autocast context (e.g. ``accelerator.autocast``)."""
     import contextlib
 
     dev = next(unet.parameters()).device
+    num_steps, guidance, eta = sampling.steps, sampling.guidance, sampling.trajectory_eta()
     scheduler = ddim_scheduler(backbone, num_steps)
     n, k = len(prompts), per_prompt
     channels, size = unet.config.in_channels, resolution // backbone.vae_scale_factor

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data.prompts import read_prompts
 from ..data.readers import DataError
 from ..lora import reference_mode
@@ -29,6 +29,7 @@ from ..models import Backbone, Conditioning, default_resolution
 from ..objectives.base import StepLogProbs
 from ..objectives.d3po import rollout_pairs
 from ..rewards import load_rewards, parse_reward_options, score
+from ..sampling.settings import Sampling
 from ..sampling.trajectories import Rollouts, ddim_scheduler, guided_prediction, sample_rollouts
 from .logprob import ddim_step_log_prob
 
@@ -54,13 +55,16 @@ class RolloutSource:
         """Read the prompts or the labelled rollouts and build the reward heads: bad data fails before the
         diffusion model loads."""
         self.cfg, o = cfg, cfg.objective
-        self.steps, self.guidance, self.eta = o.sample_steps, o.guidance, o.eta
+        # the rollouts' steps, guidance and η: the sampling section's, or those the stored trajectories were drawn with
+        self.sampling = cfg.sampling
         self.stored, self.rewards, self.eval_prompts = None, {}, []
         if cfg.data.labels:
             from ..sampling.human import load_labelled_rollouts
 
             self.stored, scores, settings = load_labelled_rollouts(cfg.data.labels, cfg.data.rollouts or None)
-            self.steps, self.guidance, self.eta = settings["steps"], settings["guidance"], settings["eta"]
+            self.sampling = Sampling(steps=settings["steps"], guidance=settings["guidance"], eta=settings["eta"])
+            log.info("%s: steps, guidance and η of the stored trajectories (%d, %g, %g), not the sampling section's",
+                     cfg.data.labels, settings["steps"], settings["guidance"], settings["eta"])
             self.stored_pairs = rollout_pairs(scores.unsqueeze(-1))
             if not self.stored_pairs:
                 raise DataError(f"{cfg.data.labels}: every prompt's samples tie; no pair to train on")
@@ -73,6 +77,8 @@ class RolloutSource:
         else:
             raise DataError("objective.name=d3po needs data.prompts (online, with objective.reward) or data.labels "
                             "(human feedback on `diffalign sample` output)")
+        self.steps, self.guidance = self.sampling.steps, self.sampling.guidance
+        self.eta = self.sampling.trajectory_eta()
         self.trained_steps = max(1, round(o.timestep_fraction * self.steps))
 
     @property
@@ -85,7 +91,8 @@ class RolloutSource:
         processes, this rank's index, their number and how to gather every rank's rollouts and scores."""
         self.backbone, self.resolution, self.rank, self.world, self.gather = backbone, resolution, rank, world, gather
         self.scheduler = ddim_scheduler(backbone, self.steps)
-        self.negative = self.stored.negative if self.stored is not None else self._encode([""])
+        negative = self.sampling.negative_prompt
+        self.negative = self.stored.negative if self.stored is not None else self._encode([negative])
 
     def _encode(self, prompts: list[str]) -> Conditioning:
         return self.backbone.at_resolution(self.backbone.encode_prompt(prompts), self.resolution)
@@ -124,8 +131,8 @@ class RolloutSource:
         unet.eval()
         try:
             return sample_rollouts(self.backbone, unet, prompts, self._encode(prompts), self.negative,
-                                   per_prompt or self.cfg.objective.per_prompt, self.steps, self.guidance, self.eta,
-                                   self.resolution, generator, autocast=autocast)
+                                   per_prompt or self.cfg.objective.per_prompt, self.sampling, self.resolution,
+                                   generator, autocast=autocast)
         finally:
             unet.train(was_training)
 
@@ -203,6 +210,10 @@ class RolloutFeed:
         m = cfg.model
         self.source = RolloutSource(cfg)  # bad data fails before the model loads
         self.resolution = cfg.data.resolution or default_resolution(m.pretrained, m.revision)
+        if cfg.sampling.size(self.resolution) != (self.resolution, self.resolution):
+            raise ConfigError(f"sampling.height/width={cfg.sampling.size(self.resolution)}: online rollouts are drawn "
+                              f"square at the training resolution ({self.resolution}); set data.resolution instead",
+                              ("sampling.height", "sampling.width"))
         need_text = self.source.needs_text_encoders or bool(cfg.train.validation_prompts)
         self.backbone = Backbone.load(m.pretrained, m.vae, m.prediction_type, m.revision, weight_dtype,
                                       text_encoders=need_text)

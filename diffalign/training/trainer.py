@@ -106,7 +106,8 @@ class Trainer:
         prompts = self.cfg.train.validation_prompts
         if not prompts:
             return None
-        return self.backbone.encode_prompt(prompts), self.backbone.encode_prompt([""] * len(prompts))
+        negative = self.cfg.sampling.negative_prompt
+        return self.backbone.encode_prompt(prompts), self.backbone.encode_prompt([negative] * len(prompts))
 
     def training_step(self, batch: dict, micro_step: int) -> dict[str, float]:
         """One micro-step: encode if needed, loss, backward; on accumulation boundaries also clip and update. A
@@ -288,11 +289,9 @@ class Trainer:
         from ..pipelines import image_grid
         from ..pipelines.validation import validation_images
 
-        t = self.cfg.train
         self.backbone.vae.to(self.device)
         images = validation_images(self.cfg.model, self.accelerator.unwrap_model(self.unet), self.backbone,
-                                   *self.validation_cond, t.validation_steps, t.validation_guidance, t.seed,
-                                   self.feed.resolution, self.device)
+                                   *self.validation_cond, self.cfg.sampling, self.feed.resolution, self.device)
         self.backbone.vae.to(self.feed.vae_device)
         path = self.output_dir / "validation" / f"step-{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
