@@ -23,6 +23,8 @@ BUILTIN_OBJECTIVES = {
     "inpo": "diffalign.objectives.inpo:InPO",
     "smpo": "diffalign.objectives.smpo:SmPO",
     "d3po": "diffalign.objectives.d3po:D3PO",
+    "ddpo": "diffalign.objectives.ddpo:DDPO",
+    "grpo": "diffalign.objectives.grpo:GRPO",
 }
 
 

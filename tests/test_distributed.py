@@ -87,3 +87,21 @@ def test_two_processes_share_a_d3po_round_and_shard_its_items(tiny_sd15, tmp_pat
     # starts the next round
     one = _run(1, tmp_path / "rec1", [*common, "train.max_steps=3", "train.resume=latest"])
     assert len(one[0]["history"]) == 1 and one[0]["history"][0]["round"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["ddpo", "grpo"])
+def test_two_processes_share_a_policy_gradient_round(name, tiny_sd15, tmp_path):
+    """Advantages over the gathered round (the same on both ranks), disjoint training slices, LoRA in sync."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\na green triangle\n")
+    size = "objective.group_size=2" if name == "grpo" else "objective.per_prompt=2"
+    common = [f"model.pretrained={tiny_sd15}", f"objective.name={name}", f"data.prompts={prompts}",
+              "objective.reward=[brightness]", "sampling.steps=3", "objective.prompts_per_round=1", size,
+              "objective.timestep_fraction=1.0", "data.resolution=32", "train.batch_size=1", "log.to=none",
+              "optim.lr=1e-3", "lora.rank=4", f"train.output_dir={tmp_path / name}", "train.max_steps=2"]
+    ranks = _run(2, tmp_path / "rec", common)
+    assert len(ranks[0]["weights"]) == 2 and ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["round_prompts"] == ranks[1]["round_prompts"] and len(ranks[0]["round_prompts"]) == 2  # 1 x 2
+    items = [[i for batch in rank["rows"] for i in batch] for rank in ranks]
+    assert len(items[0]) == len(items[1]) and not set(items[0]) & set(items[1])
+    assert [h["loss"] for h in ranks[0]["history"]] == [h["loss"] for h in ranks[1]["history"]]

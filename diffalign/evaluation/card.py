@@ -55,7 +55,8 @@ def update_card_with_eval(adapter_dir: Path, name: str, report: dict, grid: Path
     return card
 
 
-def write_model_card(out_dir: Path, cfg: Config, kind: str, steps: int, history: list[dict], beta: float) -> Path:
+def write_model_card(out_dir: Path, cfg: Config, kind: str, steps: int, history: list[dict],
+                     beta: float | None) -> Path:
     """README.md with YAML metadata (base model, tags), how the adapter was trained and its last metrics."""
     meta = {"base_model": cfg.model.pretrained, "library_name": "diffusers", "license": "other",
             "tags": ["diffalign", "lora", "text-to-image", kind, f"diffalign-{cfg.objective.name}"]}
@@ -68,7 +69,7 @@ def write_model_card(out_dir: Path, cfg: Config, kind: str, steps: int, history:
 
 # {cfg.objective.name} LoRA for {cfg.model.pretrained}
 
-Trained with [diffalign](https://github.com/) objective `{o.name}` (β = {beta:g}) on
+Trained with [diffalign](https://github.com/) objective `{o.name}`{f" (β = {beta:g})" if beta is not None else ""} on
 {_data(cfg)} at {cfg.data.resolution or "default"} px for {steps} optimizer steps.
 
 | setting | value |

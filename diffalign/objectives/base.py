@@ -32,20 +32,35 @@ class StepLogProbs:
     ref_l: Tensor
 
 
+@dataclass
+class StepRatios:
+    """One denoising step of single trajectories, for ``rewarded_rollouts`` objectives (DDPO, GRPO), shape [B] in
+    fp32: the policy's ``log π_θ(x_{t-1} | x_t)``, the sampling policy's stored one, each sample's advantage, and,
+    when the objective ``needs_reference``, the per-sample KL of the policy's step to the reference's
+    (``||μ_θ - μ_ref||² / (2σ_t²)`` averaged over latent elements)."""
+
+    log_prob: Tensor
+    old_log_prob: Tensor
+    advantages: Tensor
+    kl: Tensor | None = None
+
+
 class Objective(Protocol):
     """A preference objective, constructed as ``Class(options, num_timesteps=T)`` where ``options`` is an instance
     of its own ``Options`` dataclass (which carries ``beta``), built and validated from the ``objective:`` section
     of a config. The trainer
     reads the three declarations to decide what to compute: ``data`` picks the feed (``pairs``/``soft_pairs``:
-    the pairs feed, which hands over :class:`PairErrors`; ``rollouts``: the rollouts feed, which hands over
-    :class:`StepLogProbs`), ``noising`` how the pairs feed makes x_t (``rollout``: the sampled trajectory's own)."""
+    the pairs feed, which hands over :class:`PairErrors`; ``rollouts``: the rollouts feed, pairs of trajectories,
+    which hands over :class:`StepLogProbs`; ``rewarded_rollouts``: the rollouts feed, single trajectories with
+    advantages, which hands over :class:`StepRatios` and asks the objective for ``advantages(prompts, rewards,
+    groups)``), ``noising`` how the pairs feed makes x_t (``rollout``: the sampled trajectory's own)."""
 
     Options: type  # a dataclass; its fields are this objective's config keys (help in field metadata)
     needs_reference: bool
     noising: Literal["forward", "ddim_inversion", "renoise", "rollout"]
-    data: Literal["pairs", "soft_pairs", "rollouts"]
+    data: Literal["pairs", "soft_pairs", "rollouts", "rewarded_rollouts"]
 
-    def __call__(self, outputs: PairErrors | StepLogProbs) -> tuple[Tensor, dict[str, float]]:
+    def __call__(self, outputs: PairErrors | StepLogProbs | StepRatios) -> tuple[Tensor, dict[str, float]]:
         """Return ``(loss, metrics)``; metrics are plain floats for logging."""
         ...
 

@@ -97,11 +97,12 @@ def guided_prediction(backbone: Backbone, unet, x: Tensor, t: Tensor, cond: Cond
 @torch.no_grad()
 def sample_rollouts(backbone: Backbone, unet, prompts: list[str], cond: Conditioning, negative: Conditioning,
                     per_prompt: int, sampling: Sampling, resolution: int, generator: torch.Generator,
-                    decode: bool = True, autocast=None) -> Rollouts:
+                    decode: bool = True, autocast=None, shared_noise: bool = True) -> Rollouts:
     """Sample ``per_prompt`` trajectories for each prompt from one shared ``x_T`` per prompt (see module doc), with
     ``sampling``'s steps, guidance and η (:meth:`~Sampling.trajectory_eta`), square at ``resolution``. ``cond``
     holds one row per prompt and ``negative`` one row (the negative prompt's); noise comes from ``generator`` (on
-    the CPU); ``autocast`` is a factory of a fresh autocast context (e.g. ``accelerator.autocast``)."""
+    the CPU); ``autocast`` is a factory of a fresh autocast context (e.g. ``accelerator.autocast``).
+    ``shared_noise=False``: every sample starts from its own x_T (DDPO, GRPO by default)."""
     import contextlib
 
     dev = next(unet.parameters()).device
@@ -109,7 +110,8 @@ def sample_rollouts(backbone: Backbone, unet, prompts: list[str], cond: Conditio
     scheduler = ddim_scheduler(backbone, num_steps)
     n, k = len(prompts), per_prompt
     channels, size = unet.config.in_channels, resolution // backbone.vae_scale_factor
-    x_T = torch.randn((n, 1, channels, size, size), generator=generator).expand(n, k, channels, size, size)
+    x_T = torch.randn((n, 1 if shared_noise else k, channels, size, size), generator=generator)
+    x_T = x_T.expand(n, k, channels, size, size)
     x = x_T.reshape(n * k, channels, size, size).to(dev) * scheduler.init_noise_sigma
     cond_k = cond.select(torch.arange(n).repeat_interleave(k)).to(dev)
     negative = negative.to(dev)

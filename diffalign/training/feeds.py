@@ -56,7 +56,12 @@ def feed_class(data: str) -> type:
         from .rollouts import RolloutFeed
 
         return RolloutFeed
-    raise ValueError(f"objective data={data!r}: no feed for it; choose pairs, soft_pairs or rollouts")
+    if data == "rewarded_rollouts":
+        from .rewarded import RewardedRolloutFeed
+
+        return RewardedRolloutFeed
+    raise ValueError(f"objective data={data!r}: no feed for it; choose pairs, soft_pairs, rollouts or "
+                     "rewarded_rollouts")
 
 
 def make_feed(cfg: Config, accelerator, weight_dtype: torch.dtype, objective_cls) -> Feed:

@@ -28,6 +28,32 @@ def ddim_step_log_prob(scheduler, model_output: Tensor, timestep: Tensor | int, 
                        prev_sample: Tensor | None = None, generator: torch.Generator | None = None
                        ) -> tuple[Tensor, Tensor]:
     """``(x_{t-1}, log p(x_{t-1} | x_t))`` of one DDIM step, the log-probability per sample ([B], fp32)."""
+    mean, std = ddim_step_distribution(scheduler, model_output, timestep, sample, eta)
+    if prev_sample is None:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+        prev_sample = mean + std * noise
+    prev = prev_sample.detach().float()
+    return prev.to(sample.dtype), gaussian_log_prob(prev, mean, std)
+
+
+def gaussian_log_prob(prev: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """``log N(prev; mean, std²)`` averaged over the non-batch dims ([B]); ``prev`` is detached."""
+    prev = prev.detach().float()
+    log_prob = -((prev - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
+    return log_prob.mean(dim=tuple(range(1, mean.dim())))
+
+
+def step_kl(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
+    """KL of two Gaussian DDIM steps with one std: ``||μ - μ_ref||² / (2σ²)`` averaged over the non-batch dims."""
+    return (((mean - ref_mean) ** 2) / (2 * std**2)).mean(dim=tuple(range(1, mean.dim())))
+
+
+def ddim_step_distribution(scheduler, model_output: Tensor, timestep: Tensor | int, sample: Tensor,
+                           eta: float = 1.0) -> tuple[Tensor, Tensor]:
+    """``(μ, std)`` of the Gaussian DDIM step ``p(x_{t-1} | x_t)`` (the module doc's arithmetic), fp32; std has
+    shape [B, 1, ...]."""
     if eta <= 0:
         raise ValueError(f"eta={eta!r}: the DDIM step log-probability needs eta > 0 (eta = 0 is deterministic)")
     if getattr(scheduler, "num_inference_steps", None) is None:
@@ -59,11 +85,4 @@ def ddim_step_log_prob(scheduler, model_output: Tensor, timestep: Tensor | int, 
         raise ValueError(f"timestep(s) {t[(std <= 0).flatten()].tolist()} have no noise (ā_prev = 1): build the "
                          "DDIMScheduler with set_alpha_to_one=False so every step has a log-probability")
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
-    if prev_sample is None:
-        from diffusers.utils.torch_utils import randn_tensor
-
-        noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        prev_sample = mean + std * noise
-    prev = prev_sample.detach().float()
-    log_prob = -((prev - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
-    return prev.to(sample.dtype), log_prob.mean(dim=tuple(range(1, x.dim())))
+    return mean, std

@@ -13,6 +13,7 @@ and each rank trains on its own slice of the round's items: every rank runs the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from ..objectives.d3po import rollout_pairs
 from ..rewards import load_rewards, parse_reward_options, score
 from ..sampling.settings import Sampling
 from ..sampling.trajectories import Rollouts, ddim_scheduler, guided_prediction, sample_rollouts
-from .logprob import ddim_step_log_prob
+from .logprob import ddim_step_distribution, gaussian_log_prob
 
 log = logging.getLogger(__name__)
 ROUND_FILE = "rollouts.safetensors"
@@ -51,9 +52,15 @@ class RolloutSource:
     """Rounds of D3PO items, from online sampling (``data.prompts`` + ``objective.reward``) or from stored
     rollouts with human labels (``data.labels``)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, shared_noise: bool = True, labels_allowed: bool = True):
         """Read the prompts or the labelled rollouts and build the reward heads: bad data fails before the
-        diffusion model loads."""
+        diffusion model loads. ``shared_noise``: a prompt's samples start from one x_T (D3PO); else each from its
+        own."""
+        name = cfg.objective.name
+        if cfg.data.labels and not labels_allowed:
+            raise DataError(f"data.labels: objective {name!r} trains on online rollouts scored by objective.reward; "
+                            "human labels of stored rollouts train objective.name=d3po")
+        self.shared_noise = shared_noise
         self.cfg, o = cfg, cfg.objective
         # the rollouts' steps, guidance and η: the sampling section's, or those the stored trajectories were drawn with
         self.sampling = cfg.sampling
@@ -70,13 +77,13 @@ class RolloutSource:
                 raise DataError(f"{cfg.data.labels}: every prompt's samples tie; no pair to train on")
         elif cfg.data.prompts:
             if not o.reward:
-                raise DataError("objective.reward is empty; online D3PO needs a reward head to label its rollouts")
+                raise DataError(f"objective.reward is empty; online {name} needs a reward head to score its rollouts")
             self.prompts = read_prompts(cfg.data.prompts)
             self.eval_prompts = read_prompts(cfg.data.eval_prompts) if cfg.data.eval_prompts else []
             self.rewards = load_rewards(o.reward, parse_reward_options(o.reward_options))
         else:
-            raise DataError("objective.name=d3po needs data.prompts (online, with objective.reward) or data.labels "
-                            "(human feedback on `diffalign sample` output)")
+            raise DataError(f"objective.name={name} needs data.prompts (online, with objective.reward)" +
+                            (" or data.labels (human feedback on `diffalign sample` output)" if labels_allowed else ""))
         self.steps, self.guidance = self.sampling.steps, self.sampling.guidance
         self.eta = self.sampling.trajectory_eta()
         self.trained_steps = max(1, round(o.timestep_fraction * self.steps))
@@ -109,6 +116,17 @@ class RolloutSource:
         """Round ``index``: sample and score with the current policy (online), or reuse the stored rollouts."""
         if self.stored is not None:
             return Round(index, self.stored, self.stored_pairs, {"pairs": float(len(self.stored_pairs))})
+        rollouts, scores, metrics = self.sample_round(index, unet, autocast)
+        pairs = rollout_pairs(scores, self.higher_is_better)
+        return Round(index, rollouts, pairs, {**metrics, "pairs": float(len(pairs))})
+
+    @property
+    def higher_is_better(self) -> list[bool]:
+        return [r.higher_is_better for r in self.rewards.values()]
+
+    def sample_round(self, index: int, unet, autocast=None) -> tuple[Rollouts, torch.Tensor, dict[str, float]]:
+        """Round ``index``'s rollouts, their scores [P, K, heads] and metrics: this rank's prompts sampled with the
+        current policy and scored, then (several processes) every rank's gathered into the one shared round."""
         g = self._generator(index, 0)
         n = self.cfg.objective.prompts_per_round
         picks = torch.randint(len(self.prompts), (n,), generator=g).tolist()
@@ -120,10 +138,9 @@ class RolloutSource:
         if self.gather is not None:
             rollouts, scores = self.gather(rollouts, scores)
         metrics = self._score_metrics(scores)
-        pairs = rollout_pairs(scores, [r.higher_is_better for r in self.rewards.values()])
-        metrics.update(pairs=float(len(pairs)), time_sampling=sampled - start,
-                       time_scoring=time.perf_counter() - sampled)
-        return Round(index, rollouts, pairs, metrics)
+        metrics.update(time_sampling=sampled - start, time_scoring=time.perf_counter() - sampled,
+                       samples=float(scores.shape[0] * scores.shape[1]))
+        return rollouts, scores, metrics
 
     def _sample(self, unet, prompts: list[str], generator: torch.Generator, autocast=None,
                 per_prompt: int | None = None) -> Rollouts:
@@ -132,7 +149,7 @@ class RolloutSource:
         try:
             return sample_rollouts(self.backbone, unet, prompts, self._encode(prompts), self.negative,
                                    per_prompt or self.cfg.objective.per_prompt, self.sampling, self.resolution,
-                                   generator, autocast=autocast)
+                                   generator, autocast=autocast, shared_noise=self.shared_noise)
         finally:
             unet.train(was_training)
 
@@ -146,8 +163,12 @@ class RolloutSource:
         return torch.stack(heads, dim=-1).reshape(p, k, len(heads))
 
     def _score_metrics(self, scores: torch.Tensor) -> dict[str, float]:
-        """The mean of each head over a round's scores [P, K, heads]."""
-        return {f"reward_{name}": scores[..., i].mean().item() for i, name in enumerate(self.rewards)}
+        """The mean (and spread) of each head over a round's scores [P, K, heads]."""
+        metrics = {}
+        for i, name in enumerate(self.rewards):
+            metrics[f"reward_{name}"] = scores[..., i].mean().item()
+            metrics[f"reward_{name}_std"] = scores[..., i].std(unbiased=False).item()
+        return metrics
 
     @torch.no_grad()
     def evaluate(self, unet, autocast=None) -> dict[str, float]:
@@ -195,8 +216,50 @@ class RolloutSource:
             return self.new_round(index, None)
         rollouts = Rollouts.load(folder / ROUND_FILE)
         scores = self._score(rollouts)
-        pairs = rollout_pairs(scores, [r.higher_is_better for r in self.rewards.values()])
+        pairs = rollout_pairs(scores, self.higher_is_better)
         return Round(index, rollouts, pairs, {**self._score_metrics(scores), "pairs": float(len(pairs))})
+
+
+def attach_model(source: RolloutSource, cfg: Config, accelerator, weight_dtype: torch.dtype, objective_cls):
+    """Load the backbone for online rollouts (text encoders only when prompts are encoded), build the objective,
+    place everything on the device and bind ``source`` to them: ``(backbone, resolution, objective)``."""
+    m = cfg.model
+    resolution = cfg.data.resolution or default_resolution(m.pretrained, m.revision)
+    if cfg.sampling.size(resolution) != (resolution, resolution):
+        raise ConfigError(f"sampling.height/width={cfg.sampling.size(resolution)}: online rollouts are drawn square at "
+                          f"the training resolution ({resolution}); set data.resolution instead",
+                          ("sampling.height", "sampling.width"))
+    need_text = source.needs_text_encoders or bool(cfg.train.validation_prompts)
+    backbone = Backbone.load(m.pretrained, m.vae, m.prediction_type, m.revision, weight_dtype, text_encoders=need_text)
+    objective = objective_cls(cfg.objective.options, num_timesteps=backbone.scheduler.config.num_train_timesteps)
+    backbone.to(accelerator.device)
+    gather = functools.partial(gather_round, accelerator.device) if accelerator.num_processes > 1 else None
+    source.bind(backbone, resolution, accelerator.process_index, accelerator.num_processes, gather)
+    return backbone, resolution, objective
+
+
+def gather_round(device, rollouts: Rollouts, scores: torch.Tensor) -> tuple[Rollouts, torch.Tensor]:
+    """Every rank's rollouts and scores, concatenated in rank order (the same round on every rank)."""
+    from accelerate.utils import gather, gather_object
+
+    def cat(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else gather(t.to(device)).cpu()
+
+    r = rollouts
+    cond = Conditioning(cat(r.cond.prompt_embeds), cat(r.cond.pooled), cat(r.cond.time_ids))
+    return (Rollouts(gather_object(list(r.prompts)), cat(r.latents), r.timesteps, cat(r.log_probs), cond,
+                     r.negative, cat(r.images)), cat(scores))
+
+
+def guided_log_prob(source: RolloutSource, model, batch: dict, device, autocast):
+    """``(log π(x_prev | x_t), μ, std)`` of a micro-batch's stored steps under ``model``, CFG in the forward exactly
+    as in sampling."""
+    x_t, x_prev, t = batch["x_t"].to(device), batch["x_prev"].to(device), batch["t"].to(device)
+    with autocast():
+        eps = guided_prediction(source.backbone, model, x_t, t, batch["cond"].to(device), source.negative.to(device),
+                                source.guidance)
+    mean, std = ddim_step_distribution(source.scheduler, eps.float(), t, x_t, eta=source.eta)
+    return gaussian_log_prob(x_prev, mean, std), mean, std
 
 
 class RolloutFeed:
@@ -207,21 +270,10 @@ class RolloutFeed:
     def __init__(self, cfg: Config, accelerator, weight_dtype: torch.dtype, objective_cls) -> None:
         """Prompts and rewards (online) or labelled trajectories (human feedback), then the backbone."""
         self.cfg, self.accelerator, self.device = cfg, accelerator, accelerator.device
-        m = cfg.model
         self.source = RolloutSource(cfg)  # bad data fails before the model loads
-        self.resolution = cfg.data.resolution or default_resolution(m.pretrained, m.revision)
-        if cfg.sampling.size(self.resolution) != (self.resolution, self.resolution):
-            raise ConfigError(f"sampling.height/width={cfg.sampling.size(self.resolution)}: online rollouts are drawn "
-                              f"square at the training resolution ({self.resolution}); set data.resolution instead",
-                              ("sampling.height", "sampling.width"))
-        need_text = self.source.needs_text_encoders or bool(cfg.train.validation_prompts)
-        self.backbone = Backbone.load(m.pretrained, m.vae, m.prediction_type, m.revision, weight_dtype,
-                                      text_encoders=need_text)
-        self.objective = objective_cls(cfg.objective.options, num_timesteps=self.backbone.scheduler.config.num_train_timesteps)
-        self.backbone.to(self.device)
+        self.backbone, self.resolution, self.objective = attach_model(self.source, cfg, accelerator, weight_dtype,
+                                                                      objective_cls)
         self.vae_device = self.device
-        self.source.bind(self.backbone, self.resolution, accelerator.process_index, accelerator.num_processes,
-                         self._gather_round if accelerator.num_processes > 1 else None)
         # one optimizer update spans every trained step of grad_accum micro-batches of pairs
         self.window = self.source.trained_steps
         self.round: Round | None = None
@@ -230,18 +282,6 @@ class RolloutFeed:
 
     def ready(self) -> None:
         """Nothing to drop or place: sampling needs every part on the device."""
-
-    def _gather_round(self, rollouts: Rollouts, scores: torch.Tensor) -> tuple[Rollouts, torch.Tensor]:
-        """Every rank's rollouts and scores, concatenated in rank order (the same round on every rank)."""
-        from accelerate.utils import gather, gather_object
-
-        def cat(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else gather(t.to(self.device)).cpu()
-
-        r = rollouts
-        cond = Conditioning(cat(r.cond.prompt_embeds), cat(r.cond.pooled), cat(r.cond.time_ids))
-        return (Rollouts(gather_object(list(r.prompts)), cat(r.latents), r.timesteps, cat(r.log_probs), cond,
-                         r.negative, cat(r.images)), cat(scores))
 
     def batches(self, epoch: int, skip: int = 0) -> list[dict]:
         """The micro-batches of round ``epoch`` (sampled and scored on first use), without the first ``skip``."""
@@ -252,14 +292,8 @@ class RolloutFeed:
     def loss(self, unet, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Per-step log-probabilities of the stored ``x_{t-1}`` under the policy ``unet`` and the reference, with
         CFG in the forward exactly as in sampling (winners and losers in one batch), into the objective."""
-        b, s, dev = self.backbone, self.source, self.device
-        x_t, x_prev, t = batch["x_t"].to(dev), batch["x_prev"].to(dev), batch["t"].to(dev)
-        cond, negative = batch["cond"].to(dev), s.negative.to(dev)
-
         def log_probs(model) -> tuple[torch.Tensor, torch.Tensor]:
-            with self.accelerator.autocast():
-                eps = guided_prediction(b, model, x_t, t, cond, negative, s.guidance)
-            return ddim_step_log_prob(s.scheduler, eps.float(), t, x_t, eta=s.eta, prev_sample=x_prev)[1].chunk(2)
+            return guided_log_prob(self.source, model, batch, self.device, self.accelerator.autocast)[0].chunk(2)
 
         logp_w, logp_l = log_probs(unet)
         with torch.no_grad(), reference_mode(self.accelerator.unwrap_model(unet)):

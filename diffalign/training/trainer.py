@@ -173,8 +173,10 @@ class Trainer:
                     pending = []
                     history.append(logged)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['implicit_acc']:.2f}",
-                                    lr=f"{logged['lr']:.2e}")
+                    shown = {"loss": f"{logged['loss']:.4f}", "lr": f"{logged['lr']:.2e}"}
+                    if "implicit_acc" in logged:  # preference objectives
+                        shown["acc"] = f"{logged['implicit_acc']:.2f}"
+                    bar.set_postfix(shown)
                     if cfg.log.to != "none" and step % cfg.train.log_every == 0:
                         acc.log(logged, step=step)
                     bad_steps = bad_steps + 1 if logged["skipped"] else 0
@@ -277,7 +279,8 @@ class Trainer:
             self.validate(step)
             from ..evaluation.card import write_model_card
 
-            write_model_card(self.output_dir, self.cfg, self.backbone.kind, step, everything, self.objective.beta)
+            write_model_card(self.output_dir, self.cfg, self.backbone.kind, step, everything,
+                             getattr(self.objective.options, "beta", None))
         acc.end_training()
         return TrainResult(self.output_dir, adapter, step, history)
 
