@@ -48,6 +48,13 @@ FULL = Budget()
 QUICK = Budget(train_prompts=12, held_out_prompts=4, per_prompt=2, sample_steps=6, eval_seeds=2, train_steps=4)
 
 
+def is_online(objective: str) -> bool:
+    """Whether ``objective`` samples its own rollouts (no pairs needed)."""
+    from .registry import objective_class
+
+    return objective_class(objective).data in ("rollouts", "rewarded_rollouts", "prompts")
+
+
 def write_prompt_files(out: Path, budget: Budget) -> tuple[Path, Path]:
     """The testbed's training and held-out prompts (cut to the budget) as text files under ``out``."""
     train, held = tb.split_prompts()
@@ -74,12 +81,12 @@ def make_testbed_pairs(out: Path, reward: str, budget: Budget, adapter: str | No
 def train_on_testbed(out: Path, objective: str, pairs: str, budget: Budget, reward: str, prompts: Path,
                      overrides: list[str] = ()):
     """Train the shipped recipe ``testbed-<objective>`` from the testbed into ``out / "adapter"``: from ``pairs``,
-    or, for D3PO, online on ``prompts`` with ``reward``."""
+    or, for an online objective (D3PO, DDPO, GRPO), on ``prompts`` with ``reward``."""
     from .training.trainer import train
 
     base = [f"model.pretrained={tb.testbed_path()}", f"train.output_dir={out / 'adapter'}",
             f"cache.dir={out / 'cache'}", "log.to=none"]
-    if objective == "d3po":  # online: D3PO samples its own rollouts and labels them with the reward
+    if is_online(objective):  # it samples its own rollouts and scores them with the reward
         base += [f"data.prompts={prompts}", f"objective.reward=[{reward}]"]
     else:
         base.append(f"data.dataset={pairs}")
@@ -123,6 +130,7 @@ def align_and_evaluate(out: Path, objective: str, reward: str, budget: Budget, p
     summary = evaluate_on_testbed(out, result.output_dir, reward, budget, pairs[1])
     last = result.history[-1] if result.history else {}
     summary.update(objective=objective, steps=result.steps, train_seconds=trained, adapter=str(result.output_dir),
+                   images_sampled=int(sum(h.get("samples", 0) for h in result.history)),
                    final_loss=last.get("loss"), seconds=time.time() - start)
     return summary
 

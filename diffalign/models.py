@@ -259,9 +259,9 @@ class Backbone:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (z - shift) * vae.config.scaling_factor
 
-    @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        """Pixels in [0, 1] from scaled latents."""
+        """Pixels in [0, 1] from scaled latents; differentiable (reward backprop), so callers that only look
+        run it under ``torch.no_grad()``."""
         vae = self.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         x = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.device, vae.dtype)).sample

@@ -25,6 +25,7 @@ BUILTIN_OBJECTIVES = {
     "d3po": "diffalign.objectives.d3po:D3PO",
     "ddpo": "diffalign.objectives.ddpo:DDPO",
     "grpo": "diffalign.objectives.grpo:GRPO",
+    "reward_backprop": "diffalign.objectives.reward_backprop:RewardBackprop",
 }
 
 

@@ -200,22 +200,37 @@ def prompt_following(images: Tensor, prompts: list[str]) -> dict[str, float]:
     return {key: value / len(prompts) for key, value in hits.items()}
 
 
-class ShapeSize:
-    """Fraction of the image the shape covers (scale: 0-1; bigger shapes score higher)."""
+SOFT_MASK_WIDTH = 0.05  # RGB-distance width of the sigmoid whose slope stands in for the hard mask's gradient
 
-    name, differentiable, higher_is_better = "shape_size", False, True
+
+def differentiable_masks(images: Tensor) -> Tensor:
+    """The shape masks [B,H,W] of :func:`shape_masks`, exactly in value, with the gradient of a soft mask
+    (``sigmoid((distance - MASK_THRESHOLD) / SOFT_MASK_WIDTH)``, the background held fixed): a straight-through
+    estimator, so the testbed rewards can train reward backprop without changing a single score."""
+    background, hard = shape_masks(images.detach().float())
+    distance = ((images.float() - background[:, :, None, None]) ** 2).sum(dim=1).add(1e-12).sqrt()
+    soft = torch.sigmoid((distance - MASK_THRESHOLD) / SOFT_MASK_WIDTH)
+    return hard.float() + (soft - soft.detach())
+
+
+class ShapeSize:
+    """Fraction of the image the shape covers (scale: 0-1; bigger shapes score higher). Differentiable through
+    :func:`differentiable_masks` (exact values, a soft mask's gradient)."""
+
+    name, differentiable, higher_is_better = "shape_size", True, True
 
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
-        return shape_masks(images.detach().float())[1].float().mean(dim=(1, 2))
+        return differentiable_masks(images).mean(dim=(1, 2))
 
 
 class Vividness:
-    """Mean chroma (max - min channel) of the shape's pixels (scale: 0-1; 0 when no shape is found)."""
+    """Mean chroma (max - min channel) of the shape's pixels (scale: 0-1; 0 when no shape is found).
+    Differentiable: chroma directly, the mask through :func:`differentiable_masks`."""
 
-    name, differentiable, higher_is_better = "vividness", False, True
+    name, differentiable, higher_is_better = "vividness", True, True
 
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
-        images = images.detach().float()
-        mask = shape_masks(images)[1].float()
+        images = images.float()
+        mask = differentiable_masks(images)
         chroma = images.max(dim=1).values - images.min(dim=1).values
         return (chroma * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2)).clamp(min=1)

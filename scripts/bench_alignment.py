@@ -26,9 +26,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffalign.demo import FULL, align_and_evaluate, make_testbed_pairs  # noqa: E402
+from diffalign.demo import FULL, align_and_evaluate, is_online, make_testbed_pairs  # noqa: E402
 
-OBJECTIVES = ("dpo", "mapo", "inpo", "smpo", "d3po")
+OBJECTIVES = ("dpo", "mapo", "inpo", "smpo", "d3po", "ddpo", "grpo", "reward_backprop")
 TARGET_WIN, TARGET_DROP, TARGET_MINUTES = 0.65, 0.10, 15.0
 
 
@@ -39,14 +39,15 @@ def row(r: dict) -> str:
     met = w["rate"] >= TARGET_WIN and before - after <= TARGET_DROP and r["seconds"] / 60 <= TARGET_MINUTES
     return (f"| {r['objective']} | {w['rate']:.3f} [{w['low']:.2f}, {w['high']:.2f}] | "
             f"{r['mean_reward']['base']:.4f} -> {r['mean_reward']['aligned']:.4f} | {before:.3f} -> {after:.3f} "
-            f"({100 * (after - before):+.1f}) | {accs} | {r['steps']} | {r['seconds'] / 60:.1f} | {'yes' if met else 'no'} |")
+            f"({100 * (after - before):+.1f}) | {accs} | {r['steps']} | {r.get('images_sampled') or '-'} | "
+            f"{r['seconds'] / 60:.1f} | {'yes' if met else 'no'} |")
 
 
 def table(results: list[dict], reward: str, n: int) -> str:
     head = (f"Reward `{reward}`; win rate of aligned vs base over {n} held-out (prompt, seed) pairs, 95% Wilson "
             "interval; prompt following = both colours right (points); accuracies on held-out pairs.\n\n"
             "| objective | win rate [95% CI] | mean reward base -> aligned | prompt following base -> aligned | "
-            "implicit / ranking acc. | steps | minutes | target met |\n|---|---|---|---|---|---|---|---|\n")
+            "implicit / ranking acc. | steps | images sampled | minutes | target met |\n|---|---|---|---|---|---|---|---|---|\n")
     return head + "\n".join(row(r) for r in results) + "\n"
 
 
@@ -77,7 +78,7 @@ def main() -> None:
         if base_images.is_dir():  # the base's evaluation images are the same for every objective
             shutil.copytree(base_images, run / "eval" / "images" / "base", dirs_exist_ok=True)
         r = align_and_evaluate(run, name, args.reward, budget, pairs, overrides.get(name, []))
-        if name != "d3po":  # making the training pairs is part of an offline objective's run (D3PO samples its own)
+        if not is_online(name):  # making the pairs is part of an offline objective's run (online ones sample)
             r["seconds"] += pair_seconds
         if not base_images.is_dir():
             shutil.copytree(run / "eval" / "images" / "base", base_images)

@@ -16,6 +16,9 @@ def _data(cfg: Config) -> str:
     d, o, s = cfg.data, cfg.objective, cfg.sampling
     if d.labels:
         return f"human labels `{d.labels}` of stored rollouts (D3PO)"
+    if d.prompts and not hasattr(o.options, "per_prompt"):  # reward backprop: nothing stored, gradients through
+        return (f"samples of the prompts in `{d.prompts}` ({s.steps} DDIM steps, CFG {s.guidance}, gradients through "
+                f"the last {o.backprop_steps} step(s)) scored by `{', '.join(o.reward)}`")
     if d.prompts:
         return (f"online rollouts of the prompts in `{d.prompts}` ({o.per_prompt} per prompt, {s.steps} DDIM "
                 f"steps, CFG {s.guidance}) labelled by `{', '.join(o.reward)}`")

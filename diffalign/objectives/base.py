@@ -53,14 +53,15 @@ class Objective(Protocol):
     the pairs feed, which hands over :class:`PairErrors`; ``rollouts``: the rollouts feed, pairs of trajectories,
     which hands over :class:`StepLogProbs`; ``rewarded_rollouts``: the rollouts feed, single trajectories with
     advantages, which hands over :class:`StepRatios` and asks the objective for ``advantages(prompts, rewards,
-    groups)``), ``noising`` how the pairs feed makes x_t (``rollout``: the sampled trajectory's own)."""
+    groups)``; ``prompts``: the reward-backprop feed, which hands over the differentiable rewards [B, heads] of
+    images sampled with gradients), ``noising`` how the pairs feed makes x_t (``rollout``: the sampled trajectory's own)."""
 
     Options: type  # a dataclass; its fields are this objective's config keys (help in field metadata)
     needs_reference: bool
     noising: Literal["forward", "ddim_inversion", "renoise", "rollout"]
-    data: Literal["pairs", "soft_pairs", "rollouts", "rewarded_rollouts"]
+    data: Literal["pairs", "soft_pairs", "rollouts", "rewarded_rollouts", "prompts"]
 
-    def __call__(self, outputs: PairErrors | StepLogProbs | StepRatios) -> tuple[Tensor, dict[str, float]]:
+    def __call__(self, outputs: PairErrors | StepLogProbs | StepRatios | Tensor) -> tuple[Tensor, dict[str, float]]:
         """Return ``(loss, metrics)``; metrics are plain floats for logging."""
         ...
 

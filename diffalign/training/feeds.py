@@ -60,8 +60,12 @@ def feed_class(data: str) -> type:
         from .rewarded import RewardedRolloutFeed
 
         return RewardedRolloutFeed
-    raise ValueError(f"objective data={data!r}: no feed for it; choose pairs, soft_pairs, rollouts or "
-                     "rewarded_rollouts")
+    if data == "prompts":
+        from .backprop import RewardBackpropFeed
+
+        return RewardBackpropFeed
+    raise ValueError(f"objective data={data!r}: no feed for it; choose pairs, soft_pairs, rollouts, "
+                     "rewarded_rollouts or prompts")
 
 
 def make_feed(cfg: Config, accelerator, weight_dtype: torch.dtype, objective_cls) -> Feed:
