@@ -92,7 +92,7 @@ def train_on_testbed(out: Path, objective: str, pairs: str, budget: Budget, rewa
         base.append(f"data.dataset={pairs}")
     if budget.train_steps is not None:
         base.append(f"train.max_steps={budget.train_steps}")
-    return train(load_config(recipe_path(f"testbed-{objective}"), base + list(overrides)))
+    return train(load_config(recipe_path(f"testbed-{objective.replace('_', '-')}"), base + list(overrides)))
 
 
 def evaluate_on_testbed(out: Path, adapter: Path, reward: str, budget: Budget, held_pairs: str) -> dict:

@@ -17,6 +17,10 @@ def test_wilson_interval_matches_published_values():
     assert wilson_interval(0.5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert wilson_interval(0.0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert wilson_interval(0.8, 100) == pytest.approx((0.7112, 0.8666), abs=1e-4)
+    for n in range(1, 300):  # an all-win or all-loss run: the interval still holds the rate (the plot's error bars)
+        for p in (0.0, 1.0):
+            low, high = wilson_interval(p, n)
+            assert low <= p <= high
 
 
 def test_win_rate_counts_ties_as_half_and_respects_direction():

@@ -31,7 +31,8 @@ def wilson_interval(p: float, n: int, z: float = 1.959964) -> tuple[float, float
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # analytically low <= p <= high; at p = 0 or 1 rounding can put a bound a hair on the wrong side of p
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def win_rate(candidate: Sequence[float], baseline: Sequence[float], higher_is_better: bool = True) -> WinRate:

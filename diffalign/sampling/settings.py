@@ -48,9 +48,9 @@ class Sampling:
     guidance: float = option(5.0, "Classifier-free guidance scale; <= 1 runs the conditional branch alone, as "
                                   "diffusers' pipelines do. Online objectives use it in the training forward too.")
     eta: float | None = option(None, "DDIM η; None: 0 (deterministic) where a stock pipeline draws (generate, "
-                                     "make-pairs, eval, validation images; schedulers without η ignore it) and 1 "
-                                     "for trajectories (online rollouts, `diffalign sample`), whose step "
-                                     "log-probability needs η > 0.")
+                                     "make-pairs, eval, validation images; schedulers without η ignore it) and in "
+                                     "reward backprop, and 1 for stored trajectories (D3PO, DDPO, GRPO rollouts, "
+                                     "`diffalign sample`), whose step log-probability needs η > 0.")
     negative_prompt: str = option("", "Negative prompt: the unconditional branch of CFG (empty: the empty prompt).")
     seed: int = option(0, "Seed of the first image (in training: of the validation images; rollouts draw from "
                           "train.seed, new noise every round).")
