@@ -74,8 +74,9 @@ class ObjectiveConfig:
     against it: an unknown key names the valid keys of *that* objective. ``cfg.objective.beta`` (or any option)
     reads the options."""
 
-    name: str = _f("dpo", "Preference objective by registered name: dpo, mapo, inpo, smpo, d3po, an entry point of "
-                          "diffalign.objectives, or 'pkg.module:Class' (found on sys.path or in the working folder).")
+    name: str = _f("dpo", "Objective by registered name: dpo, mapo, inpo, smpo (preference pairs), d3po, ddpo, grpo, "
+                          "reward_backprop (online), an entry point of diffalign.objectives, or 'pkg.module:Class' "
+                          "(found on sys.path or in the working folder).")
     options: Any = _f(None, "The objective's own options: its Options dataclass, built from the section's other keys.")
 
     def __init__(self, name: str = "dpo", options: Any = None, **values: Any):

@@ -52,3 +52,20 @@ def make_config(tmp_path, pickapic):
         return load_config(None, base + list(overrides))
 
     return make
+
+
+@pytest.fixture
+def online_config(tmp_path):
+    """A tiny online run (D3PO, DDPO, GRPO, reward backprop) on three prompts scored by brightness:
+    ``make(model, name, *overrides, out="run")``."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\na green triangle\n")
+
+    def make(model, name, *overrides, out="run"):
+        base = [f"model.pretrained={model}", f"objective.name={name}", f"data.prompts={prompts}",
+                f"data.eval_prompts={prompts}", "objective.reward=[brightness]", "sampling.steps=3",
+                "sampling.guidance=3.0", "data.resolution=32", f"train.output_dir={tmp_path / out}", "log.to=none",
+                "lora.rank=4", "train.checkpoint_every=0", "objective.eval_every=1"]
+        return load_config(None, base + list(overrides))
+
+    return make

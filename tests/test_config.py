@@ -60,7 +60,7 @@ def test_shipped_recipes_load(recipe):
     from diffalign.registry import BUILTIN_OBJECTIVES
 
     cfg = load_config(recipe)
-    assert cfg.objective.name in BUILTIN_OBJECTIVES and cfg.objective.name in recipe.name
+    assert cfg.objective.name in BUILTIN_OBJECTIVES and cfg.objective.name.replace("_", "-") in recipe.name
 
 
 def test_resolved_config_round_trips(tmp_path):

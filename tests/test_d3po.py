@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from diffalign.cli import main
-from diffalign.config import load_config
 from diffalign.objectives.d3po import d3po_step_loss, rollout_pairs
 from diffalign.sampling.trajectories import guided_prediction
 from diffalign.training.logprob import ddim_step_log_prob
@@ -49,17 +48,10 @@ def test_pairing_single_and_several_rewards_ties_give_nothing():
 
 
 @pytest.fixture
-def d3po_config(tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red square\na blue circle\na green triangle\n")
-
+def d3po_config(online_config):
     def make(model, *overrides, out="run"):
-        base = [f"model.pretrained={model}", "objective.name=d3po", f"data.prompts={prompts}",
-                f"data.eval_prompts={prompts}", "objective.reward=[brightness]", "sampling.steps=3",
-                "objective.prompts_per_round=2", "sampling.guidance=3.0", "data.resolution=32",
-                "train.batch_size=1", "train.max_steps=4", f"train.output_dir={tmp_path / out}", "log.to=none",
-                "optim.lr=1e-3", "lora.rank=4", "train.checkpoint_every=0", "objective.eval_every=1"]
-        return load_config(None, base + list(overrides))
+        return online_config(model, "d3po", "objective.prompts_per_round=2", "train.batch_size=1",
+                             "train.max_steps=4", "optim.lr=1e-3", *overrides, out=out)
 
     return make
 

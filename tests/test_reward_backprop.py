@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffalign.config import ConfigError, load_config
+from diffalign.config import ConfigError
 from diffalign.objectives.reward_backprop import reward_backprop_loss
 from diffalign.training.guards import TrainingStopped
 from diffalign.training.trainer import Trainer, train
@@ -21,17 +21,10 @@ def test_loss_by_hand():
 
 
 @pytest.fixture
-def rb_config(tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red square\na blue circle\na green triangle\n")
-
+def rb_config(online_config):
     def make(model, *overrides, out="run"):
-        base = [f"model.pretrained={model}", "objective.name=reward_backprop", f"data.prompts={prompts}",
-                f"data.eval_prompts={prompts}", "objective.reward=[brightness]", "sampling.steps=3",
-                "sampling.guidance=3.0", "data.resolution=32", "train.batch_size=2", "train.max_steps=3",
-                f"train.output_dir={tmp_path / out}", "log.to=none", "optim.lr=3e-3", "lora.rank=4",
-                "train.checkpoint_every=0", "objective.eval_every=1"]
-        return load_config(None, base + list(overrides))
+        return online_config(model, "reward_backprop", "train.batch_size=2", "train.max_steps=3", "optim.lr=3e-3",
+                             *overrides, out=out)
 
     return make
 

@@ -7,6 +7,8 @@ from typing import Literal, Protocol
 
 from torch import Tensor
 
+from ..options import ConfigError
+
 
 @dataclass
 class PairErrors:
@@ -64,6 +66,14 @@ class Objective(Protocol):
     def __call__(self, outputs: PairErrors | StepLogProbs | StepRatios | Tensor) -> tuple[Tensor, dict[str, float]]:
         """Return ``(loss, metrics)``; metrics are plain floats for logging."""
         ...
+
+
+def check_reward_weights(options) -> None:
+    """``objective.reward_weights``, when given, has one number per head of ``objective.reward``."""
+    if options.reward_weights and len(options.reward_weights) != len(options.reward):
+        raise ConfigError(f"objective.reward_weights has {len(options.reward_weights)} number(s) for "
+                          f"{len(options.reward)} head(s) in objective.reward",
+                          ("objective.reward_weights", "objective.reward"))
 
 
 def implicit_accuracy(inside: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..config import ConfigError, check_positive, option
 from ..rewards.combine import weighted
-from .base import StepRatios
+from .base import StepRatios, check_reward_weights
 
 
 def clipped_surrogate(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float
@@ -135,9 +135,7 @@ def check_rollout_options(o) -> None:
         raise ConfigError(f"objective.timestep_fraction={o.timestep_fraction!r} must be in (0, 1]",
                           ("objective.timestep_fraction",))
     check_positive("objective", "eval_every", o.eval_every, allow_zero=True)
-    if o.reward_weights and len(o.reward_weights) != len(o.reward):
-        raise ConfigError(f"objective.reward_weights has {len(o.reward_weights)} number(s) for {len(o.reward)} "
-                          "head(s) in objective.reward", ("objective.reward_weights", "objective.reward"))
+    check_reward_weights(o)
 
 
 class DDPO:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError, check_positive, option
+from .base import check_reward_weights
 
 
 def reward_backprop_loss(rewards: Tensor, weights: list[float] | None = None) -> tuple[Tensor, dict[str, float]]:
@@ -58,10 +59,7 @@ class RewardBackpropOptions:
                               f"objective.backprop_steps ({self.backprop_steps})", ("objective.backprop_steps_max",))
         check_positive("objective", "guard_margin", self.guard_margin, allow_zero=True)
         check_positive("objective", "eval_every", self.eval_every, allow_zero=True)
-        if self.reward_weights and len(self.reward_weights) != len(self.reward):
-            raise ConfigError(f"objective.reward_weights has {len(self.reward_weights)} number(s) for "
-                              f"{len(self.reward)} head(s) in objective.reward",
-                              ("objective.reward_weights", "objective.reward"))
+        check_reward_weights(self)
 
 
 class RewardBackprop:

@@ -29,6 +29,7 @@ from ..rewards import load_rewards, parse_reward_options, score
 from ..rewards.combine import signed
 from ..sampling.trajectories import ddim_scheduler, guided_prediction
 from .guards import TrainingStopped
+from .rollouts import position_generator
 
 log = logging.getLogger(__name__)
 GUARD_FILE = "guard.json"
@@ -83,10 +84,7 @@ class RewardBackpropFeed:
         return self.backbone.at_resolution(self.backbone.encode_prompt(prompts), self.resolution)
 
     def _generator(self, *key: int, shared: bool = False) -> torch.Generator:
-        seed = self.cfg.train.seed
-        for k in (*key, 0 if shared else self.rank):
-            seed = seed * 1_000_003 + k
-        return torch.Generator().manual_seed(seed % (2**63))
+        return position_generator(self.cfg.train.seed, self.rank, *key, shared=shared)
 
     # ----- sampling with gradients in the last K steps -----
     def sample(self, unet, prompts: list[str], generator: torch.Generator, backprop_steps: int) -> torch.Tensor:
@@ -120,9 +118,10 @@ class RewardBackpropFeed:
     def batches(self, epoch: int, skip: int = 0) -> list[dict]:
         """Epoch ``epoch`` is one optimizer update: ``train.grad_accum`` micro-batches of prompts (evaluated first,
         every ``objective.eval_every`` updates)."""
-        every = self.cfg.objective.options.eval_every
+        every, t = self.cfg.objective.options.eval_every, self.cfg.train
         if every and epoch % every == 0 and skip == 0:
             self._metrics.update(self.evaluate(self.backbone.unet))
+        self._metrics["samples"] = float(t.batch_size * t.grad_accum * self.accelerator.num_processes)
         batches = []
         for i in range(self.cfg.train.grad_accum):
             g = self._generator(epoch, i)

@@ -48,6 +48,14 @@ class Round:
     metrics: dict[str, float]
 
 
+def position_generator(seed: int, rank: int, *key: int, shared: bool = False) -> torch.Generator:
+    """A CPU generator seeded by ``seed`` (``train.seed``), the position ``key`` (round, micro-batch, ...) and the
+    rank (``shared``: the same on every rank), so a resume at that position draws the same numbers."""
+    for k in (*key, 0 if shared else rank):
+        seed = seed * 1_000_003 + k
+    return torch.Generator().manual_seed(seed % (2**63))
+
+
 class RolloutSource:
     """Rounds of D3PO items, from online sampling (``data.prompts`` + ``objective.reward``) or from stored
     rollouts with human labels (``data.labels``)."""
@@ -105,11 +113,7 @@ class RolloutSource:
         return self.backbone.at_resolution(self.backbone.encode_prompt(prompts), self.resolution)
 
     def _generator(self, *key: int, shared: bool = False) -> torch.Generator:
-        """A generator seeded by ``train.seed``, ``key`` and this rank (``shared``: the same on every rank)."""
-        seed = self.cfg.train.seed
-        for k in (*key, 0 if shared else self.rank):
-            seed = seed * 1_000_003 + k
-        return torch.Generator().manual_seed(seed % (2**63))
+        return position_generator(self.cfg.train.seed, self.rank, *key, shared=shared)
 
     # ----- rounds -----
     def new_round(self, index: int, unet, autocast=None) -> Round:
