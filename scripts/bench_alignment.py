@@ -1,15 +1,18 @@
 """Alignment quality of every objective on the testbed model, measured in one run.
 
-    python scripts/bench_alignment.py --out runs/bench_alignment                 # all five, shape_size
+    python scripts/bench_alignment.py --out runs/bench_alignment                 # all eight, shape_size
     python scripts/bench_alignment.py --objectives dpo,mapo --reward vividness
 
 From the same base (the shipped testbed, ``diffalign/resources/testbed``) and the same reward-labelled pairs (``make-pairs``: 8 images per
 training prompt, best vs worst under ``--reward``), each objective trains its shipped ``testbed-*`` recipe
-(D3PO online, sampling and labelling its own rollouts with the same reward) and is evaluated on the held-out
+(the online ones, D3PO, DDPO, GRPO and reward backprop, sample their own images and score them with the same
+reward) and is evaluated on the held-out
 prompts x seeds: reward win rate vs base with a 95% Wilson interval, prompt following (both colours right, the
 testbed checker) before and after, implicit and ranking accuracy on held-out pairs, steps and wall time (for the
 offline objectives including the time to make the training pairs).
-Targets: win rate >= 65% with a prompt-following drop <= 10 points, each run within 15 minutes on 2 CPU cores.
+Targets: win rate >= 65% with a prompt-following drop <= 10 points, each run within 15 minutes on 2 CPU cores
+(the online objectives' issue asks >= 75% and <= 5 points). For the online objectives the table also gives the
+images they sampled while training and the held-out mean-reward gain per 1,000 of them.
 Prints a markdown table (and writes ``results.json`` and ``results.md`` under ``--out``).
 """
 
@@ -36,10 +39,12 @@ def row(r: dict) -> str:
     w, before, after = r["win_rate"], r["prompt_following"]["base"]["colour"], r["prompt_following"]["aligned"]["colour"]
     acc = r["pair_accuracy"]
     accs = f"{acc['implicit_accuracy']:.2f} / {acc['ranking_accuracy']:.2f}" if acc else "-"
+    images, m = r.get("images_sampled"), r["mean_reward"]
+    gain = f"{1000 * (m['aligned'] - m['base']) / images:+.4f}" if images else "-"  # held-out gain per 1,000 sampled
     met = w["rate"] >= TARGET_WIN and before - after <= TARGET_DROP and r["seconds"] / 60 <= TARGET_MINUTES
     return (f"| {r['objective']} | {w['rate']:.3f} [{w['low']:.2f}, {w['high']:.2f}] | "
             f"{r['mean_reward']['base']:.4f} -> {r['mean_reward']['aligned']:.4f} | {before:.3f} -> {after:.3f} "
-            f"({100 * (after - before):+.1f}) | {accs} | {r['steps']} | {r.get('images_sampled') or '-'} | "
+            f"({100 * (after - before):+.1f}) | {accs} | {r['steps']} | {r.get('images_sampled') or '-'} | {gain} | "
             f"{r['seconds'] / 60:.1f} | {'yes' if met else 'no'} |")
 
 
@@ -47,7 +52,8 @@ def table(results: list[dict], reward: str, n: int) -> str:
     head = (f"Reward `{reward}`; win rate of aligned vs base over {n} held-out (prompt, seed) pairs, 95% Wilson "
             "interval; prompt following = both colours right (points); accuracies on held-out pairs.\n\n"
             "| objective | win rate [95% CI] | mean reward base -> aligned | prompt following base -> aligned | "
-            "implicit / ranking acc. | steps | images sampled | minutes | target met |\n|---|---|---|---|---|---|---|---|---|\n")
+            "implicit / ranking acc. | steps | images sampled | reward gain per 1k images | minutes | target met |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
     return head + "\n".join(row(r) for r in results) + "\n"
 
 

@@ -57,8 +57,9 @@ def position_generator(seed: int, rank: int, *key: int, shared: bool = False) ->
 
 
 class RolloutSource:
-    """Rounds of D3PO items, from online sampling (``data.prompts`` + ``objective.reward``) or from stored
-    rollouts with human labels (``data.labels``)."""
+    """Rounds of rollouts: online sampling and scoring (``data.prompts`` + ``objective.reward``; D3PO, DDPO,
+    GRPO share it, :meth:`sample_round`), or stored rollouts with human labels (``data.labels``, D3PO), and D3PO's
+    pairs and micro-batches of them."""
 
     def __init__(self, cfg: Config, shared_noise: bool = True, labels_allowed: bool = True):
         """Read the prompts or the labelled rollouts and build the reward heads: bad data fails before the
