@@ -24,12 +24,12 @@ from ..config import Config, ConfigError
 from ..data.prompts import read_prompts
 from ..data.readers import DataError
 from ..files import atomic_write_text
-from ..models import Backbone, default_resolution
+from ..models import Backbone
 from ..rewards import load_rewards, parse_reward_options, score
 from ..rewards.combine import signed
 from ..sampling.trajectories import ddim_scheduler, guided_prediction
 from .guards import TrainingStopped
-from .rollouts import position_generator
+from .rollouts import online_resolution, position_generator
 
 log = logging.getLogger(__name__)
 GUARD_FILE = "guard.json"
@@ -60,11 +60,7 @@ class RewardBackpropFeed:
                                   "online objective that only needs scores (ddpo, grpo, d3po)", ("objective.reward",))
         self.guards = load_rewards(o.guard, parse_reward_options(o.guard_options)) if o.guard else {}
         m = cfg.model
-        self.resolution = d.resolution or default_resolution(m.pretrained, m.revision)
-        if cfg.sampling.size(self.resolution) != (self.resolution, self.resolution):
-            raise ConfigError(f"sampling.height/width={cfg.sampling.size(self.resolution)}: {name} samples square at "
-                              f"the training resolution ({self.resolution}); set data.resolution instead",
-                              ("sampling.height", "sampling.width"))
+        self.resolution = online_resolution(cfg)
         self.backbone = Backbone.load(m.pretrained, m.vae, m.prediction_type, m.revision, weight_dtype)
         self.objective = objective_cls(o, num_timesteps=self.backbone.scheduler.config.num_train_timesteps)
         self.backbone.to(self.device)

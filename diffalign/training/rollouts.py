@@ -225,15 +225,22 @@ class RolloutSource:
         return Round(index, rollouts, pairs, {**self._score_metrics(scores), "pairs": float(len(pairs))})
 
 
-def attach_model(source: RolloutSource, cfg: Config, accelerator, weight_dtype: torch.dtype, objective_cls):
-    """Load the backbone for online rollouts (text encoders only when prompts are encoded), build the objective,
-    place everything on the device and bind ``source`` to them: ``(backbone, resolution, objective)``."""
+def online_resolution(cfg: Config) -> int:
+    """The training resolution online objectives sample at (square); a sampling size other than it is refused."""
     m = cfg.model
     resolution = cfg.data.resolution or default_resolution(m.pretrained, m.revision)
     if cfg.sampling.size(resolution) != (resolution, resolution):
         raise ConfigError(f"sampling.height/width={cfg.sampling.size(resolution)}: online rollouts are drawn square at "
                           f"the training resolution ({resolution}); set data.resolution instead",
                           ("sampling.height", "sampling.width"))
+    return resolution
+
+
+def attach_model(source: RolloutSource, cfg: Config, accelerator, weight_dtype: torch.dtype, objective_cls):
+    """Load the backbone for online rollouts (text encoders only when prompts are encoded), build the objective,
+    place everything on the device and bind ``source`` to them: ``(backbone, resolution, objective)``."""
+    m = cfg.model
+    resolution = online_resolution(cfg)
     need_text = source.needs_text_encoders or bool(cfg.train.validation_prompts)
     backbone = Backbone.load(m.pretrained, m.vae, m.prediction_type, m.revision, weight_dtype, text_encoders=need_text)
     objective = objective_cls(cfg.objective.options, num_timesteps=backbone.scheduler.config.num_train_timesteps)
