@@ -38,12 +38,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("", "Preference pairs: hub id, local dataset dir, parquet file/dir/glob, or a pairs .jsonl/.csv.")
+    dataset: str = _f("", "Preference pairs: hub id, local dataset dir, parquet file/dir/glob, or a pairs .jsonl/.csv; "
+                          "for kto unpaired labels: a {prompt, image, label} .jsonl/.csv, a folder holding "
+                          "unpaired.jsonl, or a dataset with caption, image and label columns.")
     split: str = _f("train", "Split to read from a hub or local HF dataset.")
     resolution: int | None = _f(None, "Training resolution in pixels; None uses 512 for SD1.5 and 1024 for SDXL.")
     caption_dropout: float = _f(0.0, "Probability per pair of training on the empty prompt (both images alike).")
     keep_ties: bool = _f(False, "Keep tied pairs (label_0 not in {0, 1}); they are dropped and counted by default.")
-    max_pairs: int | None = _f(None, "Use at most this many pairs (after dropping ties); None uses all.")
+    max_pairs: int | None = _f(None, "Use at most this many pairs (after dropping ties; kto: images); None uses all.")
     random_flip: bool = _f(True, "Flip pairs horizontally with probability 0.5; fixed per pair so the cache is exact.")
     center_crop: bool = _f(False, "Center crop instead of a random crop (the random crop is fixed per pair).")
     on_bad_image: str = _f("skip", "What to do with undecodable images: 'skip' (counted warning) or 'error'.")
@@ -74,8 +76,8 @@ class ObjectiveConfig:
     against it: an unknown key names the valid keys of *that* objective. ``cfg.objective.beta`` (or any option)
     reads the options."""
 
-    name: str = _f("dpo", "Objective by registered name: dpo, mapo, inpo, smpo (preference pairs), d3po, ddpo, grpo, "
-                          "reward_backprop (online), an entry point of diffalign.objectives, or 'pkg.module:Class' "
+    name: str = _f("dpo", "Objective by registered name: dpo, mapo, inpo, smpo (preference pairs), kto (unpaired "
+                          "likes/dislikes), d3po, ddpo, grpo, reward_backprop (online), an entry point of diffalign.objectives, or 'pkg.module:Class' "
                           "(found on sys.path or in the working folder).")
     options: Any = _f(None, "The objective's own options: its Options dataclass, built from the section's other keys.")
 

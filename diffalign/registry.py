@@ -22,6 +22,7 @@ BUILTIN_OBJECTIVES = {
     "mapo": "diffalign.objectives.mapo:MaPO",
     "inpo": "diffalign.objectives.inpo:InPO",
     "smpo": "diffalign.objectives.smpo:SmPO",
+    "kto": "diffalign.objectives.kto:KTO",
     "d3po": "diffalign.objectives.d3po:D3PO",
     "ddpo": "diffalign.objectives.ddpo:DDPO",
     "grpo": "diffalign.objectives.grpo:GRPO",

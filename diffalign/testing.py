@@ -220,6 +220,21 @@ def write_pairs_jsonl(folder: str | Path, n: int = 8, size: int = 48, seed: int 
     return path
 
 
+def write_unpaired_jsonl(folder: str | Path, n: int = 8, size: int = 48, seed: int = 0) -> Path:
+    """An unpaired (Diffusion-KTO) dataset: ``unpaired.jsonl`` of ``n`` pairs' images, each winner labelled 1 and
+    each loser 0 (2n lines, alternating), plus the ``imgs/`` folder :func:`write_pairs_jsonl` writes."""
+    folder = Path(folder)
+    write_pairs_jsonl(folder, n, size, seed)
+    lines = []
+    for row in map(json.loads, (folder / "pairs.jsonl").read_text().splitlines()):
+        lines.append(json.dumps({"prompt": row["prompt"], "image": row["chosen"], "label": 1}))
+        lines.append(json.dumps({"prompt": row["prompt"], "image": row["rejected"], "label": 0}))
+    (folder / "pairs.jsonl").unlink()
+    path = folder / "unpaired.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def save_tiny_clip(path: str | Path, projection_dim: int = 32, seed: int = 0) -> Path:
     """A random-weight ``CLIPModel`` of the real class (224 px, patch 32, tiny widths) with the real CLIP
     tokenizer, saved to ``path`` for reward-head tests."""

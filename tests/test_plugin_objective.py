@@ -90,7 +90,7 @@ def test_builtins_follow_the_same_contract():
         cls = objective_class(name)
         assert dataclasses.is_dataclass(cls.Options), name
         assert all(f.metadata.get("help") for f in dataclasses.fields(cls.Options)), name  # help on every field
-        if cls.data in ("pairs", "soft_pairs", "rollouts"):  # every preference objective's options carry beta
+        if cls.data in ("pairs", "soft_pairs", "unpaired", "rollouts"):  # every preference objective's carry beta
             assert "beta" in {f.name for f in dataclasses.fields(cls.Options)}, name
             assert build_objective(ObjectiveConfig(name)).beta == cls.Options().beta
         else:  # policy gradient and reward backprop have no β (GRPO's KL weight is kl_beta, as the spec names it)

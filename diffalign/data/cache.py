@@ -69,7 +69,7 @@ class CachedPairDataset(Dataset):
         k = bisect.bisect_right(self.offsets, i) - 1
         f = self._open(self.shards[k]["file"])
         j = i - self.offsets[k]
-        return {key: f.get_slice(key)[j : j + 1][0].float() if key not in ("geometry", "row")
+        return {key: f.get_slice(key)[j : j + 1][0].float() if key not in ("geometry", "row", "label")
                 else f.get_slice(key)[j : j + 1][0] for key in f.keys()}
 
     def empty_prompt(self) -> Conditioning:

@@ -54,9 +54,13 @@ class RawPairDataset(Dataset):
         row = self.source.rows[i]
         pair = self.source.get(row)
         where = self.source.where(row)
-        winner, note_w = decode_image_noted(pair.winner, f"{where} (preferred image)")
-        loser, note_l = decode_image_noted(pair.loser, f"{where} (rejected image)")
-        tiny = min(*winner.size, *loser.size) < tiny_limit(self.resolution)
+        if pair.loser is None:  # an unpaired labelled image
+            winner, note_w = decode_image_noted(pair.winner, f"{where} (image)")
+            loser, note_l = None, None
+        else:
+            winner, note_w = decode_image_noted(pair.winner, f"{where} (preferred image)")
+            loser, note_l = decode_image_noted(pair.loser, f"{where} (rejected image)")
+        tiny = min(*winner.size, *(loser.size if loser else ())) < tiny_limit(self.resolution)
         notes = torch.tensor([(note_w == "composited") + (note_l == "composited"),
                               (note_w == "converted") + (note_l == "converted"), int(tiny)])
         return row, pair, winner, loser, notes
@@ -64,8 +68,12 @@ class RawPairDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         row, pair, winner, loser, notes = self.decode_pair(i)
         images = paired_transform(winner, loser, self.resolution, self.seed, row, self.random_flip, self.center_crop)
-        item = {"pixels_w": images.winner, "pixels_l": images.loser, "geometry": images.geometry,
-                "caption": pair.caption, "row": row, "notes": notes}
+        item = {"pixels_w": images.winner, "geometry": images.geometry, "caption": pair.caption, "row": row,
+                "notes": notes}
+        if images.loser is not None:
+            item["pixels_l"] = images.loser
+        if pair.label is not None:
+            item["label"] = torch.tensor(pair.label, dtype=torch.long)
         if pair.score_w is not None and pair.score_l is not None:
             item["scores"] = torch.tensor([pair.score_w, pair.score_l], dtype=torch.float32)
         return item
@@ -150,21 +158,23 @@ def check_captions(source: PairSource, tokenizers) -> int:
 
 @torch.no_grad()
 def encode_batch(backbone: Backbone, batch: dict) -> dict:
-    """Turn a collated raw batch into the encoded batch the trainer uses: latents of both images, the
-    caption's conditioning (with SDXL time ids from each pair's geometry), rows and optional scores."""
+    """Turn a collated raw batch into the encoded batch the trainer uses: latents of both images (of the one image
+    for unpaired data), the caption's conditioning (with SDXL time ids from each pair's geometry), rows and the
+    optional scores and labels."""
     cond = backbone.encode_prompt(list(batch["caption"]))
     out = {
-        "latents_w": backbone.encode_images(batch["pixels_w"]),
-        "latents_l": backbone.encode_images(batch["pixels_l"]),
+        "latents_w": backbone.encode_images(batch["pixels_w"]).cpu(),
         "prompt_embeds": cond.prompt_embeds.float().cpu(),
         "geometry": batch["geometry"],
         "row": torch.as_tensor(batch["row"]),
     }
-    out["latents_w"], out["latents_l"] = out["latents_w"].cpu(), out["latents_l"].cpu()
+    if "pixels_l" in batch:  # absent for unpaired images
+        out["latents_l"] = backbone.encode_images(batch["pixels_l"]).cpu()
     if cond.pooled is not None:
         out["pooled"] = cond.pooled.float().cpu()
-    if "scores" in batch:
-        out["scores"] = batch["scores"]
+    for key in ("scores", "label"):
+        if key in batch:
+            out[key] = batch[key]
     return out
 
 

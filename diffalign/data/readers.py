@@ -45,11 +45,15 @@ class BadImageError(DataError):
 
 @dataclass
 class Pair:
+    """One row: a preference pair (``winner`` preferred to ``loser``), or one unpaired labelled image (``winner``
+    the image, ``loser`` None, ``label`` 1 desirable / 0 undesirable: Diffusion-KTO's data)."""
+
     caption: str
     winner: Any  # bytes, a path, or a PIL image: decoded by :func:`decode_image`
     loser: Any
     score_w: float | None = None
     score_l: float | None = None
+    label: int | None = None
 
 
 # Counts that only the pass decoding every image (or reading every caption with the tokenizer) knows; None
@@ -59,7 +63,8 @@ CHECKED_COUNTS = ("bad_images_skipped", "composited", "converted", "tiny_image_p
 
 @dataclass
 class PairSource:
-    """Preference pairs with their provenance. ``rows[i]`` is the source row index of pair ``i``."""
+    """Preference pairs (or unpaired labelled images, ``desirable`` set) with their provenance. ``rows[i]`` is the
+    source row index of pair ``i``."""
 
     name: str
     fingerprint: str
@@ -79,6 +84,12 @@ class PairSource:
     converted: int | None = None  # 16/32-bit images (modes I;16, I, F) scaled to 8 bits by their range
     tiny_image_pairs: int | None = None  # pairs with an image whose shorter side is below the tiny limit
     truncated_captions: int | None = None  # captions longer than the text encoder's token limit
+    desirable: Any = None  # unpaired data: callable source row index -> bool (label 1), read without decoding
+
+    @property
+    def unit(self) -> str:
+        """What a row is, for messages: ``pairs``, or ``images`` for unpaired data."""
+        return "images" if self.desirable else "pairs"
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -102,6 +113,13 @@ class PairSource:
     def summary(self) -> str:
         """One line: pairs kept, what was dropped and what was converted (``?``: not checked yet)."""
         c = {k: "?" if v is None else v for k, v in self.counts().items()}
+        if self.desirable:
+            good = sum(map(bool, map(self.desirable, self.rows)))
+            return (f"{self.name}: {c['pairs']} images kept ({good} desirable, {len(self) - good} undesirable of "
+                    f"{len(self)} read: {good / max(1, len(self)):.0%} desirable); dropped {c['duplicates_dropped']} "
+                    f"duplicate(s), {c['bad_images_skipped']} bad image(s); images: {c['composited']} composited on "
+                    f"white, {c['converted']} converted from 16/32-bit, {c['tiny_image_pairs']} tiny; "
+                    f"{c['truncated_captions']} truncated caption(s)") + (" (?: not checked yet)" if "?" in c.values() else "")
         line = (f"{self.name}: {c['pairs']} pairs kept; dropped {c['ties_dropped']} tie(s), "
                 f"{c['duplicates_dropped']} duplicate(s), {c['identical_dropped']} identical-image pair(s), "
                 f"{c['bad_images_skipped']} with bad images; images: {c['composited']} composited on white, "
@@ -236,7 +254,7 @@ def load_pairs(cfg: DataConfig) -> PairSource:
         source = _local_pairs(path, cfg)
     else:
         source = _pickapic(spec, cfg)
-    _drop_repeats(source)
+    drop_repeats(source)
     if len(source) == 0:
         dropped = [f"{n} {what}" for n, what in ((source.ties_dropped, "ties dropped"),
                                                    (source.identical_dropped, "identical-image pairs dropped"),
@@ -255,9 +273,9 @@ def _some(source: PairSource, rows: list[int], n: int = 5) -> str:
     return ", ".join(source.label(r) for r in rows[:n]) + (", ..." if len(rows) > n else "")
 
 
-def _drop_repeats(source: PairSource) -> None:
+def drop_repeats(source: PairSource) -> None:
     """Drop pairs whose two images are the same and pairs repeating an earlier one (same caption, winner and
-    loser); count both and warn once each."""
+    loser; unpaired data: same caption, image and label); count both and warn once each."""
     if source.keys is None:
         return
     keys = source.keys()
@@ -276,8 +294,9 @@ def _drop_repeats(source: PairSource) -> None:
         log.warning("%s: dropped %d pair(s) whose two images are identical (%s)", source.name, len(identical),
                     _some(source, identical))
     if duplicates:
-        log.warning("%s: dropped %d duplicate pair(s) repeating an earlier one's caption and images (%s)",
-                    source.name, len(duplicates), _some(source, duplicates))
+        what = "image(s) repeating an earlier one's caption, image and label" if source.desirable else \
+            "pair(s) repeating an earlier one's caption and images"
+        log.warning("%s: dropped %d duplicate %s (%s)", source.name, len(duplicates), what, _some(source, duplicates))
 
 
 # ----- Pick-a-Pic and other HF datasets -----
@@ -334,7 +353,7 @@ def _digest(value: Any) -> Any:
     return hashlib.blake2b(value, digest_size=16).digest() if isinstance(value, (bytes, bytearray)) else None
 
 
-def _image_ids(ds, column: str) -> list:
+def image_ids(ds, column: str) -> list:
     """A hash of every image of ``column`` (of its bytes, or its path if only that is stored), read in batches
     without decoding."""
     out: list = []
@@ -387,7 +406,7 @@ def _pickapic(spec: str, cfg: DataConfig) -> PairSource:
         if set(PICKAPIC_UIDS) <= set(ds.column_names):
             id0, id1 = ds[PICKAPIC_UIDS[0]], ds[PICKAPIC_UIDS[1]]
         else:
-            id0, id1 = _image_ids(ds, "jpg_0"), _image_ids(ds, "jpg_1")
+            id0, id1 = image_ids(ds, "jpg_0"), image_ids(ds, "jpg_1")
         return [(c or "", a, b) if label != 0 else (c or "", b, a)
                 for c, a, b, label in zip(all_captions(), id0, id1, labels)]
 
@@ -400,15 +419,16 @@ def _pickapic(spec: str, cfg: DataConfig) -> PairSource:
 LOCAL_REQUIRED = ("prompt", "chosen", "rejected")
 
 
-def read_local_rows(path: Path) -> list[dict]:
+def read_local_rows(path: Path, required: tuple[str, ...] = LOCAL_REQUIRED) -> list[dict]:
+    """The rows of a local JSONL/CSV file as dicts; an error names the line (row) lacking a ``required`` key."""
     if not path.is_file():
         raise DataError(f"data.dataset={str(path)!r}: no such file")
     text = read_utf8(path)
     if path.suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        missing = [c for c in LOCAL_REQUIRED if c not in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(LOCAL_REQUIRED)}")
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(required)}")
         return list(reader)
     rows = []
     for n, line in enumerate(text.splitlines(), start=1):
@@ -420,20 +440,20 @@ def read_local_rows(path: Path) -> list[dict]:
             raise DataError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
-        missing = [k for k in LOCAL_REQUIRED if k not in row]
+        missing = [k for k in required if k not in row]
         if missing:
-            raise DataError(f"{path}, line {n}: missing key(s) {', '.join(missing)}; expected {', '.join(LOCAL_REQUIRED)}")
+            raise DataError(f"{path}, line {n}: missing key(s) {', '.join(missing)}; expected {', '.join(required)}")
         rows.append(row)
     return rows
 
 
-def _local_label(path: Path, i: int) -> str:
+def local_label(path: Path, i: int) -> str:
     return f"row {i + 2}" if path.suffix == ".csv" else f"line {i + 1}"
 
 
 def local_row_name(path: Path, i: int) -> str:
     """How an error names row ``i`` of a local pairs file: its line (JSONL) or row with the header as 1 (CSV)."""
-    return f"{path}, {_local_label(path, i)}"
+    return f"{path}, {local_label(path, i)}"
 
 
 def local_image(root: Path, row: dict, key: str, where: str) -> Path:
@@ -446,7 +466,7 @@ def local_image(root: Path, row: dict, key: str, where: str) -> Path:
     return f
 
 
-def _file_ids(sizes: dict[Path, int]) -> dict[Path, Any]:
+def file_ids(sizes: dict[Path, int]) -> dict[Path, Any]:
     """An identity per image file: its path, or the hash of its bytes where another file has the same size (only
     those can be equal, so most files are never read)."""
     by_size = defaultdict(list)
@@ -481,12 +501,12 @@ def _local_pairs(path: Path, cfg: DataConfig) -> PairSource:
             rows.append(i)
 
     def keys() -> list[tuple]:
-        ids = _file_ids(sizes)
+        ids = file_ids(sizes)
         return [(p.caption, ids[p.winner], ids[p.loser]) for p in pairs]
 
     return PairSource(str(path), f"{digest.hexdigest()}:{cfg.keep_ties}", pairs.__getitem__, rows, ties,
                       lambda i: (pairs[i].score_w, pairs[i].score_l), lambda i: ("chosen_score", "rejected_score"),
-                      lambda i: pairs[i].caption, lambda i: _local_label(path, i), keys)
+                      lambda i: pairs[i].caption, lambda i: local_label(path, i), keys)
 
 
 def _score(row: dict, key: str, where: str) -> float | None:

@@ -24,6 +24,16 @@ class PairErrors:
 
 
 @dataclass
+class ImageErrors:
+    """Per-image denoising errors of unpaired labelled images (fp32, shape [B]), for ``unpaired`` objectives
+    (Diffusion-KTO): the policy's, the reference's, and each image's label (True: desirable)."""
+
+    model: Tensor
+    ref: Tensor
+    desirable: Tensor
+
+
+@dataclass
 class StepLogProbs:
     """Per-step log-probabilities ``log π(x_{t-1} | x_t)`` of winners and losers under the policy and the
     reference (shape [B], fp32): what ``rollouts`` objectives are given, one denoising step per micro-batch."""
@@ -52,7 +62,8 @@ class Objective(Protocol):
     of its own ``Options`` dataclass (which carries ``beta``), built and validated from the ``objective:`` section
     of a config. The trainer
     reads the three declarations to decide what to compute: ``data`` picks the feed (``pairs``/``soft_pairs``:
-    the pairs feed, which hands over :class:`PairErrors`; ``rollouts``: the rollouts feed, pairs of trajectories,
+    the pairs feed, which hands over :class:`PairErrors`; ``unpaired``: the pairs feed over single labelled images,
+    which hands over :class:`ImageErrors`; ``rollouts``: the rollouts feed, pairs of trajectories,
     which hands over :class:`StepLogProbs`; ``rewarded_rollouts``: the rollouts feed, single trajectories with
     advantages, which hands over :class:`StepRatios` and asks the objective for ``advantages(prompts, rewards,
     groups)``; ``prompts``: the reward-backprop feed, which hands over the differentiable rewards [B, heads] of
@@ -61,9 +72,9 @@ class Objective(Protocol):
     Options: type  # a dataclass; its fields are this objective's config keys (help in field metadata)
     needs_reference: bool
     noising: Literal["forward", "ddim_inversion", "renoise", "rollout"]
-    data: Literal["pairs", "soft_pairs", "rollouts", "rewarded_rollouts", "prompts"]
+    data: Literal["pairs", "soft_pairs", "unpaired", "rollouts", "rewarded_rollouts", "prompts"]
 
-    def __call__(self, outputs: PairErrors | StepLogProbs | StepRatios | Tensor) -> tuple[Tensor, dict[str, float]]:
+    def __call__(self, outputs: PairErrors | ImageErrors | StepLogProbs | StepRatios | Tensor) -> tuple[Tensor, dict[str, float]]:
         """Return ``(loss, metrics)``; metrics are plain floats for logging."""
         ...
 

@@ -94,20 +94,26 @@ def _read_manifest(folder: Path) -> dict:
         raise DataError(f"{file}: not valid JSON ({e.msg})") from None
 
 
-def read_labels(labels: str | Path, manifest: dict) -> dict[int, torch.Tensor]:
-    """Mean score per sample for every labelled prompt: ``{prompt_id: Tensor[K]}``; errors name the line."""
+def read_label_lines(labels: str | Path, manifest: dict) -> list[tuple[int, list[float]]]:
+    """Every label line's ``(prompt_id, scores)`` in file order; errors name the line. A torn last line (no newline
+    at the end and not valid JSON: a labelling page killed mid-write) is skipped with a warning."""
     labels, k = Path(labels), manifest["per_prompt"]
     if not labels.is_file():
         raise DataError(f"data.labels={str(labels)!r}: no such file")
     ids = {e["prompt_id"] for e in manifest["prompts"]}
-    sums: dict[int, list] = {}
-    for n, line in enumerate(read_utf8(labels).splitlines(), start=1):
+    text = read_utf8(labels)
+    lines = text.splitlines()
+    out = []
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{labels}, line {n}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
+            if n == len(lines) and not text.endswith("\n"):
+                log.warning("%s: ignoring the torn last line (%d characters, no newline)", labels, len(line))
+                continue
             raise DataError(f"{where}: not valid JSON ({e.msg})") from None
         pid, scores = row.get("prompt_id") if isinstance(row, dict) else None, row.get("scores") if isinstance(row, dict) else None
         if pid not in ids:
@@ -117,10 +123,18 @@ def read_labels(labels: str | Path, manifest: dict) -> dict[int, torch.Tensor]:
         bad = next((i for i, s in enumerate(scores) if not math.isfinite(s)), None)
         if bad is not None:
             raise DataError(f"{where}: score {bad + 1} is not a finite number ({scores[bad]}); scores must be finite")
-        total, count = sums.get(pid, [torch.zeros(k), 0])
-        sums[pid] = [total + torch.tensor(scores, dtype=torch.float32), count + 1]
-    if not sums:
+        out.append((pid, [float(s) for s in scores]))
+    if not out:
         raise DataError(f"{labels}: no labels")
+    return out
+
+
+def read_labels(labels: str | Path, manifest: dict) -> dict[int, torch.Tensor]:
+    """Mean score per sample for every labelled prompt: ``{prompt_id: Tensor[K]}``; errors name the line."""
+    sums: dict[int, list] = {}
+    for pid, scores in read_label_lines(labels, manifest):
+        total, count = sums.get(pid, [torch.zeros(manifest["per_prompt"]), 0])
+        sums[pid] = [total + torch.tensor(scores, dtype=torch.float32), count + 1]
     return {pid: total / count for pid, (total, count) in sorted(sums.items())}
 
 

@@ -52,6 +52,10 @@ def feed_class(data: str) -> type:
         from .pairs import PairFeed
 
         return PairFeed
+    if data == "unpaired":
+        from .unpaired import UnpairedFeed
+
+        return UnpairedFeed
     if data == "rollouts":
         from .rollouts import RolloutFeed
 
@@ -64,8 +68,8 @@ def feed_class(data: str) -> type:
         from .backprop import RewardBackpropFeed
 
         return RewardBackpropFeed
-    raise ValueError(f"objective data={data!r}: no feed for it; choose pairs, soft_pairs, rollouts, "
-                     "rewarded_rollouts or prompts")
+    raise ValueError(f"objective data={data!r}: no feed for it; choose pairs, soft_pairs, unpaired, "
+                     "rollouts, rewarded_rollouts or prompts")
 
 
 def make_feed(cfg: Config, accelerator, weight_dtype: torch.dtype, objective_cls) -> Feed:

@@ -39,7 +39,7 @@ class PairFeed:
         prepare the training data (cached or raw). Text encoders stay loaded until :meth:`ready`."""
         self.cfg, self.accelerator, self.device = cfg, accelerator, accelerator.device
         m, d = cfg.model, cfg.data
-        raw_pairs = load_pairs(d)  # bad data fails before the model loads
+        raw_pairs = self.read_source(cfg)  # bad data fails before the model loads
         self.resolution = d.resolution or default_resolution(m.pretrained, m.revision)
         raw = RawPairDataset(raw_pairs, self.resolution, cfg.train.seed, d.random_flip, d.center_crop)
         self.score_range = raw_pairs.score_range() if objective_cls.data == "soft_pairs" else None
@@ -55,6 +55,10 @@ class PairFeed:
         self.dataset, self.empty_prompt = self._prepare_data(raw, cache)
         if self.accelerator.is_main_process:
             log.info("data: %s", raw_pairs.summary())
+
+    def read_source(self, cfg: Config):
+        """The training data as a :class:`~diffalign.data.readers.PairSource`."""
+        return load_pairs(cfg.data)
 
     def ready(self) -> None:
         """After the trainer encoded what it needs (validation prompts): drop what the cache made unnecessary, place
@@ -132,20 +136,27 @@ class PairFeed:
             noise2 = inverted_noise(latents, x_t, t2, b.scheduler.alphas_cumprod)
         target = b.target(latents, noise2, t2).float()
 
-        def errors(unet) -> tuple[torch.Tensor, torch.Tensor]:
-            with self.accelerator.autocast():
-                return b.denoising_error(x_t, t2, cond2, target, unet=unet).chunk(2)
-
-        model_w, model_l = errors(unet)
-        ref_w = ref_l = None
-        if self.objective.needs_reference:
-            with reference_mode(self.accelerator.unwrap_model(unet)):
-                ref_w, ref_l = errors(unet)
+        model, ref = self.errors(unet, x_t, t2, cond2, target)
+        (model_w, model_l), (ref_w, ref_l) = model.chunk(2), ref.chunk(2) if ref is not None else (None, None)
         scores = [None, None]
         if self.score_range is not None:
             lo, hi = self.score_range
             scores = ((batch["scores"].to(dev, torch.float32) - lo) / (hi - lo)).unbind(1)
         return self.objective(PairErrors(model_w, model_l, ref_w, ref_l, *scores))
+
+    def errors(self, unet, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+               target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-sample denoising errors of the policy ``unet`` and, when the objective needs it, of the reference
+        (the same UNet with its adapters off)."""
+        def error() -> torch.Tensor:
+            with self.accelerator.autocast():
+                return self.backbone.denoising_error(x_t, t, cond, target, unet=unet)
+
+        model = error()
+        if not self.objective.needs_reference:
+            return model, None
+        with reference_mode(self.accelerator.unwrap_model(unet)):
+            return model, error()
 
     @torch.no_grad()
     def invert(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,

@@ -206,9 +206,10 @@ class Trainer:
         return self._finish(step, history)
 
     def _gather(self, pending: list[dict]) -> dict[str, float]:
-        """One optimizer step's metrics: the mean over its micro-steps and over all processes."""
+        """One optimizer step's metrics: the mean over its micro-steps and over all processes. A metric a micro-step
+        could not measure is NaN there (KTO's mean g of a class absent from the batch) and left out of its mean."""
         keys = list(pending[0])
-        local = torch.tensor([[m[k] for k in keys] for m in pending], dtype=torch.float64).mean(0)
+        local = torch.tensor([[m[k] for k in keys] for m in pending], dtype=torch.float64).nanmean(0)
         if self.accelerator.num_processes > 1:
             local = self.accelerator.reduce(local.to(self.device), reduction="mean").cpu()
         logged = dict(zip(keys, local.tolist()))
