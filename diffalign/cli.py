@@ -1,4 +1,5 @@
-"""Command line: ``diffalign train | generate | score | make-pairs | sample | eval | export | demo``.
+"""Command line: ``diffalign train | generate | score | make-pairs | sample | label | labels-to-pairs | eval | export |
+demo``.
 
 Errors: our own error types (:data:`USER_ERRORS`: bad config, data, model, adapter, reward, output folder or
 argument) print one ``error: ...`` line to stderr and exit 2; anything else is a bug and keeps its traceback. One
@@ -116,6 +117,12 @@ def _sample(args: argparse.Namespace) -> None:
     from .sampling.human import sample_to_folder
 
     print(sample_to_folder(args.base, args.prompts, args.out, per_prompt=args.per_prompt, sampling=args.sampling))
+
+
+def _labels_to_pairs(args: argparse.Namespace) -> None:
+    from .labelling.convert import labels_to_pairs
+
+    print(labels_to_pairs(args.folder, args.labels, args.out, unpaired=args.unpaired))
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -246,9 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="adapter folder to generate with (default: the base alone)")
     p.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with \"prompt\"")
     p.add_argument("--per-prompt", type=int, default=4, help="images per prompt (K)")
-    p.add_argument("--pairing", default="best-worst", choices=["best-worst", "all", "pareto"],
-                   help="best vs worst, all ordered pairs above --margin, or Pareto dominance across heads")
-    p.add_argument("--margin", type=float, default=0.0, help="minimum combined-score gap for a pair")
+    p.add_argument("--pairing", default="best-worst", choices=["best-worst", "all", "pareto", "thumbs"],
+                   help="best vs worst, all ordered pairs above --margin, Pareto dominance across heads, or thumbs: "
+                        "unpaired labels for KTO (unpaired.jsonl: each prompt's top half 1, bottom half 0)")
+    p.add_argument("--margin", type=float, default=0.0, help="minimum combined-score gap for a pair (thumbs: the "
+                                                               "distance from the prompt's median below which an "
+                                                               "image gets no label)")
     add_sampling_arguments(p, helps={"seed": "image k of prompt i uses seed + i*K + k (with --seed-policy per_image)"})
     p.add_argument("--out", required=True, help="output folder (rerun with the same settings to resume)")
     p.set_defaults(func=_make_pairs)
@@ -265,6 +275,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "--height and --width (default: the model's own size, as generate draws)")
     p.add_argument("--out", required=True, help="output folder (images/, trajectories/, manifest.json)")
     p.set_defaults(func=_sample)
+
+    from .labelling.cli import add_label_command
+
+    add_label_command(sub)
+
+    p = add("labels-to-pairs", help="people's labels of a sample or make-pairs folder -> local pairs (DPO, MaPO, "
+                                    "InPO, SmPO) or unpaired labels (KTO)")
+    p.add_argument("folder", help="the labelled folder (a `diffalign sample` or `diffalign make-pairs` output)")
+    p.add_argument("--labels", default=None, help="label file (default: FOLDER/labels.jsonl, as `diffalign label` "
+                                                  "writes)")
+    p.add_argument("--unpaired", action="store_true", help="write unpaired labels for KTO instead of pairs (thumbs: "
+                   "liked by most annotators = 1; rankings: each prompt's top half 1, bottom half 0)")
+    p.add_argument("--out", default=None, help="output .jsonl in FOLDER or a folder above it (default: "
+                                               "FOLDER/human_pairs.jsonl, or FOLDER/human_unpaired.jsonl)")
+    p.set_defaults(func=_labels_to_pairs)
 
     p = add("eval", help="base vs aligned images on the same prompts and seeds, scored; report.json/html")
     _reward_args(p)

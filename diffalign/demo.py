@@ -66,13 +66,16 @@ def write_prompt_files(out: Path, budget: Budget) -> tuple[Path, Path]:
 
 
 def make_testbed_pairs(out: Path, reward: str, budget: Budget, adapter: str | None = None) -> tuple[str, str]:
-    """Reward-labelled pairs from the testbed for the training and held-out prompts: (train, held-out) pairs.jsonl."""
+    """Reward-labelled pairs from the testbed for the training and held-out prompts: (train, held-out) pairs.jsonl.
+    Beside the training pairs, ``unpaired.jsonl`` holds thumbs of the same images (each prompt's top half by the
+    reward 1, its bottom half 0) for KTO."""
     from .sampling.make_pairs import make_pairs
 
     train_prompts, held_prompts = write_prompt_files(out / "prompts", budget)
     heads = {reward: load_reward(reward)}
-    train = make_pairs(str(tb.testbed_path()), train_prompts, heads, out / "pairs", per_prompt=budget.per_prompt,
-                       adapter=adapter, sampling=budget.sampling())
+    kwargs = dict(per_prompt=budget.per_prompt, adapter=adapter, sampling=budget.sampling())
+    make_pairs(str(tb.testbed_path()), train_prompts, heads, out / "pairs", pairing="thumbs", **kwargs)
+    train = make_pairs(str(tb.testbed_path()), train_prompts, heads, out / "pairs", **kwargs)  # the same images
     held = make_pairs(str(tb.testbed_path()), held_prompts, heads, out / "held_out_pairs", per_prompt=budget.per_prompt,
                       sampling=budget.sampling(seed=10_000))
     return str(train), str(held)
@@ -82,12 +85,15 @@ def train_on_testbed(out: Path, objective: str, pairs: str, budget: Budget, rewa
                      overrides: list[str] = ()):
     """Train the shipped recipe ``testbed-<objective>`` from the testbed into ``out / "adapter"``: from ``pairs``,
     or, for an online objective (D3PO, DDPO, GRPO), on ``prompts`` with ``reward``."""
+    from .registry import objective_class
     from .training.trainer import train
 
     base = [f"model.pretrained={tb.testbed_path()}", f"train.output_dir={out / 'adapter'}",
             f"cache.dir={out / 'cache'}", "log.to=none"]
     if is_online(objective):  # it samples its own rollouts and scores them with the reward
         base += [f"data.prompts={prompts}", f"objective.reward=[{reward}]"]
+    elif objective_class(objective).data == "unpaired":  # KTO: thumbs of the images the pairs came from
+        base.append(f"data.dataset={Path(pairs).with_name('unpaired.jsonl')}")
     else:
         base.append(f"data.dataset={pairs}")
     if budget.train_steps is not None:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffalign.demo import FULL, align_and_evaluate, is_online, make_testbed_pairs  # noqa: E402
 
-OBJECTIVES = ("dpo", "mapo", "inpo", "smpo", "d3po", "ddpo", "grpo", "reward_backprop")
+OBJECTIVES = ("dpo", "mapo", "inpo", "smpo", "kto", "d3po", "ddpo", "grpo", "reward_backprop")
 TARGET_WIN, TARGET_DROP, TARGET_MINUTES = 0.65, 0.10, 15.0
 
 

@@ -25,6 +25,7 @@ def test_wheel_ships_runtime_files(wheel):
     for needed in ("diffalign/py.typed", "diffalign/resources/recipes/sdxl-dpo.yaml",
                    "diffalign/resources/recipes/testbed-dpo.yaml", "diffalign/resources/prompts/animals.txt",
                    "diffalign/resources/accelerate/ddp.yaml", "diffalign/resources/testbed/model_index.json",
+                   "diffalign/resources/labelling/index.html", "diffalign/resources/labelling/label.js",
                    "diffalign/resources/testbed/unet/diffusion_pytorch_model.safetensors"):
         assert needed in names, needed
     assert not any(n.startswith(("tests/", "scripts/", "assets/")) for n in names)

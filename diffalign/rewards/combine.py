@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-PAIRINGS = ("best-worst", "all", "pareto")
+PAIRINGS = ("best-worst", "all", "pareto", "thumbs")  # thumbs: unpaired labels (thumbs_from_scores)
 
 
 def signed(scores: Tensor, higher_is_better: Sequence[bool] | None = None) -> Tensor:
@@ -61,10 +61,20 @@ def pairs_from_scores(scores: Tensor, pairing: str = "pareto", combined: Sequenc
     k = scores.shape[0]
     if pairing == "pareto":
         return [(i, j) for i, j in itertools.permutations(range(k), 2) if pareto_dominates(scores[i], scores[j])]
-    if pairing not in PAIRINGS:
-        raise ValueError(f"pairing {pairing!r}: choose one of {', '.join(PAIRINGS)}")
+    if pairing not in PAIRINGS or pairing == "thumbs":
+        raise ValueError(f"pairing {pairing!r}: choose one of best-worst, all, pareto")
     c = list(combined) if combined is not None else scores.sum(dim=-1).tolist()
     if pairing == "best-worst":
         best, worst = max(range(k), key=c.__getitem__), min(range(k), key=c.__getitem__)
         return [(best, worst)] if c[best] - c[worst] > margin else []
     return [(i, j) for i, j in itertools.permutations(range(k), 2) if c[i] - c[j] > margin]
+
+
+def thumbs_from_scores(combined: Sequence[float], margin: float = 0.0) -> list[tuple[int, int]]:
+    """Unpaired labels ``(index, label)`` among one prompt's K samples by their combined score: 1 (desirable) above
+    the prompt's median by more than ``margin``, 0 below it by more than ``margin``; the rest (the middle image of
+    an odd K, ties at the median, anything within the margin) get no label."""
+    c = sorted(combined)
+    k = len(c)
+    median = c[k // 2] if k % 2 else (c[k // 2 - 1] + c[k // 2]) / 2
+    return [(i, int(s > median)) for i, s in enumerate(combined) if abs(s - median) > margin]

@@ -5,6 +5,8 @@ Layout of the output folder::
     images/p00003_2.png   image k of prompt 3 (seed + 3·K + k with the default seed policy: sampling.settings)
     scores.jsonl          one line per finished prompt: prompt, image paths, seeds, every head's scores
     pairs.jsonl           the local-pairs dataset (data.md), rebuilt from scores.jsonl at the end
+    unpaired.jsonl        instead, with ``pairing="thumbs"``: unpaired labels for KTO (the top half of each prompt's
+                          images 1, the bottom half 0, by the combined score; ``margin`` drops the middle)
     make_pairs.json       the settings; a rerun with the same settings resumes, skipping finished prompts
 
 A prompt is done when its line is in ``scores.jsonl``. Its images are scored in memory first, then each is written
@@ -28,7 +30,7 @@ from ..data.readers import DataError
 from ..evaluation.scoring import score_images
 from ..files import atomic_save_image, atomic_write_text
 from ..rewards import RewardModel
-from ..rewards.combine import PAIRINGS, combine, pairs_from_scores, signed
+from ..rewards.combine import PAIRINGS, combine, pairs_from_scores, signed, thumbs_from_scores
 from .settings import Sampling
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,7 @@ def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, Reward
                per_prompt: int = 4, adapter: str | None = None, pairing: str = "best-worst", margin: float = 0.0,
                weights: list[float] | None = None, sampling: Sampling | None = None, device: str | None = None) -> Path:
     """Generate (as ``sampling`` says; default :class:`Sampling`), score and pair; returns the path of
-    ``pairs.jsonl``. Resumable: finished prompts are skipped."""
+    ``pairs.jsonl`` (``unpaired.jsonl`` with ``pairing="thumbs"``). Resumable: finished prompts are skipped."""
     from ..pipelines import load_aligned_pipeline
 
     if per_prompt < 2:
@@ -134,10 +136,16 @@ def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, Reward
 
 def write_pairs(out: Path, records: list[dict], rewards: Mapping[str, RewardModel], pairing: str, margin: float,
                 weights: list[float] | None) -> Path:
-    """Rebuild ``pairs.jsonl`` (and a clean ``scores.jsonl``) from the per-prompt records."""
+    """Rebuild ``pairs.jsonl`` (``unpaired.jsonl`` for ``thumbs``; and a clean ``scores.jsonl``) from the per-prompt
+    records."""
     lines, higher = [], {name: r.higher_is_better for name, r in rewards.items()}
     for rec in records:
         combined = combine(rec["scores"], higher, weights)
+        if pairing == "thumbs":
+            for k, label in thumbs_from_scores(combined, margin):
+                lines.append(json.dumps({"prompt": rec["prompt"], "image": rec["images"][k], "label": label,
+                                         "score": combined[k], **{n: rec["scores"][n][k] for n in rewards}}) + "\n")
+            continue
         table = torch.tensor([rec["scores"][h] for h in rewards], dtype=torch.float64).T  # [K, heads]
         for w, l in pairs_from_scores(signed(table, list(higher.values())), pairing, combined, margin):
             row = {"prompt": rec["prompt"], "chosen": rec["images"][w], "rejected": rec["images"][l],
@@ -145,10 +153,11 @@ def write_pairs(out: Path, records: list[dict], rewards: Mapping[str, RewardMode
             for name in rewards:
                 row[f"chosen_{name}"], row[f"rejected_{name}"] = rec["scores"][name][w], rec["scores"][name][l]
             lines.append(json.dumps(row) + "\n")
+    what, name = ("labels", "unpaired.jsonl") if pairing == "thumbs" else ("pairs", "pairs.jsonl")
     if not lines:
-        raise DataError(f"{out}: no pairs: every prompt's images tie within margin {margin} ({pairing}); lower "
+        raise DataError(f"{out}: no {what}: every prompt's images tie within margin {margin} ({pairing}); lower "
                         "--margin or raise --per-prompt")
     atomic_write_text(out / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    atomic_write_text(out / "pairs.jsonl", "".join(lines))
-    log.info("%s: %d pairs from %d prompts", out / "pairs.jsonl", len(lines), len(records))
-    return out / "pairs.jsonl"
+    atomic_write_text(out / name, "".join(lines))
+    log.info("%s: %d %s from %d prompts", out / name, len(lines), what, len(records))
+    return out / name
