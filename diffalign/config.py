@@ -55,6 +55,9 @@ class DataConfig:
     labels: str = _f("", "D3PO human feedback: label JSONL ({prompt_id, scores, annotator}) for `diffalign sample` "
                          "output.")
     rollouts: str = _f("", "D3PO human feedback: the `diffalign sample` folder; empty: the labels file's folder.")
+    eval_pairs: str = _f("", "Held-out preference pairs (any pairs form above): their implicit and ranking accuracy, "
+                             "margin and the policy's drift from the reference are logged as heldout_* every "
+                             "train.heldout_every steps; the signal `diffalign sweep` picks by. Never trained on.")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.caption_dropout <= 1.0:
@@ -197,11 +200,13 @@ class TrainConfig:
     validation_prompts: list[str] = _f([], "Prompts for validation grids (empty: no validation images); drawn as "
                                            "the sampling section says, image i with seed sampling.seed + i.")
     log_every: int = _f(1, "Log metrics every N optimizer steps.")
+    heldout_every: int = _f(50, "Measure data.eval_pairs every N optimizer steps (and at the last step); 0: only at "
+                                "the last step.")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "checkpoints_keep", "max_bad_steps"):
             _positive("train", name, getattr(self, name))
-        for name in ("checkpoint_every", "validate_every"):
+        for name in ("checkpoint_every", "validate_every", "heldout_every"):
             _positive("train", name, getattr(self, name), allow_zero=True)
         _choice("train", "mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         _choice("train", "attention", self.attention, ("sdpa", "xformers"))

@@ -2,8 +2,9 @@
 
 Scenes are one flat shape on a flat background, e.g. "a red circle on a gray background" (32 px). The shape's
 size, position and saturation are random and not in the prompt, so the programmatic rewards ``shape_size``
-(larger is better) and ``vividness`` (more saturated is better) ask for something the base model does not
-already do, while the checker measures what the prompt does ask for: shape colour, background colour, shape.
+(larger is better), ``vividness`` (more saturated), ``left_position`` (further left), ``centredness`` (nearer the
+centre) and ``edge_sharpness`` (crisper edges) ask for something the base model does not already do, while the
+checker measures what the prompt does ask for: shape colour, background colour, shape.
 
 The model itself (``diffalign/resources/testbed``) is trained from scratch on these scenes by ``scripts/make_testbed.py``.
 """
@@ -234,3 +235,57 @@ class Vividness:
         mask = differentiable_masks(images)
         chroma = images.max(dim=1).values - images.min(dim=1).values
         return (chroma * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2)).clamp(min=1)
+
+
+def _centroid(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(x, y) of the mask's centre of mass in [0, 1] image units (pixel i's centre at (i + 0.5) / size) and
+    whether a shape was found (at least one mask pixel), per image."""
+    b, h, w = mask.shape
+    total = mask.sum(dim=(1, 2))
+    xs = (torch.arange(w, dtype=mask.dtype, device=mask.device) + 0.5) / w
+    ys = (torch.arange(h, dtype=mask.dtype, device=mask.device) + 0.5) / h
+    safe = total.clamp(min=1e-6)
+    return (mask * xs).sum(dim=(1, 2)) / safe, (mask * ys[:, None]).sum(dim=(1, 2)) / safe, total.detach() >= 1
+
+
+class LeftPosition:
+    """How far left the shape sits: 1 - its centre of mass's x (scale: 0-1; 0.5 at the centre, 0 when no shape is
+    found). The prompts never say where the shape goes; the base draws it anywhere. Differentiable through
+    :func:`differentiable_masks`."""
+
+    name, differentiable, higher_is_better = "left_position", True, True
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
+        x, _, found = _centroid(differentiable_masks(images.float()))
+        return torch.where(found, 1 - x, torch.zeros_like(x))
+
+
+class Centredness:
+    """How close the shape's centre of mass is to the image centre: 1 - distance / (half the diagonal) (scale:
+    0-1; 1 at the centre, 0 when no shape is found). Not monotone in x or y, unlike ``left_position``.
+    Differentiable through :func:`differentiable_masks`."""
+
+    name, differentiable, higher_is_better = "centredness", True, True
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
+        x, y, found = _centroid(differentiable_masks(images.float()))
+        distance = ((x - 0.5) ** 2 + (y - 0.5) ** 2).add(1e-12).sqrt() / (0.5 * 2**0.5)
+        return torch.where(found, 1 - distance, torch.zeros_like(x))
+
+
+class EdgeSharpness:
+    """How sharp the image's edges are: ``Σ Δ² / Σ |Δ|`` over horizontal and vertical neighbour differences of the
+    luminance, divided by its range (scale: 0-1). An edge of contrast c spread over w pixels adds c to Σ|Δ| and c²/w
+    to Σ Δ², so the score is 1/w: 1 for a hard step, 1/2 for one blurred over two pixels, whatever the contrast;
+    noise lowers it (many small differences). A different kind of taste from the shape rewards: texture, not
+    geometry or colour. Differentiable."""
+
+    name, differentiable, higher_is_better = "edge_sharpness", True, True
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
+        lum = (images.float() * torch.tensor([0.299, 0.587, 0.114], device=images.device)[:, None, None]).sum(dim=1)
+        dx, dy = lum[:, :, 1:] - lum[:, :, :-1], lum[:, 1:] - lum[:, :-1]
+        square = (dx**2).sum(dim=(1, 2)) + (dy**2).sum(dim=(1, 2))
+        absolute = (dx.abs().sum(dim=(1, 2)) + dy.abs().sum(dim=(1, 2))).clamp(min=1e-6)
+        span = (lum.flatten(1).max(dim=1).values - lum.flatten(1).min(dim=1).values).clamp(min=1e-3)
+        return (square / absolute / span).clamp(max=1.0)

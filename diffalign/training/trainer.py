@@ -27,6 +27,7 @@ from .checkpoint import OutputDirError, check_writable
 from .feeds import Feed, make_feed
 from .guards import StopSignals, TrainingStopped, any_process, grads_finite, zero_loss
 from .optim import build_optimizer, check_available
+from .watch import HeldOutPairs, RunWatcher
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class TrainResult:
     steps: int
     history: list[dict] = field(default_factory=list)  # metrics per optimizer step of this run (metrics.json: all)
     interrupted: bool = False
+    warnings: list[str] = field(default_factory=list)  # what the run watcher warned about (training/watch.py)
 
 
 class Trainer:
@@ -72,6 +74,9 @@ class Trainer:
         self.feed: Feed = make_feed(cfg, self.accelerator, self.weight_dtype, objective_cls)
         self.backbone, self.objective = self.feed.backbone, self.feed.objective
         self.validation_cond = self._validation_conditioning()
+        # encoded now, while the encoders are loaded (ready() may free them)
+        self.heldout = HeldOutPairs(cfg, self.backbone, self.feed.resolution, self.device) if cfg.data.eval_pairs else None
+        self.watcher = RunWatcher()
         self.feed.ready()
         self.accelerator.gradient_accumulation_steps = cfg.train.grad_accum * self.feed.window
         self._prepare_optimization()
@@ -171,6 +176,10 @@ class Trainer:
                     step += 1
                     logged = {"step": step, **self._gather(pending)}
                     pending = []
+                    every = cfg.train.heldout_every
+                    if self.heldout is not None and ((every and step % every == 0) or step >= cfg.train.max_steps):
+                        logged.update(self.heldout.measure(acc.unwrap_model(self.unet)))
+                    self.watcher.update(logged)
                     history.append(logged)
                     bar.update(1)
                     shown = {"loss": f"{logged['loss']:.4f}", "lr": f"{logged['lr']:.2e}"}
@@ -193,7 +202,8 @@ class Trainer:
                         bar.close()
                         log.warning("stopped by %s at step %d; checkpoint-%d written. Resume with --set "
                                     "train.resume=latest", signals.requested or "a signal", step, step)
-                        return TrainResult(self.output_dir, None, step, history, interrupted=True)
+                        return TrainResult(self.output_dir, None, step, history, interrupted=True,
+                                           warnings=self.watcher.warnings)
                     if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                         self._checkpoint(step, epoch, batch_in_epoch)
                     if cfg.train.validate_every and step % cfg.train.validate_every == 0:
@@ -283,7 +293,7 @@ class Trainer:
             write_model_card(self.output_dir, self.cfg, self.backbone.kind, step, everything,
                              getattr(self.objective.options, "beta", None))
         acc.end_training()
-        return TrainResult(self.output_dir, adapter, step, history)
+        return TrainResult(self.output_dir, adapter, step, history, warnings=self.watcher.warnings)
 
     # ----- validation images -----
     def validate(self, step: int) -> Path | None:

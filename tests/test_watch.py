@@ -1,0 +1,93 @@
+"""Watching a run: held-out pair statistics logged during training, and the degenerate-run warnings (unit
+sequences, and a real run built to overfit)."""
+
+import json
+
+import pytest
+import torch
+
+from diffalign.testing import write_pairs_jsonl
+from diffalign.training.trainer import Trainer, train
+from diffalign.training.watch import WINDOW, RunWatcher
+
+
+def _steps(n, start=1, **values):
+    return [{"step": start + i, **values} for i in range(n)]
+
+
+def test_overfitting_needs_the_held_out_pairs_to_disagree():
+    watcher = RunWatcher()
+    watcher.update({"step": 1, "loss": 0.69, "implicit_acc": 0.5, "margin": 0.0, "heldout_implicit_acc": 0.5})
+    for m in _steps(WINDOW, 2, loss=0.001, implicit_acc=1.0, margin=3.0):
+        watcher.update(m)
+    assert len(watcher.warnings) == 1 and "overfitting" in watcher.warnings[0] and "held-out pairs at 0.50" in watcher.warnings[0]
+    for m in _steps(WINDOW, 20, loss=0.001, implicit_acc=1.0, margin=3.0):
+        watcher.update(m)
+    assert len(watcher.warnings) == 1  # once per run
+
+    generalising = RunWatcher()
+    generalising.update({"step": 1, "loss": 0.69, "implicit_acc": 0.5, "margin": 0.0, "heldout_implicit_acc": 0.8})
+    for m in _steps(WINDOW, 2, loss=0.001, implicit_acc=1.0, margin=3.0):
+        generalising.update(m)
+    assert generalising.warnings == []  # the training loss collapsed but held-out pairs agree: not a warning
+
+
+def test_collapse_without_held_out_pairs_and_a_runaway_margin():
+    watcher = RunWatcher()
+    for m in [{"step": 1, "loss": 0.69, "implicit_acc": 0.5, "margin": 0.0}] + _steps(WINDOW, 2, loss=0.0, implicit_acc=1.0, margin=25.0):
+        watcher.update(m)
+    kinds = " | ".join(watcher.warnings)
+    assert "the loss has collapsed; with no held-out pairs (data.eval_pairs)" in kinds
+    assert "the training margin is running away (22.5 > 10" in kinds  # the mean of the last 10 steps
+    quiet = RunWatcher()  # a healthy run: loss falling, accuracy below the collapse, margin moderate
+    for i, m in enumerate(_steps(30, loss=0.69, implicit_acc=0.7, margin=1.0)):
+        quiet.update({**m, "loss": 0.69 - 0.005 * i})
+    assert quiet.warnings == []
+
+
+def test_a_falling_held_out_accuracy_names_the_best_step():
+    watcher = RunWatcher()
+    for step, acc in ((50, 0.6), (100, 0.81), (150, 0.7), (200, 0.62)):
+        watcher.update({"step": step, "loss": 0.5, "heldout_implicit_acc": acc})
+    assert watcher.warnings == ["step 200: held-out implicit accuracy fell from 0.81 (step 100) to 0.62; the run is "
+                                "past its best: fewer steps (train.max_steps=100) or a lower optim.lr would do better"]
+
+
+@pytest.fixture
+def flipped(tmp_path):
+    """4 training pairs and the same pairs with winner and loser swapped, as held-out pairs that disagree."""
+    path = write_pairs_jsonl(tmp_path / "pairs", n=4, size=32, seed=4)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    other = path.with_name("flipped.jsonl")
+    other.write_text("".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n" for r in rows))
+    return path, other
+
+
+def test_held_out_statistics_are_logged_and_start_neutral(tiny_sd15, make_config, flipped):
+    train_pairs, held = flipped
+    trainer = Trainer(make_config(tiny_sd15, f"data.dataset={train_pairs}", f"data.eval_pairs={train_pairs}",
+                                  "train.max_steps=3", "train.heldout_every=2"))
+    start = trainer.heldout.measure(trainer.backbone.unet)  # LoRA starts as the identity: policy == reference
+    assert start == {"heldout_implicit_acc": 0.5, "heldout_ranking_acc": pytest.approx(start["heldout_ranking_acc"]),
+                     "heldout_margin": 0.0, "heldout_drift": 0.0}
+    result = trainer.train()
+    saved = json.loads((result.output_dir / "metrics.json").read_text())
+    measured = [m["step"] for m in saved if "heldout_implicit_acc" in m]
+    assert measured == [2, 3] and saved[-1]["heldout_drift"] > 0  # every 2 steps, and the last
+
+
+def test_a_run_built_to_overfit_is_warned_about(tiny_sd15, make_config, flipped, caplog, monkeypatch):
+    # Built to overfit: every step sees the same timesteps and noise (the feed's generator pinned), so the policy
+    # memorises that one draw. The held-out measurement of the same pairs, at its own timesteps and noise, shows
+    # what was learned about the preference itself: nothing (0.25), while the training pairs read 1.00.
+    from diffalign.training.pairs import PairFeed
+
+    monkeypatch.setattr(PairFeed, "_generator", lambda self, micro_step: torch.Generator().manual_seed(0))
+    train_pairs, _ = flipped
+    result = train(make_config(tiny_sd15, f"data.dataset={train_pairs}", f"data.eval_pairs={train_pairs}",
+                               "optim.lr=3e-3", "train.batch_size=4", "train.max_steps=40", "train.heldout_every=10",
+                               "data.caption_dropout=0", "optim.warmup_steps=0"))
+    last = result.history[-1]
+    assert last["implicit_acc"] == 1.0 and last["heldout_implicit_acc"] < 0.6, last
+    assert any("overfitting: training pairs at implicit accuracy 1.00" in w for w in result.warnings), result.warnings
+    assert "overfitting" in caplog.text
