@@ -125,6 +125,23 @@ def _labels_to_pairs(args: argparse.Namespace) -> None:
     print(labels_to_pairs(args.folder, args.labels, args.out, unpaired=args.unpaired))
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from .sweep import run_sweep, sweep_table
+
+    axes = {name: getattr(args, name).split(",") for name in ("lr", "beta", "max_steps") if getattr(args, name)}
+    for item in args.grid:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise ArgumentError(f"--grid {item!r}: expected KEY=V1,V2,... e.g. --grid lora.rank=4,8")
+        axes[key] = values.split(",")
+    if not axes:
+        raise ArgumentError("sweep: give at least one axis (--lr, --beta, --max-steps or --grid KEY=V1,V2)")
+    trials, best = run_sweep(args.config, axes, args.eval_pairs, args.out, args.set, args.reward, args.prompts,
+                             args.seeds, args.sampling, args.pick)
+    print(sweep_table(trials, best))
+    print(f"best: {best.name} {best.values}\n{Path(args.out) / 'best.yaml'}")
+
+
 def _eval(args: argparse.Namespace) -> None:
     from .evaluation.evaluate import evaluate
     from .evaluation.report import summary_text
@@ -290,6 +307,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output .jsonl in FOLDER or a folder above it (default: "
                                                "FOLDER/human_pairs.jsonl, or FOLDER/human_unpaired.jsonl)")
     p.set_defaults(func=_labels_to_pairs)
+
+    p = add("sweep", help="a small grid over lr / beta / steps (or any key) picked by held-out pairs, or by a "
+                          "reward's win rate; resumable")
+    p.add_argument("--config", "-c", help="YAML recipe: a file or a shipped recipe's name")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every trial")
+    p.add_argument("--eval-pairs", required=True, help="held-out pairs (never trained on) whose implicit accuracy "
+                   "picks the setting when no --reward is given")
+    p.add_argument("--lr", help="learning rates, comma-separated (optim.lr)")
+    p.add_argument("--beta", help="β values, comma-separated (objective.beta)")
+    p.add_argument("--max-steps", help="training step counts, comma-separated (train.max_steps)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="another axis (repeatable)")
+    p.add_argument("--pick", default="loss", choices=["loss", "margin", "implicit_acc"],
+                   help="the held-out signal to pick by without --reward: the held-out DPO loss (lowest), margin or "
+                        "implicit accuracy (highest)")
+    p.add_argument("--reward", help="pick by this head's win rate vs the base on --prompts instead")
+    p.add_argument("--prompts", help="held-out prompts for the win rate (.txt or .jsonl)")
+    p.add_argument("--seeds", type=int, default=4, help="seeds per prompt for the win rate")
+    add_sampling_arguments(p, seed_policy="shared", helps={"steps": "denoising steps of the win-rate images"})
+    p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    p.set_defaults(func=_sweep)
 
     p = add("eval", help="base vs aligned images on the same prompts and seeds, scored; report.json/html")
     _reward_args(p)

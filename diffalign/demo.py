@@ -38,10 +38,12 @@ class Budget:
     sample_steps: int = tb.SAMPLING.steps  # denoising steps for pairs and evaluation
     eval_seeds: int = 8  # seeds per held-out prompt in the evaluation
     train_steps: int | None = None  # None: the recipe's train.max_steps
+    seed: int = 0  # of the whole pipeline: the pairs' images, training (train.seed) and the evaluation's seeds
 
-    def sampling(self, **changes) -> Sampling:
-        """The testbed's sampling at this budget's steps."""
-        return dataclasses.replace(tb.SAMPLING, steps=self.sample_steps, **changes)
+    def sampling(self, offset: int = 0, **changes) -> Sampling:
+        """The testbed's sampling at this budget's steps, seeded ``offset`` past this budget's seed (seed 0: the
+        seeds every earlier measurement used)."""
+        return dataclasses.replace(tb.SAMPLING, steps=self.sample_steps, seed=self.seed * 1_000_003 + offset, **changes)
 
 
 FULL = Budget()
@@ -77,14 +79,15 @@ def make_testbed_pairs(out: Path, reward: str, budget: Budget, adapter: str | No
     make_pairs(str(tb.testbed_path()), train_prompts, heads, out / "pairs", pairing="thumbs", **kwargs)
     train = make_pairs(str(tb.testbed_path()), train_prompts, heads, out / "pairs", **kwargs)  # the same images
     held = make_pairs(str(tb.testbed_path()), held_prompts, heads, out / "held_out_pairs", per_prompt=budget.per_prompt,
-                      sampling=budget.sampling(seed=10_000))
+                      sampling=budget.sampling(10_000))
     return str(train), str(held)
 
 
 def train_on_testbed(out: Path, objective: str, pairs: str, budget: Budget, reward: str, prompts: Path,
-                     overrides: list[str] = ()):
+                     overrides: list[str] = (), eval_pairs: str | None = None):
     """Train the shipped recipe ``testbed-<objective>`` from the testbed into ``out / "adapter"``: from ``pairs``,
-    or, for an online objective (D3PO, DDPO, GRPO), on ``prompts`` with ``reward``."""
+    or, for an online objective (D3PO, DDPO, GRPO), on ``prompts`` with ``reward``; ``eval_pairs`` are measured
+    during training (``heldout_*`` metrics)."""
     from .registry import objective_class
     from .training.trainer import train
 
@@ -98,6 +101,10 @@ def train_on_testbed(out: Path, objective: str, pairs: str, budget: Budget, rewa
         base.append(f"data.dataset={pairs}")
     if budget.train_steps is not None:
         base.append(f"train.max_steps={budget.train_steps}")
+    if budget.seed:
+        base.append(f"train.seed={budget.seed}")
+    if eval_pairs:
+        base.append(f"data.eval_pairs={eval_pairs}")
     return train(load_config(recipe_path(f"testbed-{objective.replace('_', '-')}"), base + list(overrides)))
 
 
@@ -131,10 +138,12 @@ def align_and_evaluate(out: Path, objective: str, reward: str, budget: Budget, p
     with accuracies on the held-out pairs; timed."""
     start = time.time()
     prompts, _ = write_prompt_files(out / "prompts", budget)
-    result = train_on_testbed(out, objective, pairs[0], budget, reward, prompts, overrides)
+    result = train_on_testbed(out, objective, pairs[0], budget, reward, prompts, overrides, eval_pairs=pairs[1])
     trained = time.time() - start
     summary = evaluate_on_testbed(out, result.output_dir, reward, budget, pairs[1])
     last = result.history[-1] if result.history else {}
+    summary["heldout"] = {k: v for k, v in last.items() if k.startswith("heldout_")}
+    summary["warnings"] = result.warnings
     summary.update(objective=objective, steps=result.steps, train_seconds=trained, adapter=str(result.output_dir),
                    images_sampled=int(sum(h.get("samples", 0) for h in result.history)),
                    final_loss=last.get("loss"), seconds=time.time() - start)

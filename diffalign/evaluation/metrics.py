@@ -47,6 +47,9 @@ def win_rate(candidate: Sequence[float], baseline: Sequence[float], higher_is_be
     return WinRate(rate, *wilson_interval(rate, n), wins, ties, n)
 
 
+HELD_OUT_BETA = 5000.0  # Diffusion-DPO's default β (our ½ convention), whatever the run's objective
+
+
 @torch.no_grad()
 def encode_pairs(backbone, pairs, batch_size: int = 4) -> list[dict]:
     """The encoded batches (latents of both images, conditioning, geometry; on the CPU) of held-out ``pairs`` (a
@@ -65,13 +68,15 @@ def pair_statistics(backbone, encoded: list[dict], resolution: int,
     the reference is the same UNet with adapters off), their mean implicit margin ``mean_t h`` with
     ``h = (e_ref^w - e_ref^l) - (e_θ^w - e_θ^l)`` (×1000, per-pixel MSE units), and the policy's drift from the
     reference, ``mean over images and t of mean (pred_θ - pred_ref)²`` (×1000): the KL-like distance the adapter
-    has moved. Every pair sees the same (t, ε) for a given ``seed``."""
+    has moved, and the Diffusion-DPO loss of the held-out pairs at β = :data:`HELD_OUT_BETA` (log 2 at the start;
+    it rewards moving toward held-out winners and punishes moving away, where accuracy only counts signs). Every
+    pair sees the same (t, ε) for a given ``seed``."""
     from ..data.dataset import batch_conditioning
     from ..lora import reference_mode
 
     unet = unet or backbone.unet
     g = torch.Generator().manual_seed(seed)
-    ranking, implicit, margin, drift, n = 0.0, 0.0, 0.0, 0.0, 0
+    ranking, implicit, margin, drift, loss, n = 0.0, 0.0, 0.0, 0.0, 0.0, 0
     for enc in encoded:
         z = torch.cat([enc["latents_w"], enc["latents_l"]]).to(device, torch.float32)
         cond = batch_conditioning(backbone, enc, resolution).repeat(2).to(device)
@@ -94,11 +99,12 @@ def pair_statistics(backbone, encoded: list[dict], resolution: int,
         ranking += ((pw < pl).float() + 0.5 * (pw == pl).float()).sum().item()
         implicit += ((inside > 0).float() + 0.5 * (inside == 0).float()).sum().item()
         margin += inside.sum().item() / len(timesteps)
+        loss += torch.nn.functional.softplus(-0.5 * HELD_OUT_BETA * inside / len(timesteps)).sum().item()
         n += b
     if n == 0:
         raise ValueError("no held-out pairs to measure")
     return {"ranking_accuracy": ranking / n, "implicit_accuracy": implicit / n, "pairs": float(n),
-            "margin": 1000 * margin / n, "drift": 1000 * drift / (2 * n * len(timesteps))}
+            "margin": 1000 * margin / n, "drift": 1000 * drift / (2 * n * len(timesteps)), "loss": loss / n}
 
 
 def pair_accuracies(backbone, pairs, resolution: int, timesteps: Sequence[int] = (100, 300, 500, 700, 900),

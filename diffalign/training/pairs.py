@@ -47,8 +47,9 @@ class PairFeed:
         if cfg.cache.enabled:
             root = Path(cfg.cache.dir) if cfg.cache.dir else None
             cache = cache_folder(model_fingerprint(m.pretrained, m.vae, m.revision), raw, cfg.cache.dtype, root)
-        # With a complete cache and nothing to validate, the text encoders are never loaded at all.
-        need_text = cache is None or not is_complete(cache) or bool(cfg.train.validation_prompts)
+        # With a complete cache and nothing to validate or measure, the text encoders are never loaded at all.
+        need_text = cache is None or not is_complete(cache) or bool(cfg.train.validation_prompts) \
+            or bool(cfg.data.eval_pairs)
         self.backbone = Backbone.load(m.pretrained, m.vae, m.prediction_type, m.revision, weight_dtype,
                                       text_encoders=need_text)
         self.objective = objective_cls(cfg.objective.options, num_timesteps=self.backbone.scheduler.config.num_train_timesteps)

@@ -56,7 +56,7 @@ class HeldOutPairs:
         finally:
             unet.train(was_training)
         return {"heldout_implicit_acc": stats["implicit_accuracy"], "heldout_ranking_acc": stats["ranking_accuracy"],
-                "heldout_margin": stats["margin"], "heldout_drift": stats["drift"]}
+                "heldout_margin": stats["margin"], "heldout_drift": stats["drift"], "heldout_loss": stats["loss"]}
 
 
 class RunWatcher:

@@ -1,0 +1,204 @@
+"""``diffalign sweep``: a small grid search over a recipe's settings (learning rate, β, steps, or any key) for a
+user's own data, picking by a signal that needs no reward model and never sees the test prompts.
+
+Every trial trains the recipe with its grid point into ``OUT/trial-NN/run`` while measuring held-out pairs
+(``data.eval_pairs``: pairs the run never trains on). The pick, without a reward: the highest final held-out
+implicit accuracy (the policy moved toward the held-out winners relative to the reference), ties broken by the
+held-out margin. With a reward (``reward`` + ``prompts``): the highest win rate against the base on those prompts
+(``diffalign eval``'s), and the table also gives the rank correlation between the two signals over the grid.
+
+Resumable: a finished trial's ``trial.json`` is read back (the grid point must match); an interrupted one resumes
+from its last checkpoint. Writes ``sweep.json`` (every trial), ``best.yaml`` (the chosen trial's config, which
+repeats its run) and prints a table.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, load_config
+from .files import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+SHORT = {"lr": "optim.lr", "beta": "objective.beta", "max_steps": "train.max_steps"}
+# The held-out signals a pick without a reward can maximise: the held-out Diffusion-DPO loss (lowest), the mean
+# held-out margin (highest), or the implicit accuracy (highest; ties by margin). Accuracy only counts signs, so a
+# learning rate too small to change any image still scores 1.0 when its tiny moves point the right way.
+PICKS = ("loss", "margin", "implicit_acc")
+
+
+@dataclass
+class Trial:
+    """One grid point, what training measured on the held-out pairs and (with a reward) its win rate."""
+
+    index: int
+    values: dict[str, Any]
+    heldout: dict[str, float] = field(default_factory=dict)
+    win_rate: float | None = None
+    minutes: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"trial-{self.index:02d}"
+
+    def signal(self, pick: str = "loss") -> tuple[float, ...]:
+        """What the pick without a reward maximises (see :data:`PICKS`)."""
+        h, low = self.heldout, float("-inf")
+        if pick == "loss":
+            return (-h.get("heldout_loss", float("inf")),)
+        if pick == "margin":
+            return (h.get("heldout_margin", low),)
+        return (h.get("heldout_implicit_acc", low), h.get("heldout_margin", low))
+
+
+def grid(axes: dict[str, list]) -> list[dict[str, Any]]:
+    """Every combination of the axes' values, the first axis slowest: ``{"optim.lr": [1, 2]}`` x ... ."""
+    for key, values in axes.items():
+        if not values:
+            raise ConfigError(f"sweep axis {key}: no values")
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation of two equally long lists (average ranks for ties); NaN when one is constant."""
+    def ranks(xs: list[float]) -> list[float]:
+        order = sorted(range(len(xs)), key=xs.__getitem__)
+        out, i = [0.0] * len(xs), 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    sa, sb = sum((x - ma) ** 2 for x in ra) ** 0.5, sum((y - mb) ** 2 for y in rb) ** 0.5
+    return cov / (sa * sb) if sa and sb else float("nan")
+
+
+def check_pick(pick: str) -> str:
+    if pick not in PICKS:
+        raise ConfigError(f"--pick {pick!r}: choose one of {', '.join(PICKS)}")
+    return pick
+
+
+def choose(trials: list[Trial], by_reward: bool, pick: str = "loss") -> Trial:
+    """The best trial: by win rate with a reward, else by the held-out signal ``pick``."""
+    check_pick(pick)
+    return max(trials, key=(lambda t: (t.win_rate, *t.signal(pick))) if by_reward else (lambda t: t.signal(pick)))
+
+
+def _train_trial(recipe: str | None, overrides: list[str], trial: Trial, folder: Path, eval_pairs: str):
+    from .training import checkpoint as ckpt
+    from .training.trainer import train
+
+    run = folder / "run"
+    resume = ["train.resume=latest"] if ckpt.list_checkpoints(run) else ["train.overwrite=true"]
+    values = [f"{k}={v}" for k, v in trial.values.items()]
+    cfg = load_config(recipe, [*overrides, *values, f"train.output_dir={run}", f"data.eval_pairs={eval_pairs}", *resume])
+    if Path(cfg.data.dataset).resolve() == Path(eval_pairs).resolve():
+        raise ConfigError(f"--eval-pairs {eval_pairs} is the training data; hold out pairs the runs never train on")
+    return cfg, train(cfg)
+
+
+def run_sweep(recipe: str | None, axes: dict[str, list], eval_pairs: str, out: str | Path,
+              overrides: list[str] = (), reward: str | None = None, prompts: str | None = None,
+              seeds: int = 4, sampling=None, pick: str = "loss") -> tuple[list[Trial], Trial]:
+    """Train every grid point of ``axes`` (config keys to values) and pick the best (see the module doc).
+    Returns every trial and the chosen one."""
+    out = Path(out)
+    check_pick(pick)  # a bad --pick fails before anything trains
+    if not Path(eval_pairs).exists():
+        raise FileNotFoundError(f"--eval-pairs {eval_pairs}: no such file or folder")
+    if bool(reward) != bool(prompts):
+        raise ConfigError("sweep: --reward and --prompts go together (the win rate needs both)")
+    axes = {SHORT.get(k, k): v for k, v in axes.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    trials = []
+    for index, values in enumerate(grid(axes)):
+        trial, folder = Trial(index, values), out / f"trial-{index:02d}"
+        record = folder / "trial.json"
+        if record.is_file():
+            saved = json.loads(record.read_text())
+            if saved["values"] != values:
+                raise ConfigError(f"{record}: made for {saved['values']}, not {values}; use a new --out for another grid")
+            trials.append(Trial(**saved))
+            log.info("%s: done earlier", trial.name)
+            continue
+        start = time.time()
+        cfg, result = _train_trial(recipe, list(overrides), trial, folder, eval_pairs)
+        last = result.history[-1] if result.history else {}
+        trial.heldout = {k: v for k, v in last.items() if k.startswith("heldout_")}
+        trial.warnings = result.warnings
+        if reward:
+            trial.win_rate = _win_rate(cfg, result.output_dir, reward, prompts, seeds, sampling, out, folder)
+        trial.minutes = (time.time() - start) / 60
+        atomic_write_text(record, json.dumps(trial.__dict__, indent=1) + "\n")
+        trials.append(trial)
+    best = choose(trials, by_reward=bool(reward), pick=pick)
+    chosen = load_config(out / best.name / "run" / "config.yaml")
+    chosen.train.resume, chosen.train.overwrite = "", False  # a fresh run of the chosen setting
+    chosen.train.output_dir = str(out / "best")
+    atomic_write_text(out / "best.yaml", chosen.to_yaml())
+    atomic_write_text(out / "sweep.json", json.dumps({"axes": axes, "best": best.name,
+                                                      "trials": [t.__dict__ for t in trials]}, indent=1) + "\n")
+    return trials, best
+
+
+def _win_rate(cfg, adapter: Path, reward: str, prompts: str, seeds: int, sampling, out: Path, folder: Path) -> float:
+    """The adapter's win rate against the base under ``reward`` on ``prompts`` (the base's images are drawn once for
+    the whole sweep and copied into each trial's evaluation)."""
+    from .evaluation.evaluate import evaluate
+    from .rewards import load_reward
+    from .sampling.settings import Sampling
+
+    base_images = out / "base_images"
+    if base_images.is_dir():
+        shutil.copytree(base_images, folder / "eval" / "images" / "base", dirs_exist_ok=True)
+    report = evaluate(cfg.model.pretrained, [adapter], prompts, {reward: load_reward(reward)}, folder / "eval",
+                      seeds=seeds, sampling=sampling or Sampling(seed_policy="shared"))
+    if not base_images.is_dir():
+        shutil.copytree(folder / "eval" / "images" / "base", base_images)
+    aligned = next(name for name in report["images"] if name != "base")
+    return report["win_rates"][aligned][reward]["rate"]
+
+
+def sweep_table(trials: list[Trial], best: Trial) -> str:
+    """The sweep as a markdown table, the chosen row marked; with a reward, how well each held-out signal ranks
+    the trials (Spearman with the win rate) and what its pick would have won."""
+    keys = list(trials[0].values)
+    with_reward = any(t.win_rate is not None for t in trials)
+    head = [*keys, "held-out loss", "implicit acc", "margin", "drift", *(["win rate"] if with_reward else []),
+            "minutes", "warnings", ""]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    nan = float("nan")
+    for t in trials:
+        h = t.heldout
+        cells = [*(str(t.values[k]) for k in keys), f"{h.get('heldout_loss', nan):.4f}",
+                 f"{h.get('heldout_implicit_acc', nan):.3f}", f"{h.get('heldout_margin', nan):+.3f}",
+                 f"{h.get('heldout_drift', nan):.3f}", *([f"{t.win_rate:.3f}"] if with_reward else []),
+                 f"{t.minutes:.1f}", str(len(t.warnings)), "**chosen**" if t is best else ""]
+        rows.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(rows) + "\n"
+    if with_reward and len(trials) >= 3:
+        text += "\n"
+        for pick in PICKS:
+            rho = spearman([t.signal(pick)[0] for t in trials], [t.win_rate for t in trials])
+            chosen = choose(trials, by_reward=False, pick=pick)
+            text += (f"- held-out {pick}: Spearman {rho:+.2f} with the win rate; its pick ({chosen.name}) wins "
+                     f"{chosen.win_rate:.3f} (best in the grid {best.win_rate:.3f})\n")
+    return text
