@@ -117,15 +117,7 @@ class PairFeed:
         batch = self.encoded(batch)
         b, dev = self.backbone, self.device
         z_w, z_l = batch["latents_w"].to(dev, torch.float32), batch["latents_l"].to(dev, torch.float32)
-        n = len(z_w)
-        g = self._generator(micro_step)
-        t = torch.randint(0, b.scheduler.config.num_train_timesteps, (n,), generator=g)
-        noise = torch.randn(z_w.shape, generator=g)
-        drop = torch.rand(n, generator=g) < self.cfg.data.caption_dropout
-        t, noise = t.to(dev), noise.to(dev)
-        cond = batch_conditioning(b, batch, self.resolution)
-        if drop.any():
-            cond = cond.where(drop, self.empty_prompt.repeat(n))
+        t, noise, cond = self.draw(batch, z_w.shape, micro_step)
         cond2 = cond.repeat(2).to(dev)
         latents = torch.cat([z_w, z_l])
         t2, noise2 = torch.cat([t, t]), torch.cat([noise, noise])
@@ -144,6 +136,18 @@ class PairFeed:
             lo, hi = self.score_range
             scores = ((batch["scores"].to(dev, torch.float32) - lo) / (hi - lo)).unbind(1)
         return self.objective(PairErrors(model_w, model_l, ref_w, ref_l, *scores))
+
+    def draw(self, batch: dict, shape: torch.Size, micro_step: int) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+        """One timestep and one noise per row of ``shape`` (on the device) and the batch's conditioning with caption
+        dropout applied, all from the generator of ``micro_step``."""
+        g, n = self._generator(micro_step), shape[0]
+        t = torch.randint(0, self.backbone.scheduler.config.num_train_timesteps, (n,), generator=g)
+        noise = torch.randn(shape, generator=g)
+        drop = torch.rand(n, generator=g) < self.cfg.data.caption_dropout
+        cond = batch_conditioning(self.backbone, batch, self.resolution)
+        if drop.any():
+            cond = cond.where(drop, self.empty_prompt.repeat(n))
+        return t.to(self.device), noise.to(self.device), cond
 
     def errors(self, unet, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..config import Config
 from ..data.cache import CachedPairDataset
-from ..data.dataset import RawPairDataset, batch_conditioning
+from ..data.dataset import RawPairDataset
 from ..data.unpaired import load_unpaired
 from ..objectives.base import ImageErrors
 from .pairs import PairFeed
@@ -59,15 +59,7 @@ class UnpairedFeed(PairFeed):
         batch = self.encoded(batch)
         b, dev = self.backbone, self.device
         z = batch["latents_w"].to(dev, torch.float32)
-        n = len(z)
-        g = self._generator(micro_step)
-        t = torch.randint(0, b.scheduler.config.num_train_timesteps, (n,), generator=g)
-        noise = torch.randn(z.shape, generator=g)
-        drop = torch.rand(n, generator=g) < self.cfg.data.caption_dropout
-        t, noise = t.to(dev), noise.to(dev)
-        cond = batch_conditioning(b, batch, self.resolution)
-        if drop.any():
-            cond = cond.where(drop, self.empty_prompt.repeat(n))
+        t, noise, cond = self.draw(batch, z.shape, micro_step)
         x_t = b.scheduler.add_noise(z, noise, t)
         model, ref = self.errors(unet, x_t, t, cond.to(dev), b.target(z, noise, t).float())
         return self.objective(ImageErrors(model, ref, batch["label"].to(dev).bool()))
