@@ -28,7 +28,13 @@ class UnpairedFeed(PairFeed):
         return load_unpaired(cfg.data)
 
     def labels(self) -> torch.Tensor:
-        """Every training image's label (bool [N], True: desirable), in dataset order."""
+        """Every training image's label (bool [N], True: desirable), in dataset order; read once (the dataset does
+        not change after :meth:`ready`), not every epoch."""
+        if getattr(self, "_labels", None) is None:
+            self._labels = self._read_labels()
+        return self._labels
+
+    def _read_labels(self) -> torch.Tensor:
         if isinstance(self.dataset, CachedPairDataset):
             parts = []
             for shard in self.dataset.shards:

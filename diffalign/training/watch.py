@@ -17,9 +17,8 @@ Warnings, each logged once per run (and kept in ``TrainResult.warnings``):
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
-
-import torch
 
 from ..config import Config
 from ..data.dataset import RawPairDataset
@@ -75,7 +74,7 @@ class RunWatcher:
         warnings, also logged."""
         new = []
         step = int(logged["step"])
-        if self.first_loss is None and torch.isfinite(torch.tensor(logged["loss"])):
+        if self.first_loss is None and math.isfinite(logged["loss"]):
             self.first_loss = float(logged["loss"])
         self.recent.append(logged)
         if "heldout_implicit_acc" in logged:
