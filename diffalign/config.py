@@ -46,7 +46,10 @@ class DataConfig:
     caption_dropout: float = _f(0.0, "Probability per pair of training on the empty prompt (both images alike).")
     keep_ties: bool = _f(False, "Keep tied pairs (label_0 not in {0, 1}); they are dropped and counted by default.")
     max_pairs: int | None = _f(None, "Use at most this many pairs (after dropping ties; kto: images); None uses all.")
-    random_flip: bool = _f(True, "Flip pairs horizontally with probability 0.5; fixed per pair so the cache is exact.")
+    random_flip: bool = _f(False, "Flip pairs horizontally with probability 0.5 (fixed per pair so the cache is exact). "
+                                  "Off by default: a flip teaches the mirror image of any preference that is not "
+                                  "mirror-symmetric (position, text, handedness); the Pick-a-Pic recipes turn it on "
+                                  "as the official Diffusion-DPO script does.")
     center_crop: bool = _f(False, "Center crop instead of a random crop (the random crop is fixed per pair).")
     on_bad_image: str = _f("skip", "What to do with undecodable images: 'skip' (counted warning) or 'error'.")
     num_workers: int = _f(0, "DataLoader worker processes when training from raw images.")

@@ -56,8 +56,8 @@ def _is_local(path: str) -> bool:
     return Path(path).exists()
 
 
-def model_kind(pretrained: str, revision: str | None = None) -> str:
-    """``"sdxl"`` or ``"sd15"``, read from the model's ``model_index.json`` (local or hub)."""
+def model_index(pretrained: str, revision: str | None = None) -> dict:
+    """The model's ``model_index.json`` (local or hub) as a dict; a one-line error when there is none."""
     from diffusers import DiffusionPipeline
 
     if not pretrained:
@@ -69,7 +69,12 @@ def model_kind(pretrained: str, revision: str | None = None) -> str:
     except Exception as e:  # hub errors, offline mode, malformed json
         where = "no such folder, and it could not be fetched from the hub" if not _is_local(pretrained) else str(e)
         raise ModelLoadError(f"model.pretrained={pretrained!r}: {where} ({type(e).__name__})") from None
-    return "sdxl" if "text_encoder_2" in index else "sd15"
+    return dict(index)
+
+
+def model_kind(pretrained: str, revision: str | None = None) -> str:
+    """``"sdxl"`` or ``"sd15"``, read from the model's ``model_index.json`` (local or hub)."""
+    return "sdxl" if "text_encoder_2" in model_index(pretrained, revision) else "sd15"
 
 
 def pipeline_class(kind: str):
@@ -135,7 +140,7 @@ class Backbone:
     """Frozen parts of a base model plus its UNet; ``predict`` is the only UNet call the trainer makes."""
 
     def __init__(self, unet, vae, text_encoders, tokenizers, scheduler, kind: str, pretrained: str = "",
-                 prediction_type: str | None = None):
+                 prediction_type: str | None = None, zero_empty_negative: bool | None = None):
         self.unet = unet
         self.vae = vae
         self.text_encoders = list(text_encoders)
@@ -144,6 +149,9 @@ class Backbone:
         self.kind = kind
         self.pretrained = pretrained
         self.prediction_type = prediction_type or scheduler.config.prediction_type
+        # SDXL pipelines default to force_zeros_for_empty_prompt: with no negative prompt the unconditional branch
+        # is all zeros, not the encoded empty string.
+        self.zero_empty_negative = kind == "sdxl" if zero_empty_negative is None else zero_empty_negative
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ModelLoadError(f"prediction_type={self.prediction_type!r} is not supported; use epsilon or v_prediction")
 
@@ -180,7 +188,9 @@ class Backbone:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        kind = model_kind(pretrained, revision)
+        index = model_index(pretrained, revision)
+        kind = "sdxl" if "text_encoder_2" in index else "sd15"
+        zero_empty_negative = kind == "sdxl" and bool(index.get("force_zeros_for_empty_prompt", True))
         kw = dict(revision=revision)
         try:
             scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw)
@@ -204,7 +214,8 @@ class Backbone:
         for m in (unet, vae_model, *encoders):
             m.requires_grad_(False)
             m.eval()
-        return cls(unet, vae_model, encoders, tokenizers, scheduler, kind, pretrained, prediction_type)
+        return cls(unet, vae_model, encoders, tokenizers, scheduler, kind, pretrained, prediction_type,
+                   zero_empty_negative)
 
     # ----- text -----
     @torch.no_grad()
@@ -226,6 +237,15 @@ class Backbone:
             if hasattr(out, "text_embeds"):
                 pooled = out.text_embeds
         return Conditioning(torch.cat(hidden, dim=-1), pooled)
+
+    def encode_negative(self, prompt: str = "", n: int = 1) -> Conditioning:
+        """The unconditional branch of CFG for ``prompt``, ``n`` rows, as the model's stock pipeline builds it: the
+        encoded prompt, except SDXL with ``force_zeros_for_empty_prompt`` and no negative prompt, where it is all
+        zeros (so our samplers draw what ``pipe(prompt)`` draws)."""
+        cond = self.encode_prompt([prompt] * n)
+        if self.zero_empty_negative and not prompt:
+            return Conditioning(torch.zeros_like(cond.prompt_embeds), torch.zeros_like(cond.pooled))
+        return cond
 
     def time_ids(self, geometry: Tensor, resolution: int) -> Tensor | None:
         """SDXL ``add_time_ids`` [B, 6] from per-image ``(orig_h, orig_w, crop_top, crop_left)``."""

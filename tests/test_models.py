@@ -65,3 +65,35 @@ def test_reference_mode_disables_adapters_and_restores_on_error(tiny_sd15):
             raise RuntimeError("boom")
     assert not torch.allclose(policy, ref)
     assert torch.allclose(b.predict(x, t, cond), policy)  # adapters are back on
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+@pytest.mark.parametrize("negative_prompt", ["", "blurry"])
+def test_our_sampler_draws_what_the_stock_pipeline_draws(kind, negative_prompt, request):
+    """The rollout sampler (online objectives, `diffalign sample`) with CFG equals ``pipe(prompt)`` from the same
+    x_T: on SDXL that needs the stock pipeline's zero unconditional branch when there is no negative prompt."""
+    from diffalign.sampling.settings import Sampling
+    from diffalign.sampling.trajectories import ddim_scheduler, sample_rollouts
+
+    path = request.getfixturevalue(f"tiny_{kind}")
+    backbone = Backbone.load(str(path))
+    resolution, prompt = 32, "a red circle"
+    # η must be > 0 for step log-probabilities; at 1e-6 its noise is far below the tolerance.
+    sampling = Sampling(steps=4, guidance=5.0, eta=1e-6, negative_prompt=negative_prompt)
+    cond = backbone.at_resolution(backbone.encode_prompt([prompt]), resolution)
+    negative = backbone.at_resolution(backbone.encode_negative(negative_prompt), resolution)
+    ours = sample_rollouts(backbone, backbone.unet, [prompt], cond, negative, 1, sampling, resolution,
+                           torch.Generator().manual_seed(0), decode=False)
+    pipe = backbone.pipeline_class.from_pretrained(str(path), scheduler=ddim_scheduler(backbone, 4),
+                                                   **({"safety_checker": None} if kind == "sd15" else {}))
+    pipe.set_progress_bar_config(disable=True)
+    stock = pipe(prompt, negative_prompt=negative_prompt or None, latents=ours.latents[:, 0, 0], height=resolution,
+                 width=resolution, num_inference_steps=4, guidance_scale=5.0, eta=0.0, output_type="latent").images
+    torch.testing.assert_close(ours.latents[:, 0, -1], stock.float(), atol=1e-4, rtol=1e-4)
+    embeds = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
+                                negative_prompt=negative_prompt or None)
+    torch.testing.assert_close(negative.prompt_embeds, embeds[1])
+    if kind == "sdxl":
+        torch.testing.assert_close(negative.pooled, embeds[3])
+    if kind == "sdxl" and not negative_prompt:
+        assert torch.count_nonzero(negative.prompt_embeds) == 0 and torch.count_nonzero(negative.pooled) == 0

@@ -58,7 +58,7 @@ def sample_to_folder(base: str, prompts_file: str | Path, out: str | Path, per_p
     backbone.to(device)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "trajectories").mkdir(exist_ok=True)
-    negative = backbone.at_resolution(backbone.encode_prompt([sampling.negative_prompt]), resolution)
+    negative = backbone.at_resolution(backbone.encode_negative(sampling.negative_prompt), resolution)
     entries = []
     for pid, prompt in enumerate(tqdm(prompts, desc="sampling", unit="prompt")):
         entry = {"prompt_id": pid, "prompt": prompt, "trajectory": f"trajectories/p{pid:05d}.safetensors",

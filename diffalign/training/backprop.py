@@ -68,7 +68,8 @@ class RewardBackpropFeed:
         self.sampling = cfg.sampling
         self.eta = cfg.sampling.eta or 0.0
         self.scheduler = ddim_scheduler(self.backbone, cfg.sampling.steps)
-        self.negative = self._encode([cfg.sampling.negative_prompt])
+        self.negative = self.backbone.at_resolution(self.backbone.encode_negative(cfg.sampling.negative_prompt),
+                                                   self.resolution)
         self.rank = accelerator.process_index
         self.guard_baseline: dict[str, float] = {}
         self._metrics: dict[str, float] = {}

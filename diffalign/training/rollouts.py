@@ -108,7 +108,8 @@ class RolloutSource:
         self.backbone, self.resolution, self.rank, self.world, self.gather = backbone, resolution, rank, world, gather
         self.scheduler = ddim_scheduler(backbone, self.steps)
         negative = self.sampling.negative_prompt
-        self.negative = self.stored.negative if self.stored is not None else self._encode([negative])
+        self.negative = self.stored.negative if self.stored is not None else self.backbone.at_resolution(
+            self.backbone.encode_negative(negative), self.resolution)
 
     def _encode(self, prompts: list[str]) -> Conditioning:
         return self.backbone.at_resolution(self.backbone.encode_prompt(prompts), self.resolution)
