@@ -201,7 +201,7 @@ def _reward_args(p: argparse.ArgumentParser) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, reward=args.reward, steps=args.steps)
+    run_demo(Path(args.out), quick=args.quick, reward=args.reward, steps=args.steps, testbed=args.testbed)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -355,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(shape_size, vividness, jpeg_compressibility, ...)")
     p.add_argument("--quick", action="store_true", help="a smoke run in under a minute (few prompts, steps, seeds)")
     p.add_argument("--steps", type=int, default=None, help="override train.max_steps")
+    p.add_argument("--testbed", choices=["sd15", "sdxl"], default="sd15",
+                   help="the testbed model's architecture (both draw the same scenes)")
     p.set_defaults(func=_demo)
     return parser
 

@@ -25,7 +25,9 @@ from torch import Tensor
 
 from .sampling.settings import Sampling
 
-TESTBED_DIR = Path(str(resources.files("diffalign.resources") / "testbed"))
+# One testbed per architecture, trained alike on the same scenes (scripts/make_testbed.py --arch).
+TESTBED_DIRS = {"sd15": Path(str(resources.files("diffalign.resources") / "testbed")),
+                "sdxl": Path(str(resources.files("diffalign.resources") / "testbed_sdxl"))}
 RESOLUTION = 32
 
 SHAPE_COLOURS = {"red": (220, 40, 40), "green": (40, 180, 50), "blue": (40, 70, 230),
@@ -40,11 +42,15 @@ MASK_THRESHOLD = 0.15  # RGB distance (in [0, 1] units) from the background that
 SAMPLING = Sampling(steps=20, guidance=5.0)
 
 
-def testbed_path() -> Path:
-    """The committed testbed pipeline folder (an error naming the script that makes it when missing)."""
-    if not (TESTBED_DIR / "model_index.json").is_file():
-        raise FileNotFoundError(f"testbed model not found in {TESTBED_DIR}; make it with scripts/make_testbed.py")
-    return TESTBED_DIR
+def testbed_path(kind: str = "sd15") -> Path:
+    """The committed testbed pipeline folder of architecture ``kind`` (``"sd15"`` or ``"sdxl"``); an error naming
+    the script that makes it when missing."""
+    if kind not in TESTBED_DIRS:
+        raise ValueError(f"testbed kind {kind!r}: expected one of {sorted(TESTBED_DIRS)}")
+    folder = TESTBED_DIRS[kind]
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"testbed model not found in {folder}; make it with scripts/make_testbed.py --arch {kind}")
+    return folder
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
     python scripts/bench_alignment.py --out runs/bench_alignment                 # all eight, shape_size
     python scripts/bench_alignment.py --objectives dpo,mapo --reward vividness
 
-From the same base (the shipped testbed, ``diffalign/resources/testbed``) and the same reward-labelled pairs (``make-pairs``: 8 images per
+From the same base (the shipped testbed, ``diffalign/resources/testbed``, or with ``--testbed sdxl`` its SDXL twin) and the same reward-labelled pairs (``make-pairs``: 8 images per
 training prompt, best vs worst under ``--reward``), each objective trains its shipped ``testbed-*`` recipe
 (the online ones, D3PO, DDPO, GRPO and reward backprop, sample their own images and score them with the same
 reward) and is evaluated on the held-out
@@ -19,6 +19,7 @@ Prints a markdown table (and writes ``results.json`` and ``results.md`` under ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -64,8 +65,9 @@ def main() -> None:
     parser.add_argument("--reward", default="shape_size", help="target reward (a programmatic testbed reward)")
     parser.add_argument("--set", action="append", default=[], metavar="OBJECTIVE:KEY=VALUE",
                         help="config override for one objective, e.g. dpo:optim.lr=1e-4 (repeatable)")
+    parser.add_argument("--testbed", choices=("sd15", "sdxl"), default="sd15", help="the testbed model's architecture")
     args = parser.parse_args()
-    out, budget = Path(args.out), FULL
+    out, budget = Path(args.out), dataclasses.replace(FULL, testbed=args.testbed)
     overrides: dict[str, list[str]] = {}
     for item in args.set:
         name, _, override = item.partition(":")

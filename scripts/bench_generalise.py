@@ -37,13 +37,14 @@ from diffalign.sweep import spearman  # noqa: E402
 
 REPORT_REWARDS = ("left_position", "centredness", "edge_sharpness")
 OFFLINE = ("dpo", "mapo", "inpo", "smpo", "kto")
+ONLINE = ("d3po", "ddpo", "grpo", "reward_backprop")
 TARGET_WIN, TARGET_DROP, TARGET_MINUTES = 0.70, 0.05, 15.0
 
 
 def summarise(results: list[dict]) -> str:
     lines = ["| objective | reward | seeds | mean win rate (min-max) | guard change, points | minutes | target met |",
              "|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["objective"], r["reward"]) for r in results}, key=lambda k: (OFFLINE + (k[0],)).index(k[0]))
+    keys = sorted({(r["objective"], r["reward"]) for r in results}, key=lambda k: (OFFLINE + ONLINE + (k[0],)).index(k[0]))
     for name, reward in keys:
         runs = [r for r in results if r["objective"] == name and r["reward"] == reward]
         wins = [r["win_rate"]["rate"] for r in runs]
@@ -65,17 +66,24 @@ def summarise(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/generalise", help="output folder")
-    parser.add_argument("--objectives", default=",".join(OFFLINE), help="comma-separated objectives")
+    parser.add_argument("--objectives", default=",".join(OFFLINE + ONLINE), help="comma-separated objectives")
     parser.add_argument("--rewards", default=",".join(REPORT_REWARDS), help="comma-separated testbed rewards")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the whole pipeline")
+    parser.add_argument("--testbed", choices=("sd15", "sdxl"), default="sd15", help="the testbed model's architecture")
+    parser.add_argument("--set", action="append", default=[], metavar="OBJECTIVE:KEY=VALUE",
+                        help="config override for one objective, e.g. dpo:optim.lr=1e-4 (repeatable)")
     args = parser.parse_args()
+    overrides: dict[str, list[str]] = {}
+    for item in args.set:
+        name, _, override = item.partition(":")
+        overrides.setdefault(name, []).append(override)
     out = Path(args.out)
     record = out / "results.json"
     results = json.loads(record.read_text()) if record.is_file() else []
     done = {(r["objective"], r["reward"], r["seed"]) for r in results}
     for seed in map(int, args.seeds.split(",")):
         for reward in args.rewards.split(","):
-            budget = dataclasses.replace(FULL, seed=seed)
+            budget = dataclasses.replace(FULL, seed=seed, testbed=args.testbed)
             shared = out / f"{reward}-seed{seed}"
             start = time.time()
             pairs = make_testbed_pairs(shared / "shared", reward, budget)
@@ -89,7 +97,7 @@ def main() -> None:
                 base_images = shared / "shared" / "base_images"
                 if base_images.is_dir():
                     shutil.copytree(base_images, run / "eval" / "images" / "base", dirs_exist_ok=True)
-                r = align_and_evaluate(run, name, reward, budget, pairs)
+                r = align_and_evaluate(run, name, reward, budget, pairs, overrides.get(name, []))
                 if not is_online(name):  # making the pairs is part of an offline run, as in bench_alignment
                     r["seconds"] += pair_seconds
                 if not base_images.is_dir():

@@ -40,28 +40,83 @@ SCHEDULE = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_tr
                 prediction_type="v_prediction")
 
 
-def build_models(tokenizer_dir: Path):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def _text_encoder(with_projection: bool, layers: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    tokenizer_config = tokenizer_dir / "tokenizer_config.json"
-    cfg = json.loads(tokenizer_config.read_text())
-    tokenizer_config.write_text(json.dumps({**cfg, "model_max_length": MAX_TOKENS}))
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
         max_position_embeddings=MAX_TOKENS, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        projection_dim=64, hidden_act="quick_gelu"))
+        projection_dim=64, hidden_act="quick_gelu")
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _tokenizer(folder: Path, pad_token: str):
+    from transformers import CLIPTokenizer
+
+    write_clip_tokenizer(folder, pad_token=pad_token)
+    config = folder / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": MAX_TOKENS}))
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+class TextSide:
+    """The tokenizer(s) and text encoder(s) of one architecture, and how its stock pipeline turns a prompt into
+    the UNet's conditioning, so that training conditions the UNet exactly as sampling will.
+
+    SD1.5: the encoder's last hidden state; the empty prompt is the unconditional branch. SDXL: both encoders'
+    penultimate hidden states concatenated, encoder 2's pooled projection and the six time ids; the unconditional
+    branch is all zeros (the pipeline's ``force_zeros_for_empty_prompt``), so dropped captions are zeros here."""
+
+    def __init__(self, arch: str, tokenizers: list, encoders: list):
+        self.arch, self.tokenizers, self.encoders = arch, tokenizers, encoders
+
+    def tokens(self, texts: list[str]) -> torch.Tensor:
+        """Token ids [N, encoders, MAX_TOKENS]."""
+        return torch.stack([tok(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                                return_tensors="pt").input_ids for tok in self.tokenizers], dim=1)
+
+    def condition(self, tokens: torch.Tensor, dropped: torch.Tensor, encoders: list | None = None) -> dict:
+        """UNet keyword arguments for ``tokens``; rows where ``dropped`` is true get the unconditional branch."""
+        encoders = encoders or self.encoders
+        if self.arch == "sd15":
+            tokens = tokens[:, 0].clone()
+            tokens[dropped] = self.tokens([""])[0, 0]
+            return {"encoder_hidden_states": encoders[0](tokens)[0]}
+        first = encoders[0](tokens[:, 0], output_hidden_states=True)
+        second = encoders[1](tokens[:, 1], output_hidden_states=True)
+        keep = (~dropped).float()
+        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1) * keep[:, None, None]
+        time_ids = torch.tensor([tb.RESOLUTION, tb.RESOLUTION, 0, 0, tb.RESOLUTION, tb.RESOLUTION]).float()
+        return {"encoder_hidden_states": hidden, "added_cond_kwargs": {
+            "text_embeds": second.text_embeds * keep[:, None], "time_ids": time_ids.expand(len(tokens), 6)}}
+
+
+def build_models(tokenizer_dir: Path, arch: str = "sd15"):
+    """(TextSide, VAE, UNet) of the testbed in ``arch``: the same VAE and UNet widths for both; SDXL adds a second
+    text encoder with a projection (pooled embedding) and the UNet's text-time embedding."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    # Cross-attention at 8x8 and in the middle block; plain ResNet blocks at 16x16 keep a step at ~0.4 s.
+    blocks = dict(sample_size=tb.RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1,
+                  block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=8)
+    # Built in this order (text, VAE, UNet) so that a seed reproduces the committed model. SDXL reads the
+    # penultimate layer of both encoders, so each has three (encoder 1's last one goes unused, as in SDXL);
+    # tokenizer 2 pads with "!" as SDXL's does.
+    if arch == "sd15":
+        text = TextSide(arch, [_tokenizer(tokenizer_dir / "tokenizer", "<|endoftext|>")], [_text_encoder(False, 2)])
+    else:
+        text = TextSide(arch, [_tokenizer(tokenizer_dir / "tokenizer", "<|endoftext|>"),
+                               _tokenizer(tokenizer_dir / "tokenizer_2", "!")], [_text_encoder(False, 3), _text_encoder(True, 3)])
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         mid_block_add_attention=False, sample_size=tb.RESOLUTION)
-    # Cross-attention at 8x8 and in the middle block; plain ResNet blocks at 16x16 keep a step at ~0.4 s.
-    unet = UNet2DConditionModel(
-        sample_size=tb.RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64, attention_head_dim=8)
-    return tokenizer, text_encoder, vae, unet
+    if arch == "sd15":
+        return text, vae, UNet2DConditionModel(cross_attention_dim=64, **blocks)
+    unet = UNet2DConditionModel(cross_attention_dim=128, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=6 * 8 + 64, use_linear_projection=True, **blocks)
+    return text, vae, unet
 
 
 def render_dataset(prompts: list[str], n: int, seed: int) -> tuple[torch.Tensor, list[int]]:
@@ -111,29 +166,31 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p, 1 - decay)
 
 
-def train_denoiser(unet, text_encoder, latents, ids, empty_ids, steps, batch, gen, check=None):
-    """v prediction on ``latents`` (already scaled), text encoder and UNet together; returns the EMA copies."""
+def train_denoiser(unet, text: TextSide, latents, ids, steps, batch, gen, check=None):
+    """v prediction on ``latents`` (already scaled), text encoder(s) and UNet together; returns the EMA copies."""
     from diffusers import DDPMScheduler
 
     noise_schedule = DDPMScheduler(**SCHEDULE)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters()) + [p for enc in text.encoders for p in enc.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, steps))
-    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    ema_text = [copy.deepcopy(enc).requires_grad_(False) for enc in text.encoders]
     t0, running = time.time(), None
     for step in range(steps):
         idx = torch.randint(len(latents), (batch,), generator=gen)
-        z0, tokens = latents[idx], ids[idx].clone()
-        tokens[torch.rand(batch, generator=gen) < 0.1] = empty_ids  # caption dropout for CFG
+        z0, dropped = latents[idx], torch.rand(batch, generator=gen) < 0.1  # caption dropout for CFG
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, SCHEDULE["num_train_timesteps"], (batch,), generator=gen)
-        pred = unet(noise_schedule.add_noise(z0, noise, t), t, text_encoder(tokens)[0]).sample
+        pred = unet(noise_schedule.add_noise(z0, noise, t), t, **text.condition(ids[idx], dropped)).sample
         loss = F.mse_loss(pred, noise_schedule.get_velocity(z0, noise, t))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         decay = min(0.999, (1 + step) / (10 + step))
-        ema_update(ema_unet, unet, decay), ema_update(ema_text, text_encoder, decay)
+        ema_update(ema_unet, unet, decay)
+        for ema, enc in zip(ema_text, text.encoders):
+            ema_update(ema, enc, decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 250 == 0 or step == steps - 1:
             extra = check(ema_unet, ema_text) if check and step and step % 1000 == 0 else ""
@@ -141,11 +198,17 @@ def train_denoiser(unet, text_encoder, latents, ids, empty_ids, steps, batch, ge
     return ema_unet, ema_text
 
 
-def make_pipeline(tokenizer, text_encoder, vae, unet):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def make_pipeline(text: TextSide, encoders: list, vae, unet):
+    """The stock pipeline of ``text.arch`` around ``encoders`` (e.g. the EMA copies), with DDIM on the schedule."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     scheduler = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+    if text.arch == "sdxl":
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=text.tokenizers[0],
+            tokenizer_2=text.tokenizers[1], unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+            add_watermarker=False)
+    return StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=text.tokenizers[0], unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
 
@@ -166,30 +229,47 @@ def write_card(out: Path, info: dict) -> None:
     rows = "\n".join(f"| {name} | {held[k]:.3f} | {train[k]:.3f} |" for name, k in [
         ("shape colour", "shape_colour"), ("background colour", "background"), ("both colours", "colour"),
         ("shape class", "shape"), ("all three", "all")])
+    xl = info.get("arch") == "sdxl"
+    architecture = ("Stable Diffusion XL architecture (two CLIP text encoders with the real 49,408-token tokenizer, "
+                    "the second one's pooled projection and the six time ids feeding the UNet's text-time embedding, VAE, "
+                    "UNet with cross-attention)") if xl else (
+                    "Stable Diffusion 1.5 architecture (CLIP text encoder with the real 49,408-token tokenizer, VAE, UNet "
+                    "with cross-attention)")
+    command = f"python scripts/make_testbed.py --seed {info['seed']}" + (
+        f" --arch sdxl --vae {info['vae_from']}" if xl else "")
+    vae_line = (f"VAE: the SD1.5 testbed's (the same AutoencoderKL in both architectures, reused so both testbeds "
+                f"share one latent space), reconstruction MSE {info['vae_mse']:.5f} on 256 training scenes"
+                if info.get("vae_from") else
+                f"VAE (16/32 channels, 4x16x16 latents): {info['vae_steps']} steps of batch {info['vae_batch']}, "
+                f"reconstruction MSE {info['vae_mse']:.5f}") + f" (images in [-1, 1]); latent scaling factor {info['scaling_factor']:.4f}"
+    text_line = ("two text encoders (3 layers, width 64; the UNet reads both penultimate layers, 128 wide, as SDXL "
+                 "does, and encoder 2's 64-wide pooled projection)" if xl else "text encoder (2 layers, width 64)")
+    dropout = "10% of captions dropped to zeros, SDXL's unconditional branch" if xl else "10% empty captions"
+    pipeline = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
+    path_call = 'testbed_path("sdxl")' if xl else "testbed_path()"
     (out / "README.md").write_text(f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
-tags: [diffalign, testbed, stable-diffusion]
+tags: [diffalign, testbed, {"stable-diffusion-xl" if xl else "stable-diffusion"}]
 ---
-# diffalign testbed model
+# diffalign testbed model{" (SDXL architecture)" if xl else ""}
 
-A tiny text-to-image model of the Stable Diffusion 1.5 architecture (CLIP text encoder with the real
-49,408-token tokenizer, VAE, UNet with cross-attention), trained **from scratch on CPU** by
+A tiny text-to-image model of the {architecture}, trained **from scratch on CPU** by
 `scripts/make_testbed.py` on synthetic scenes: one flat shape on a flat background, 32 x 32 px, described as
 "a COLOUR SHAPE on a COLOUR background" ({len(tb.SHAPES)} shapes, {len(tb.SHAPE_COLOURS)} shape colours,
 {len(tb.BACKGROUND_COLOURS)} background colours). Size, position and saturation of the shape are random and
-not in the prompt, which leaves room for the programmatic rewards `shape_size` and `vividness`.
+not in the prompt, which leaves room for the programmatic rewards (`shape_size`, `vividness`, `left_position`,
+`centredness`, `edge_sharpness`).
 It exists so that alignment can be *shown* on a CPU; it is not a general-purpose model.
 
 ## How it was made
-`python scripts/make_testbed.py --seed {info['seed']}` ({info['threads']} threads, {info['minutes']:.1f} minutes in all):
+`{command}` ({info['threads']} threads, {info['minutes']:.1f} minutes in all):
 - data: {info['images']:,} rendered scenes of the {info['train_prompts']} training prompts; the other
   {info['held_out_prompts']} prompts (combinations never seen in training) are held out;
-- VAE (16/32 channels, 4x16x16 latents): {info['vae_steps']} steps of batch {info['vae_batch']}, reconstruction MSE
-  {info['vae_mse']:.5f} (images in [-1, 1]); latent scaling factor {info['scaling_factor']:.4f};
-- text encoder (2 layers, width 64) and UNet (32/64 channels, {info['unet_params'] / 1e6:.2f} M parameters) trained
+- {vae_line};
+- {text_line} and UNet (32/64 channels, {info['unet_params'] / 1e6:.2f} M parameters) trained
   together for {info['steps']} steps of batch {info['batch']} on v prediction (DDPM's linear noise schedule,
-  10% empty captions); the weights are the EMA (decay 0.999).
+  {dropout}); the weights are the EMA (decay 0.999).
 
 ## Prompt following
 Measured with `diffalign.testbed.prompt_following` (the checker reads shape colour by hue, background colour
@@ -205,8 +285,8 @@ The checker itself is exact on rendered scenes (tests/test_testbed.py).
 ## Use
 ```python
 import diffalign.testbed
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained(str(diffalign.testbed.testbed_path()))
+from diffusers import {pipeline}
+pipe = {pipeline}.from_pretrained(str(diffalign.testbed.{path_call}))
 image = pipe("a red circle on a gray background", num_inference_steps=20, guidance_scale=5.0).images[0]
 ```
 """)
@@ -214,7 +294,10 @@ image = pipe("a red circle on a gray background", num_inference_steps=20, guidan
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="diffalign/resources/testbed", help="pipeline folder to write (replaced)")
+    parser.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15", help="model architecture")
+    parser.add_argument("--out", default=None,
+                        help="pipeline folder to write (replaced); default diffalign/resources/testbed[_sdxl]")
+    parser.add_argument("--vae", default=None, help="reuse the VAE of this testbed folder instead of training one")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and training")
     parser.add_argument("--images", type=int, default=40000, help="rendered training scenes")
     parser.add_argument("--vae-steps", type=int, default=1500, help="VAE training steps")
@@ -224,6 +307,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=8, help="seeds per prompt for the final accuracy")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
+    args.out = args.out or ("diffalign/resources/testbed" + ("_sdxl" if args.arch == "sdxl" else ""))
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -233,33 +317,37 @@ def main() -> None:
     print(f"rendering {args.images:,} scenes of {len(train_prompts)} prompts", flush=True)
     images, which = render_dataset(train_prompts, args.images, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer, text_encoder, vae, unet = build_models(write_clip_tokenizer(Path(tmp) / "tokenizer"))
-    print(f"training the VAE ({args.vae_steps} steps)", flush=True)
-    vae_mse = train_vae(vae, images, args.vae_steps, args.vae_batch, gen)
+        text, vae, unet = build_models(Path(tmp), args.arch)
+    if args.vae:  # the same AutoencoderKL in both architectures: reuse a testbed's, scaling factor included
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae, subfolder="vae")
+        with torch.no_grad():
+            x = to_unit(images[:256])
+            vae_mse = F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x).item()
+        print(f"reusing the VAE of {args.vae} (reconstruction MSE {vae_mse:.5f})", flush=True)
+    else:
+        print(f"training the VAE ({args.vae_steps} steps)", flush=True)
+        vae_mse = train_vae(vae, images, args.vae_steps, args.vae_batch, gen)
     vae.eval().requires_grad_(False)
     latents = encode_all(vae, images)
-    scaling = 1 / latents.std().item()
+    scaling = vae.config.scaling_factor if args.vae else 1 / latents.std().item()
     vae.register_to_config(scaling_factor=scaling)
-
-    def tokens(texts: list[str]) -> torch.Tensor:
-        return tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
-
-    ids = tokens(train_prompts)[torch.tensor(which)]
+    ids = text.tokens(train_prompts)[torch.tensor(which)]
 
     def check(ema_unet, ema_text) -> str:
-        acc = measure(make_pipeline(tokenizer, ema_text, vae, ema_unet), held_out, seeds=2)
+        acc = measure(make_pipeline(text, ema_text, vae, ema_unet), held_out, seeds=2)
         return f" held-out: colours {acc['colour']:.2f} shape {acc['shape']:.2f}"
 
-    print(f"training the text encoder and UNet ({args.steps} steps)", flush=True)
-    ema_unet, ema_text = train_denoiser(unet, text_encoder, latents * scaling, ids, tokens([""])[0], args.steps,
-                                        args.batch, gen, check)
-    pipe = make_pipeline(tokenizer, ema_text.eval(), vae, ema_unet.eval())
+    print(f"training the text encoder(s) and UNet ({args.steps} steps)", flush=True)
+    ema_unet, ema_text = train_denoiser(unet, text, latents * scaling, ids, args.steps, args.batch, gen, check)
+    pipe = make_pipeline(text, [e.eval() for e in ema_text], vae, ema_unet.eval())
     out = Path(args.out)
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(staging, safe_serialization=True)
     held, trained = measure(pipe, held_out, args.seeds), measure(pipe, train_prompts[::4], args.seeds)
-    info = dict(seed=args.seed, threads=args.threads, images=args.images, train_prompts=len(train_prompts),
+    info = dict(arch=args.arch, vae_from=args.vae, seed=args.seed, threads=args.threads, images=args.images, train_prompts=len(train_prompts),
                 held_out_prompts=len(held_out), vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_mse=vae_mse,
                 scaling_factor=scaling, steps=args.steps, batch=args.batch, seeds=args.seeds,
                 unet_params=sum(p.numel() for p in unet.parameters()), held_out=held, training=trained,

@@ -26,7 +26,9 @@ def test_wheel_ships_runtime_files(wheel):
                    "diffalign/resources/recipes/testbed-dpo.yaml", "diffalign/resources/prompts/animals.txt",
                    "diffalign/resources/accelerate/ddp.yaml", "diffalign/resources/testbed/model_index.json",
                    "diffalign/resources/labelling/index.html", "diffalign/resources/labelling/label.js",
-                   "diffalign/resources/testbed/unet/diffusion_pytorch_model.safetensors"):
+                   "diffalign/resources/testbed/unet/diffusion_pytorch_model.safetensors",
+                   "diffalign/resources/testbed_sdxl/model_index.json",
+                   "diffalign/resources/testbed_sdxl/text_encoder_2/model.safetensors"):
         assert needed in names, needed
     assert not any(n.startswith(("tests/", "scripts/", "assets/")) for n in names)
 

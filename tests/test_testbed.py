@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from diffalign import testbed as tb
+from diffalign.models import model_kind
 from diffalign.rewards import load_reward, score
 
 
@@ -106,12 +107,16 @@ def test_new_rewards_are_differentiable(name):
     assert images.grad is not None and images.grad.abs().sum() > 0
 
 
-def test_testbed_model_follows_prompts():
-    """The committed testbed draws what held-out prompts ask for (the card reports the full numbers; here a small
-    fixed set with a margin: 16 held-out prompts x 2 seeds)."""
-    from diffusers import StableDiffusionPipeline
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_testbed_model_follows_prompts(kind):
+    """Each committed testbed (SD1.5 and SDXL architecture) loads into its stock pipeline and draws what held-out
+    prompts ask for (the card reports the full numbers; here a small fixed set with a margin: 16 held-out prompts
+    x 2 seeds)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(tb.testbed_path()))
+    pipe_class = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+    pipe = pipe_class.from_pretrained(str(tb.testbed_path(kind)))
+    assert model_kind(str(tb.testbed_path(kind))) == kind
     pipe.set_progress_bar_config(disable=True)
     _, held = tb.split_prompts()
     images = torch.cat([pipe(held, generator=torch.Generator().manual_seed(s), output_type="pt", **tb.SAMPLING.pipeline_kwargs()).images
@@ -121,20 +126,23 @@ def test_testbed_model_follows_prompts():
     assert acc["shape_colour"] >= 0.6 and acc["background"] >= 0.6, acc
 
 
-def test_demo_quick(tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_demo_quick(kind, tmp_path, capsys):
     import json
 
     from diffalign.cli import main
 
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--quick"]) == 0
+    assert main(["demo", "--out", str(out), "--quick", "--testbed", kind]) == 0
     printed = capsys.readouterr().out
-    assert "reward win rate" in printed and "before_after.png" in printed
+    assert "reward win rate" in printed and "before_after.png" in printed and f"the {kind.upper()} testbed" in printed
     assert (out / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["win_rate"]["n"] == 4 * 2 and 0 <= report["win_rate"]["rate"] <= 1
     assert set(report["prompt_following"]) == {"base", "aligned"}
-    assert report["pair_accuracy"]["pairs"] == 4
+    assert report["pair_accuracy"]["pairs"] == 4 and report["testbed"] == kind
+    adapter_config = (out / "adapter" / "config.yaml").read_text()
+    assert str(tb.testbed_path(kind)) in adapter_config
     from PIL import Image
 
     grid = Image.open(out / "before_after.png")  # 4 held-out prompts, base over aligned, 32 px enlarged 4x, labelled
