@@ -318,9 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", help="β values, comma-separated (objective.beta)")
     p.add_argument("--max-steps", help="training step counts, comma-separated (train.max_steps)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="another axis (repeatable)")
-    p.add_argument("--pick", default="loss", choices=["loss", "margin", "implicit_acc"],
-                   help="the held-out signal to pick by without --reward: the held-out DPO loss (lowest), margin or "
-                        "implicit accuracy (highest)")
+    p.add_argument("--pick", default="margin", choices=["loss", "margin", "implicit_acc"],
+                   help="the held-out signal to pick by without --reward: the held-out margin (default; the best "
+                        "predictor of the win rate on the testbed benchmark), implicit accuracy (highest) or DPO loss "
+                        "(lowest)")
     p.add_argument("--reward", help="pick by this head's win rate vs the base on --prompts instead")
     p.add_argument("--prompts", help="held-out prompts for the win rate (.txt or .jsonl)")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt for the win rate")

@@ -2,9 +2,9 @@
 user's own data, picking by a signal that needs no reward model and never sees the test prompts.
 
 Every trial trains the recipe with its grid point into ``OUT/trial-NN/run`` while measuring held-out pairs
-(``data.eval_pairs``: pairs the run never trains on). The pick, without a reward: the highest final held-out
-implicit accuracy (the policy moved toward the held-out winners relative to the reference), ties broken by the
-held-out margin. With a reward (``reward`` + ``prompts``): the highest win rate against the base on those prompts
+(``data.eval_pairs``: pairs the run never trains on). The pick, without a reward: by default the highest final
+held-out margin (how far the policy moved toward the held-out winners relative to the reference; on the testbed
+benchmark it ranks the win rates best: Spearman +0.87, implicit accuracy +0.80, the loss +0.30). With a reward (``reward`` + ``prompts``): the highest win rate against the base on those prompts
 (``diffalign eval``'s), and the table also gives the rank correlation between the two signals over the grid.
 
 Resumable: a finished trial's ``trial.json`` is read back (the grid point must match); an interrupted one resumes
@@ -51,7 +51,7 @@ class Trial:
     def name(self) -> str:
         return f"trial-{self.index:02d}"
 
-    def signal(self, pick: str = "loss") -> tuple[float, ...]:
+    def signal(self, pick: str = "margin") -> tuple[float, ...]:
         """What the pick without a reward maximises (see :data:`PICKS`)."""
         h, low = self.heldout, float("-inf")
         if pick == "loss":
@@ -96,7 +96,7 @@ def check_pick(pick: str) -> str:
     return pick
 
 
-def choose(trials: list[Trial], by_reward: bool, pick: str = "loss") -> Trial:
+def choose(trials: list[Trial], by_reward: bool, pick: str = "margin") -> Trial:
     """The best trial: by win rate with a reward, else by the held-out signal ``pick``."""
     check_pick(pick)
     return max(trials, key=(lambda t: (t.win_rate, *t.signal(pick))) if by_reward else (lambda t: t.signal(pick)))
@@ -117,7 +117,7 @@ def _train_trial(recipe: str | None, overrides: list[str], trial: Trial, folder:
 
 def run_sweep(recipe: str | None, axes: dict[str, list], eval_pairs: str, out: str | Path,
               overrides: list[str] = (), reward: str | None = None, prompts: str | None = None,
-              seeds: int = 4, sampling=None, pick: str = "loss") -> tuple[list[Trial], Trial]:
+              seeds: int = 4, sampling=None, pick: str = "margin") -> tuple[list[Trial], Trial]:
     """Train every grid point of ``axes`` (config keys to values) and pick the best (see the module doc).
     Returns every trial and the chosen one."""
     out = Path(out)

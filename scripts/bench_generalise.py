@@ -54,12 +54,17 @@ def summarise(results: list[dict]) -> str:
             and max(minutes) <= TARGET_MINUTES
         lines.append(f"| {name} | {reward} | {len(runs)} | {statistics.fmean(wins):.3f} ({min(wins):.2f}-{max(wins):.2f}) "
                      f"| {statistics.fmean(drops):+.1f} | {statistics.fmean(minutes):.1f} | {'yes' if met else 'no'} |")
-    paired = [(r["heldout"]["heldout_implicit_acc"], r["win_rate"]["rate"]) for r in results
-              if r.get("heldout", {}).get("heldout_implicit_acc") is not None]
-    if len(paired) >= 3:
-        rho = spearman([a for a, _ in paired], [w for _, w in paired])
-        lines.append(f"\nSpearman rank correlation of the final held-out implicit accuracy with the win rate over "
-                     f"{len(paired)} runs: {rho:+.2f}")
+    # How well each held-out-pair signal (no reward needed; what `diffalign sweep` picks by) ranks the win rates.
+    lines.append("")
+    for key, label in (("heldout_implicit_acc", "implicit accuracy"), ("heldout_margin", "margin"),
+                       ("heldout_loss", "loss (negated: lower is better)")):
+        sign = -1 if key == "heldout_loss" else 1
+        paired = [(sign * r["heldout"][key], r["win_rate"]["rate"]) for r in results
+                  if r.get("heldout", {}).get(key) is not None]
+        if len(paired) >= 3:
+            rho = spearman([a for a, _ in paired], [w for _, w in paired])
+            lines.append(f"Spearman rank correlation of the final held-out {label} with the win rate over "
+                         f"{len(paired)} runs: {rho:+.2f}")
     return "\n".join(lines) + "\n"
 
 

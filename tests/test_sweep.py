@@ -29,7 +29,7 @@ def test_each_pick_maximises_its_signal():
     trials = [trial(0, 0.69, 1.00, 0.001, 0.5), trial(1, 0.40, 0.80, 2.0, 0.9), trial(2, 0.90, 0.80, 5.0, 0.7)]
     assert choose(trials, False, "loss").index == 1
     assert choose(trials, False, "implicit_acc").index == 0  # accuracy counts signs: the tiny move wins it
-    assert choose(trials, False, "margin").index == 2
+    assert choose(trials, False, "margin").index == 2 == choose(trials, False).index  # the default: margin
     assert choose(trials, True).index == 1  # with a reward: the win rate
     assert choose(trials[1:], False, "implicit_acc").index == 2  # tied accuracy: the larger margin
     with pytest.raises(ConfigError, match="--pick 'wins': choose one of loss, margin, implicit_acc"):
