@@ -319,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", help="training step counts, comma-separated (train.max_steps)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="another axis (repeatable)")
     p.add_argument("--pick", default="margin", choices=["loss", "margin", "implicit_acc"],
-                   help="the held-out signal to pick by without --reward: the held-out margin (default; the best "
-                        "predictor of the win rate on the testbed benchmark), implicit accuracy (highest) or DPO loss "
+                   help="the held-out signal to pick by without --reward: the held-out margin (default; with "
+                        "implicit accuracy the predictors of the win rate on the testbed benchmark), implicit accuracy (highest) or DPO loss "
                         "(lowest)")
     p.add_argument("--reward", help="pick by this head's win rate vs the base on --prompts instead")
     p.add_argument("--prompts", help="held-out prompts for the win rate (.txt or .jsonl)")

@@ -4,7 +4,8 @@ user's own data, picking by a signal that needs no reward model and never sees t
 Every trial trains the recipe with its grid point into ``OUT/trial-NN/run`` while measuring held-out pairs
 (``data.eval_pairs``: pairs the run never trains on). The pick, without a reward: by default the highest final
 held-out margin (how far the policy moved toward the held-out winners relative to the reference; on the testbed
-benchmark it ranks the win rates best: Spearman +0.87, implicit accuracy +0.80, the loss +0.30). With a reward (``reward`` + ``prompts``): the highest win rate against the base on those prompts
+benchmark, Spearman with the win rate over 24 runs: margin +0.65, implicit accuracy +0.73, the loss +0.26; the
+margin, not the accuracy, because accuracy only counts signs). With a reward (``reward`` + ``prompts``): the highest win rate against the base on those prompts
 (``diffalign eval``'s), and the table also gives the rank correlation between the two signals over the grid.
 
 Resumable: a finished trial's ``trial.json`` is read back (the grid point must match); an interrupted one resumes
