@@ -51,6 +51,15 @@ FULL = Budget()
 QUICK = Budget(train_prompts=12, held_out_prompts=4, per_prompt=2, sample_steps=6, eval_seeds=2, train_steps=4)
 
 
+def objective_overrides(items: list[str]) -> dict[str, list[str]]:
+    """``["dpo:optim.lr=1e-4", ...]`` (the benchmark scripts' ``--set``) -> ``{"dpo": ["optim.lr=1e-4"], ...}``."""
+    overrides: dict[str, list[str]] = {}
+    for item in items:
+        name, _, override = item.partition(":")
+        overrides.setdefault(name, []).append(override)
+    return overrides
+
+
 def is_online(objective: str) -> bool:
     """Whether ``objective`` samples its own rollouts (no pairs needed)."""
     from .registry import objective_class

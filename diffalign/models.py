@@ -72,9 +72,13 @@ def model_index(pretrained: str, revision: str | None = None) -> dict:
     return dict(index)
 
 
+def _kind_of(index: dict) -> str:
+    return "sdxl" if "text_encoder_2" in index else "sd15"
+
+
 def model_kind(pretrained: str, revision: str | None = None) -> str:
     """``"sdxl"`` or ``"sd15"``, read from the model's ``model_index.json`` (local or hub)."""
-    return "sdxl" if "text_encoder_2" in model_index(pretrained, revision) else "sd15"
+    return _kind_of(model_index(pretrained, revision))
 
 
 def pipeline_class(kind: str):
@@ -189,7 +193,7 @@ class Backbone:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         index = model_index(pretrained, revision)
-        kind = "sdxl" if "text_encoder_2" in index else "sd15"
+        kind = _kind_of(index)
         zero_empty_negative = kind == "sdxl" and bool(index.get("force_zeros_for_empty_prompt", True))
         kw = dict(revision=revision)
         try:
@@ -238,11 +242,11 @@ class Backbone:
                 pooled = out.text_embeds
         return Conditioning(torch.cat(hidden, dim=-1), pooled)
 
-    def encode_negative(self, prompt: str = "", n: int = 1) -> Conditioning:
-        """The unconditional branch of CFG for ``prompt``, ``n`` rows, as the model's stock pipeline builds it: the
+    def encode_negative(self, prompt: str = "") -> Conditioning:
+        """The unconditional branch of CFG for ``prompt`` (one row), as the model's stock pipeline builds it: the
         encoded prompt, except SDXL with ``force_zeros_for_empty_prompt`` and no negative prompt, where it is all
         zeros (so our samplers draw what ``pipe(prompt)`` draws)."""
-        cond = self.encode_prompt([prompt] * n)
+        cond = self.encode_prompt([prompt])
         if self.zero_empty_negative and not prompt:
             return Conditioning(torch.zeros_like(cond.prompt_embeds), torch.zeros_like(cond.pooled))
         return cond

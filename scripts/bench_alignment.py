@@ -30,7 +30,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffalign.demo import FULL, align_and_evaluate, is_online, make_testbed_pairs  # noqa: E402
+from diffalign.demo import FULL, align_and_evaluate, is_online, make_testbed_pairs, objective_overrides  # noqa: E402
 
 OBJECTIVES = ("dpo", "mapo", "inpo", "smpo", "kto", "d3po", "ddpo", "grpo", "reward_backprop")
 TARGET_WIN, TARGET_DROP, TARGET_MINUTES = 0.65, 0.10, 15.0
@@ -68,10 +68,7 @@ def main() -> None:
     parser.add_argument("--testbed", choices=("sd15", "sdxl"), default="sd15", help="the testbed model's architecture")
     args = parser.parse_args()
     out, budget = Path(args.out), dataclasses.replace(FULL, testbed=args.testbed)
-    overrides: dict[str, list[str]] = {}
-    for item in args.set:
-        name, _, override = item.partition(":")
-        overrides.setdefault(name, []).append(override)
+    overrides = objective_overrides(args.set)
 
     start = time.time()
     pairs = make_testbed_pairs(out / "shared", args.reward, budget)

@@ -32,7 +32,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffalign.demo import FULL, align_and_evaluate, is_online, make_testbed_pairs  # noqa: E402
+from diffalign.demo import FULL, align_and_evaluate, is_online, make_testbed_pairs, objective_overrides  # noqa: E402
 from diffalign.sweep import spearman  # noqa: E402
 
 REPORT_REWARDS = ("left_position", "centredness", "edge_sharpness")
@@ -78,10 +78,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="OBJECTIVE:KEY=VALUE",
                         help="config override for one objective, e.g. dpo:optim.lr=1e-4 (repeatable)")
     args = parser.parse_args()
-    overrides: dict[str, list[str]] = {}
-    for item in args.set:
-        name, _, override = item.partition(":")
-        overrides.setdefault(name, []).append(override)
+    overrides = objective_overrides(args.set)
     out = Path(args.out)
     record = out / "results.json"
     results = json.loads(record.read_text()) if record.is_file() else []

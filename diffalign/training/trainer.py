@@ -112,7 +112,7 @@ class Trainer:
         if not prompts:
             return None
         negative = self.cfg.sampling.negative_prompt
-        return self.backbone.encode_prompt(prompts), self.backbone.encode_negative(negative, len(prompts))
+        return self.backbone.encode_prompt(prompts), self.backbone.encode_negative(negative).repeat(len(prompts))
 
     def training_step(self, batch: dict, micro_step: int) -> dict[str, float]:
         """One micro-step: encode if needed, loss, backward; on accumulation boundaries also clip and update. A
