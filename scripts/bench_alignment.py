@@ -1,19 +1,28 @@
-"""Alignment quality of every objective on the testbed model, measured in one run.
+"""Alignment quality of every objective on the testbed model: objectives x rewards x seeds of the whole pipeline,
+measured in one run.
 
-    python scripts/bench_alignment.py --out runs/bench_alignment                 # all eight, shape_size
-    python scripts/bench_alignment.py --objectives dpo,mapo --reward vividness
+    python scripts/bench_alignment.py --out runs/bench_alignment                     # every objective, shape_size
+    python scripts/bench_alignment.py --objectives dpo,mapo --rewards vividness --set dpo:optim.lr=3e-4
+    python scripts/bench_alignment.py --out runs/generalise --rewards report --seeds 0,1,2   # carried over?
 
-From the same base (the shipped testbed, ``diffalign/resources/testbed``, or with ``--testbed sdxl`` its SDXL twin) and the same reward-labelled pairs (``make-pairs``: 8 images per
-training prompt, best vs worst under ``--reward``), each objective trains its shipped ``testbed-*`` recipe
-(the online ones, D3PO, DDPO, GRPO and reward backprop, sample their own images and score them with the same
-reward) and is evaluated on the held-out
-prompts x seeds: reward win rate vs base with a 95% Wilson interval, prompt following (both colours right, the
-testbed checker) before and after, implicit and ranking accuracy on held-out pairs, steps and wall time (for the
-offline objectives including the time to make the training pairs).
-Targets: win rate >= 65% with a prompt-following drop <= 10 points, each run within 15 minutes on 2 CPU cores
-(the online objectives' issue asks >= 75% and <= 5 points). For the online objectives the table also gives the
-images they sampled while training and the held-out mean-reward gain per 1,000 of them.
-Prints a markdown table (and writes ``results.json`` and ``results.md`` under ``--out``).
+From the same base (the shipped testbed, ``diffalign/resources/testbed``, or with ``--testbed sdxl`` its SDXL twin)
+and, per reward and seed, the same reward-labelled pairs (``make-pairs``: 8 images per training prompt, best vs
+worst; thumbs of the same images for KTO), each objective trains its shipped ``testbed-*`` recipe (the online
+ones, D3PO, DDPO, GRPO and reward backprop, sample their own images and score them with the same reward) while
+measuring the held-out pairs (every ordered pair of the held-out prompts' 8 images), and is evaluated on the
+held-out prompts x 8 seeds: reward win rate vs base with a 95% Wilson interval, prompt following (both colours
+right, the testbed checker) before and after (the guard), implicit and ranking accuracy on the held-out pairs,
+steps, images sampled (online) and wall time (for the offline objectives including the time to make the pairs).
+A seed is of the whole pipeline: the pairs' images, ``train.seed`` and the evaluation's seeds (seed 0 is every
+earlier table's).
+
+The recipes were chosen on the *tuning* rewards (``--rewards tuning``: shape_size, vividness,
+jpeg_compressibility); the *report* rewards (``--rewards report``: left_position, centredness, edge_sharpness) were
+never used to choose a setting. Targets (issue: generalisation): mean win rate >= 0.70 over seeds, guard drop <= 5
+points, each run <= 15 CPU-minutes. Prints a table per reward and seed, then per objective and reward the mean win
+rate over seeds with its spread, and the Spearman rank correlation, over every run, of each held-out signal
+(what ``diffalign sweep`` picks by, no reward needed) with the win rate. Resumable: finished runs are read back from
+``results.json``; ``results.md`` holds the tables.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import dataclasses
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,9 +41,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffalign.demo import FULL, align_and_evaluate, is_online, make_testbed_pairs, objective_overrides  # noqa: E402
+from diffalign.sweep import spearman  # noqa: E402
 
-OBJECTIVES = ("dpo", "mapo", "inpo", "smpo", "kto", "d3po", "ddpo", "grpo", "reward_backprop")
-TARGET_WIN, TARGET_DROP, TARGET_MINUTES = 0.65, 0.10, 15.0
+OFFLINE = ("dpo", "mapo", "inpo", "smpo", "kto")
+ONLINE = ("d3po", "ddpo", "grpo", "reward_backprop")
+REWARD_SETS = {"tuning": ("shape_size", "vividness", "jpeg_compressibility"),
+               "report": ("left_position", "centredness", "edge_sharpness")}
+TARGET_WIN, TARGET_DROP, TARGET_MINUTES = 0.70, 0.05, 15.0
+
+
+def guard_change(r: dict) -> float:
+    """Prompt following (both colours right) aligned minus base, in points."""
+    return 100 * (r["prompt_following"]["aligned"]["colour"] - r["prompt_following"]["base"]["colour"])
 
 
 def row(r: dict) -> str:
@@ -44,54 +63,98 @@ def row(r: dict) -> str:
     gain = f"{1000 * (m['aligned'] - m['base']) / images:+.4f}" if images else "-"  # held-out gain per 1,000 sampled
     met = w["rate"] >= TARGET_WIN and before - after <= TARGET_DROP and r["seconds"] / 60 <= TARGET_MINUTES
     return (f"| {r['objective']} | {w['rate']:.3f} [{w['low']:.2f}, {w['high']:.2f}] | "
-            f"{r['mean_reward']['base']:.4f} -> {r['mean_reward']['aligned']:.4f} | {before:.3f} -> {after:.3f} "
-            f"({100 * (after - before):+.1f}) | {accs} | {r['steps']} | {r.get('images_sampled') or '-'} | {gain} | "
-            f"{r['seconds'] / 60:.1f} | {'yes' if met else 'no'} |")
+            f"{m['base']:.4f} -> {m['aligned']:.4f} | {before:.3f} -> {after:.3f} ({guard_change(r):+.1f}) | {accs} | "
+            f"{r['steps']} | {images or '-'} | {gain} | {r['seconds'] / 60:.1f} | {'yes' if met else 'no'} |")
 
 
-def table(results: list[dict], reward: str, n: int) -> str:
-    head = (f"Reward `{reward}`; win rate of aligned vs base over {n} held-out (prompt, seed) pairs, 95% Wilson "
-            "interval; prompt following = both colours right (points); accuracies on held-out pairs.\n\n"
+def table(results: list[dict], reward: str, seed: int) -> str:
+    n = results[0]["win_rate"]["n"]
+    head = (f"Reward `{reward}`, seed {seed}; win rate of aligned vs base over {n} held-out (prompt, seed) pairs, 95% "
+            "Wilson interval; prompt following = both colours right (points); accuracies on the held-out pairs.\n\n"
             "| objective | win rate [95% CI] | mean reward base -> aligned | prompt following base -> aligned | "
             "implicit / ranking acc. | steps | images sampled | reward gain per 1k images | minutes | target met |\n"
             "|---|---|---|---|---|---|---|---|---|---|\n")
     return head + "\n".join(row(r) for r in results) + "\n"
 
 
+def summarise(results: list[dict]) -> str:
+    """Per objective and reward: the mean win rate over seeds (min-max), guard, minutes; the signals' correlations."""
+    lines = ["| objective | reward | seeds | mean win rate (min-max) | guard change, points | minutes | target met |",
+             "|---|---|---|---|---|---|---|"]
+    order = OFFLINE + ONLINE
+    keys = sorted({(r["objective"], r["reward"]) for r in results},
+                  key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k[1]))
+    for name, reward in keys:
+        runs = [r for r in results if r["objective"] == name and r["reward"] == reward]
+        wins, drops = [r["win_rate"]["rate"] for r in runs], [guard_change(r) for r in runs]
+        minutes = [r["seconds"] / 60 for r in runs]
+        met = statistics.fmean(wins) >= TARGET_WIN and statistics.fmean(drops) >= -100 * TARGET_DROP \
+            and max(minutes) <= TARGET_MINUTES
+        lines.append(f"| {name} | {reward} | {len(runs)} | {statistics.fmean(wins):.3f} ({min(wins):.2f}-{max(wins):.2f}) "
+                     f"| {statistics.fmean(drops):+.1f} | {statistics.fmean(minutes):.1f} | {'yes' if met else 'no'} |")
+    lines.append("")
+    for key, label in (("heldout_implicit_acc", "implicit accuracy"), ("heldout_margin", "margin"),
+                       ("heldout_loss", "loss (negated: lower is better)")):
+        sign = -1 if key == "heldout_loss" else 1
+        paired = [(sign * r["heldout"][key], r["win_rate"]["rate"]) for r in results
+                  if r.get("heldout", {}).get(key) is not None]
+        if len(paired) >= 3:
+            rho = spearman([a for a, _ in paired], [w for _, w in paired])
+            lines.append(f"Spearman rank correlation of the final held-out {label} with the win rate over "
+                         f"{len(paired)} runs: {rho:+.2f}")
+    return "\n".join(lines) + "\n"
+
+
+def rewards_of(text: str) -> list[str]:
+    """``"report"`` / ``"tuning"`` / a comma-separated list of testbed rewards (sets may be mixed in)."""
+    return [reward for item in text.split(",") for reward in REWARD_SETS.get(item, (item,))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/bench_alignment", help="output folder")
-    parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated objectives")
-    parser.add_argument("--reward", default="shape_size", help="target reward (a programmatic testbed reward)")
+    parser.add_argument("--objectives", default=",".join(OFFLINE + ONLINE), help="comma-separated objectives")
+    parser.add_argument("--rewards", "--reward", default="shape_size",
+                        help="comma-separated testbed rewards, or 'tuning' / 'report' for the benchmark's sets")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds of the whole pipeline")
+    parser.add_argument("--testbed", choices=("sd15", "sdxl"), default="sd15", help="the testbed model's architecture")
     parser.add_argument("--set", action="append", default=[], metavar="OBJECTIVE:KEY=VALUE",
                         help="config override for one objective, e.g. dpo:optim.lr=1e-4 (repeatable)")
-    parser.add_argument("--testbed", choices=("sd15", "sdxl"), default="sd15", help="the testbed model's architecture")
     args = parser.parse_args()
-    out, budget = Path(args.out), dataclasses.replace(FULL, testbed=args.testbed)
     overrides = objective_overrides(args.set)
-
-    start = time.time()
-    pairs = make_testbed_pairs(out / "shared", args.reward, budget)
-    pair_seconds = time.time() - start
-    print(f"pairs: {pair_seconds:.0f} s", flush=True)
-    results = []
-    for name in args.objectives.split(","):
-        run = out / name
-        for stale in ("adapter", "eval"):  # a rerun must not reuse the previous adapter's evaluation images
-            shutil.rmtree(run / stale, ignore_errors=True)
-        base_images = out / "shared" / "base_images"
-        if base_images.is_dir():  # the base's evaluation images are the same for every objective
-            shutil.copytree(base_images, run / "eval" / "images" / "base", dirs_exist_ok=True)
-        r = align_and_evaluate(run, name, args.reward, budget, pairs, overrides.get(name, []))
-        if not is_online(name):  # making the pairs is part of an offline objective's run (online ones sample)
-            r["seconds"] += pair_seconds
-        if not base_images.is_dir():
-            shutil.copytree(run / "eval" / "images" / "base", base_images)
-        results.append(r)
-        print(row(r), flush=True)
-        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    n = results[0]["win_rate"]["n"] if results else 0
-    text = table(results, args.reward, n)
+    out = Path(args.out)
+    record = out / "results.json"
+    results = json.loads(record.read_text()) if record.is_file() else []
+    done = {(r["objective"], r["reward"], r["seed"]) for r in results}
+    for seed in map(int, args.seeds.split(",")):
+        for reward in rewards_of(args.rewards):
+            budget = dataclasses.replace(FULL, seed=seed, testbed=args.testbed)
+            folder = out / f"{reward}-seed{seed}"
+            start = time.time()
+            pairs = make_testbed_pairs(folder / "shared", reward, budget)  # read back when made earlier
+            pair_seconds = time.time() - start
+            base_images = folder / "shared" / "base_images"  # the base's evaluation images: the same for every run
+            for name in args.objectives.split(","):
+                if (name, reward, seed) in done:
+                    continue
+                run = folder / name
+                for stale in ("adapter", "eval"):  # a rerun must not reuse the previous adapter's evaluation images
+                    shutil.rmtree(run / stale, ignore_errors=True)
+                if base_images.is_dir():
+                    shutil.copytree(base_images, run / "eval" / "images" / "base", dirs_exist_ok=True)
+                r = align_and_evaluate(run, name, reward, budget, pairs, overrides.get(name, []))
+                if not is_online(name):  # making the pairs is part of an offline run (online ones sample)
+                    r["seconds"] += pair_seconds
+                if not base_images.is_dir():
+                    shutil.copytree(run / "eval" / "images" / "base", base_images)
+                r["seed"] = seed
+                results.append(r)
+                record.write_text(json.dumps(results, indent=1) + "\n")
+                print(row(r), flush=True)
+    tables = []
+    for reward, seed in sorted({(r["reward"], r["seed"]) for r in results}):
+        tables.append(table([r for r in results if r["reward"] == reward and r["seed"] == seed], reward, seed))
+    text = "\n".join(tables) + "\n" + summarise(results)
     (out / "results.md").write_text(text)
     print("\n" + text)
 
