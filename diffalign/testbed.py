@@ -40,6 +40,15 @@ SATURATION = (0.6, 1.0)  # 1 = the palette colour, lower = mixed toward its own 
 MASK_THRESHOLD = 0.15  # RGB distance (in [0, 1] units) from the background that counts as shape
 # How the testbed is sampled wherever its accuracy is reported (card, tests, demo, benchmark).
 SAMPLING = Sampling(steps=20, guidance=5.0)
+# The alignment benchmark's reward sets (scripts/bench_alignment.py, bench_sweep.py): recipes are chosen on the
+# tuning rewards; the report rewards are never used to choose a setting, so they show whether the choice carries over.
+REWARD_SETS = {"tuning": ("shape_size", "vividness", "jpeg_compressibility"),
+               "report": ("left_position", "centredness", "edge_sharpness")}
+
+
+def rewards_of(text: str) -> list[str]:
+    """``"report"`` / ``"tuning"`` / a comma-separated list of reward names (the set names may be mixed in)."""
+    return [reward for item in text.split(",") for reward in REWARD_SETS.get(item, (item,))]
 
 
 def testbed_path(kind: str = "sd15") -> Path:

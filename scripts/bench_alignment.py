@@ -42,11 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffalign.demo import FULL, align_and_evaluate, is_online, make_testbed_pairs, objective_overrides  # noqa: E402
 from diffalign.sweep import spearman  # noqa: E402
+from diffalign.testbed import rewards_of  # noqa: E402
 
 OFFLINE = ("dpo", "mapo", "inpo", "smpo", "kto")
 ONLINE = ("d3po", "ddpo", "grpo", "reward_backprop")
-REWARD_SETS = {"tuning": ("shape_size", "vividness", "jpeg_compressibility"),
-               "report": ("left_position", "centredness", "edge_sharpness")}
 TARGET_WIN, TARGET_DROP, TARGET_MINUTES = 0.70, 0.05, 15.0
 
 
@@ -103,11 +102,6 @@ def summarise(results: list[dict]) -> str:
             lines.append(f"Spearman rank correlation of the final held-out {label} with the win rate over "
                          f"{len(paired)} runs: {rho:+.2f}")
     return "\n".join(lines) + "\n"
-
-
-def rewards_of(text: str) -> list[str]:
-    """``"report"`` / ``"tuning"`` / a comma-separated list of testbed rewards (sets may be mixed in)."""
-    return [reward for item in text.split(",") for reward in REWARD_SETS.get(item, (item,))]
 
 
 def main() -> None:

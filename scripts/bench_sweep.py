@@ -27,7 +27,6 @@ from diffalign.demo import FULL, make_testbed_pairs, write_prompt_files  # noqa:
 from diffalign.resources import recipe_path  # noqa: E402
 from diffalign.sweep import PICKS, choose, run_sweep, sweep_table  # noqa: E402
 
-REPORT_REWARDS = ("left_position", "centredness", "edge_sharpness")
 TARGET_GAP = 0.05
 
 
@@ -35,7 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/generalise", help="output folder (bench_generalise's, to reuse its pairs)")
     parser.add_argument("--objective", default="dpo", help="the shipped testbed recipe to sweep (a paired objective)")
-    parser.add_argument("--rewards", default=",".join(REPORT_REWARDS), help="comma-separated testbed rewards")
+    parser.add_argument("--rewards", default="report",
+                        help="comma-separated testbed rewards, or 'tuning' / 'report' for the benchmark's sets")
     parser.add_argument("--seed", type=int, default=0, help="seed of the whole pipeline (pairs, training, evaluation)")
     parser.add_argument("--lr", default="3e-4,1e-3,3e-3", help="learning rates")
     parser.add_argument("--beta", default="1000,5000,20000", help="betas")
@@ -47,7 +47,7 @@ def main() -> None:
         axes["train.max_steps"] = [int(v) for v in args.max_steps.split(",")]
     lines = ["| reward | trials | best win rate | margin pick | implicit-accuracy pick | loss pick | margin within 0.05 |",
              "|---|---|---|---|---|---|---|"]
-    for reward in args.rewards.split(","):
+    for reward in tb.rewards_of(args.rewards):
         shared = Path(args.out) / f"{reward}-seed{args.seed}"
         train_pairs, held_pairs = make_testbed_pairs(shared / "shared", reward, budget)
         _, held_prompts = write_prompt_files(shared / "shared" / "prompts", budget)
@@ -63,7 +63,7 @@ def main() -> None:
                      + " | ".join(f"{picked[p].win_rate:.3f}" for p in ("margin", "implicit_acc", "loss"))
                      + f" | {'yes' if gap <= TARGET_GAP else 'no'} ({gap:.3f} below) |")
     text = "\n".join(lines) + "\n"
-    (Path(args.out) / f"sweep-{args.objective}-seed{args.seed}.md").write_text(text)
+    (Path(args.out) / f"sweep-{args.objective}-seed{args.seed}-{args.rewards.replace(',', '+')}.md").write_text(text)
     print("\n" + text)
 
 

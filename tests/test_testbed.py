@@ -107,6 +107,14 @@ def test_new_rewards_are_differentiable(name):
     assert images.grad is not None and images.grad.abs().sum() > 0
 
 
+def test_benchmark_reward_sets_are_disjoint_registered_rewards():
+    tuning, report = tb.REWARD_SETS["tuning"], tb.REWARD_SETS["report"]
+    assert not set(tuning) & set(report)  # a report reward must never be one a recipe was chosen on
+    for name in (*tuning, *report):
+        assert load_reward(name).name == name
+    assert tb.rewards_of("report,shape_size") == [*report, "shape_size"]
+
+
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_testbed_model_follows_prompts(kind):
     """Each committed testbed (SD1.5 and SDXL architecture) loads into its stock pipeline and draws what held-out
