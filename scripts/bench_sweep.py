@@ -5,6 +5,7 @@ on the held-out prompts x 8 seeds (the judge, which the reward-free pick never s
 
     python scripts/bench_sweep.py --out runs/generalise                        # DPO, the report rewards, seed 0
     python scripts/bench_sweep.py --objective mapo --lr 1e-4,3e-4,1e-3 --beta 1000,5000 --rewards centredness
+    python scripts/bench_sweep.py --out runs/generalise_sdxl --testbed sdxl --rewards shape_size   # its own --out
 
 Prints each sweep's table, then per reward the grid's best win rate, what the held-out margin / implicit accuracy
 / loss picks would have won, and whether the default pick (``margin``) is within 0.05 of the best (the issue's
@@ -37,11 +38,12 @@ def main() -> None:
     parser.add_argument("--rewards", default="report",
                         help="comma-separated testbed rewards, or 'tuning' / 'report' for the benchmark's sets")
     parser.add_argument("--seed", type=int, default=0, help="seed of the whole pipeline (pairs, training, evaluation)")
+    parser.add_argument("--testbed", choices=("sd15", "sdxl"), default="sd15", help="the testbed model's architecture")
     parser.add_argument("--lr", default="3e-4,1e-3,3e-3", help="learning rates")
     parser.add_argument("--beta", default="1000,5000,20000", help="betas")
     parser.add_argument("--max-steps", default="", help="training steps (default: the recipe's)")
     args = parser.parse_args()
-    budget = dataclasses.replace(FULL, seed=args.seed)
+    budget = dataclasses.replace(FULL, seed=args.seed, testbed=args.testbed)
     axes = {"optim.lr": [float(v) for v in args.lr.split(",")], "objective.beta": [float(v) for v in args.beta.split(",")]}
     if args.max_steps:
         axes["train.max_steps"] = [int(v) for v in args.max_steps.split(",")]
@@ -56,7 +58,7 @@ def main() -> None:
         trials, best = run_sweep(str(recipe_path(f"testbed-{args.objective}")), axes, held_pairs,
                                  shared / f"sweep-{args.objective}", overrides, reward=reward, prompts=str(held_prompts),
                                  seeds=budget.eval_seeds, sampling=budget.sampling(seed_policy="shared"))
-        print(f"\n## {args.objective} on {reward}, seed {args.seed}\n\n{sweep_table(trials, best)}", flush=True)
+        print(f"\n## {args.objective} on {reward}, seed {args.seed}, {args.testbed} testbed\n\n{sweep_table(trials, best)}", flush=True)
         picked = {pick: choose(trials, by_reward=False, pick=pick) for pick in PICKS}
         gap = best.win_rate - picked["margin"].win_rate
         lines.append(f"| {reward} | {len(trials)} | {best.win_rate:.3f} ({best.values}) | "
