@@ -54,7 +54,8 @@ def main() -> None:
         train_pairs, held_pairs = make_testbed_pairs(shared / "shared", reward, budget)
         _, held_prompts = write_prompt_files(shared / "shared" / "prompts", budget)
         overrides = [f"model.pretrained={tb.testbed_path(budget.testbed)}", f"data.dataset={train_pairs}",
-                     f"cache.dir={shared / 'sweep-cache'}", "log.to=none", f"train.seed={args.seed}"]
+                     f"cache.dir={shared / 'sweep-cache'}", "log.to=none", f"train.seed={args.seed}",
+                     "train.heldout_every=0"]  # the pick reads only the final held-out measurement
         trials, best = run_sweep(str(recipe_path(f"testbed-{args.objective}")), axes, held_pairs,
                                  shared / f"sweep-{args.objective}", overrides, reward=reward, prompts=str(held_prompts),
                                  seeds=budget.eval_seeds, sampling=budget.sampling(seed_policy="shared"))
