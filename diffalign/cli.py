@@ -23,6 +23,7 @@ from .models import ModelLoadError
 from .pipelines.export import ExportError
 from .rewards.base import RewardError, RewardFailed
 from .sampling.settings import Sampling, add_sampling_arguments
+from .sweep import DEFAULT_PICK, PICKS
 from .training.checkpoint import OutputDirError
 from .training.guards import TrainingStopped
 
@@ -318,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", help="β values, comma-separated (objective.beta)")
     p.add_argument("--max-steps", help="training step counts, comma-separated (train.max_steps)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="another axis (repeatable)")
-    p.add_argument("--pick", default="margin", choices=["loss", "margin", "implicit_acc"],
+    p.add_argument("--pick", default=DEFAULT_PICK, choices=PICKS,
                    help="the held-out signal to pick by without --reward: the held-out margin (default; with "
                         "implicit accuracy the predictors of the win rate on the testbed benchmark), implicit accuracy (highest) or DPO loss "
                         "(lowest)")

@@ -35,6 +35,7 @@ SHORT = {"lr": "optim.lr", "beta": "objective.beta", "max_steps": "train.max_ste
 # held-out margin (highest), or the implicit accuracy (highest; ties by margin). Accuracy only counts signs, so a
 # learning rate too small to change any image still scores 1.0 when its tiny moves point the right way.
 PICKS = ("loss", "margin", "implicit_acc")
+DEFAULT_PICK = "margin"
 
 
 @dataclass
@@ -52,7 +53,7 @@ class Trial:
     def name(self) -> str:
         return f"trial-{self.index:02d}"
 
-    def signal(self, pick: str = "margin") -> tuple[float, ...]:
+    def signal(self, pick: str = DEFAULT_PICK) -> tuple[float, ...]:
         """What the pick without a reward maximises (see :data:`PICKS`)."""
         h, low = self.heldout, float("-inf")
         if pick == "loss":
@@ -97,7 +98,7 @@ def check_pick(pick: str) -> str:
     return pick
 
 
-def choose(trials: list[Trial], by_reward: bool, pick: str = "margin") -> Trial:
+def choose(trials: list[Trial], by_reward: bool, pick: str = DEFAULT_PICK) -> Trial:
     """The best trial: by win rate with a reward, else by the held-out signal ``pick``."""
     check_pick(pick)
     return max(trials, key=(lambda t: (t.win_rate, *t.signal(pick))) if by_reward else (lambda t: t.signal(pick)))
@@ -118,7 +119,7 @@ def _train_trial(recipe: str | None, overrides: list[str], trial: Trial, folder:
 
 def run_sweep(recipe: str | None, axes: dict[str, list], eval_pairs: str, out: str | Path,
               overrides: list[str] = (), reward: str | None = None, prompts: str | None = None,
-              seeds: int = 4, sampling=None, pick: str = "margin") -> tuple[list[Trial], Trial]:
+              seeds: int = 4, sampling=None, pick: str = DEFAULT_PICK) -> tuple[list[Trial], Trial]:
     """Train every grid point of ``axes`` (config keys to values) and pick the best (see the module doc).
     Returns every trial and the chosen one."""
     out = Path(out)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffalign import testbed as tb  # noqa: E402
 from diffalign.demo import FULL, make_testbed_pairs, write_prompt_files  # noqa: E402
 from diffalign.resources import recipe_path  # noqa: E402
-from diffalign.sweep import PICKS, choose, run_sweep, sweep_table  # noqa: E402
+from diffalign.sweep import DEFAULT_PICK, PICKS, choose, run_sweep, sweep_table  # noqa: E402
 
 TARGET_GAP = 0.05
 
@@ -61,7 +61,7 @@ def main() -> None:
                                  seeds=budget.eval_seeds, sampling=budget.sampling(seed_policy="shared"))
         print(f"\n## {args.objective} on {reward}, seed {args.seed}, {args.testbed} testbed\n\n{sweep_table(trials, best)}", flush=True)
         picked = {pick: choose(trials, by_reward=False, pick=pick) for pick in PICKS}
-        gap = best.win_rate - picked["margin"].win_rate
+        gap = best.win_rate - picked[DEFAULT_PICK].win_rate
         lines.append(f"| {reward} | {len(trials)} | {best.win_rate:.3f} ({best.values}) | "
                      + " | ".join(f"{picked[p].win_rate:.3f}" for p in ("margin", "implicit_acc", "loss"))
                      + f" | {'yes' if gap <= TARGET_GAP else 'no'} ({gap:.3f} below) |")
