@@ -320,9 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", help="training step counts, comma-separated (train.max_steps)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="another axis (repeatable)")
     p.add_argument("--pick", default=DEFAULT_PICK, choices=PICKS,
-                   help="the held-out signal to pick by without --reward: the held-out margin (default; with "
-                        "implicit accuracy the predictors of the win rate on the testbed benchmark), implicit accuracy (highest) or DPO loss "
-                        "(lowest)")
+                   help="the held-out signal to pick by without --reward (diffalign.sweep.PICKS says what each "
+                        "maximises; the README's sweep section, how well each did on the testbed benchmark)")
     p.add_argument("--reward", help="pick by this head's win rate vs the base on --prompts instead")
     p.add_argument("--prompts", help="held-out prompts for the win rate (.txt or .jsonl)")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt for the win rate")

@@ -31,10 +31,18 @@ from .files import atomic_write_text
 log = logging.getLogger(__name__)
 
 SHORT = {"lr": "optim.lr", "beta": "objective.beta", "max_steps": "train.max_steps"}
-# The held-out signals a pick without a reward can maximise: the held-out Diffusion-DPO loss (lowest), the mean
-# held-out margin (highest), or the implicit accuracy (highest; ties by margin). Accuracy only counts signs, so a
-# learning rate too small to change any image still scores 1.0 when its tiny moves point the right way.
-PICKS = ("loss", "margin", "implicit_acc")
+# The held-out signals a pick without a reward can maximise (all from the final held-out measurement):
+# - loss: the held-out Diffusion-DPO loss (lowest);
+# - margin: the mean held-out margin (highest);
+# - implicit_acc: the implicit accuracy (highest; ties by margin). Accuracy only counts signs, so a learning rate
+#   too small to change any image still scores 1.0 when its tiny moves point the right way;
+# - winner_gain: how much better than the reference the policy denoises the held-out winners (highest). Large steps
+#   can grow the margin by making losers worse faster than winners (both get worse), which this does not reward;
+# - margin_per_drift: margin / sqrt(drift), the margin per unit the policy moved (highest): how well the move points
+#   toward the preference, whatever its size (the margin grows linearly with a small move, the drift quadratically);
+# - guarded_margin: the highest margin among trials whose held-out winners did not get worse (winner_gain >= 0),
+#   else the highest winner_gain.
+PICKS = ("loss", "margin", "implicit_acc", "winner_gain", "margin_per_drift", "guarded_margin")
 DEFAULT_PICK = "margin"
 
 
@@ -56,11 +64,19 @@ class Trial:
     def signal(self, pick: str = DEFAULT_PICK) -> tuple[float, ...]:
         """What the pick without a reward maximises (see :data:`PICKS`)."""
         h, low = self.heldout, float("-inf")
+        margin, winner = h.get("heldout_margin", low), h.get("heldout_winner_gain", low)
         if pick == "loss":
             return (-h.get("heldout_loss", float("inf")),)
         if pick == "margin":
-            return (h.get("heldout_margin", low),)
-        return (h.get("heldout_implicit_acc", low), h.get("heldout_margin", low))
+            return (margin,)
+        if pick == "winner_gain":
+            return (winner,)
+        if pick == "margin_per_drift":
+            drift = h.get("heldout_drift", 0.0)
+            return (margin / drift ** 0.5 if drift > 0 else low,)
+        if pick == "guarded_margin":
+            return (1.0, margin) if winner >= 0 else (0.0, winner)
+        return (h.get("heldout_implicit_acc", low), margin)
 
 
 def grid(axes: dict[str, list]) -> list[dict[str, Any]]:
@@ -71,9 +87,10 @@ def grid(axes: dict[str, list]) -> list[dict[str, Any]]:
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman's rank correlation of two equally long lists (average ranks for ties); NaN when one is constant."""
-    def ranks(xs: list[float]) -> list[float]:
+def spearman(a: list, b: list) -> float:
+    """Spearman's rank correlation of two equally long lists of comparable values (numbers, or tuples such as a
+    pick's signal; average ranks for ties); NaN when one is constant."""
+    def ranks(xs: list) -> list[float]:
         order = sorted(range(len(xs)), key=xs.__getitem__)
         out, i = [0.0] * len(xs), 0
         while i < len(order):
@@ -184,7 +201,7 @@ def sweep_table(trials: list[Trial], best: Trial) -> str:
     the trials (Spearman with the win rate) and what its pick would have won."""
     keys = list(trials[0].values)
     with_reward = any(t.win_rate is not None for t in trials)
-    head = [*keys, "held-out loss", "implicit acc", "margin", "drift", *(["win rate"] if with_reward else []),
+    head = [*keys, "held-out loss", "implicit acc", "margin", "winner gain", "drift", *(["win rate"] if with_reward else []),
             "minutes", "warnings", ""]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     nan = float("nan")
@@ -192,6 +209,7 @@ def sweep_table(trials: list[Trial], best: Trial) -> str:
         h = t.heldout
         cells = [*(str(t.values[k]) for k in keys), f"{h.get('heldout_loss', nan):.4f}",
                  f"{h.get('heldout_implicit_acc', nan):.3f}", f"{h.get('heldout_margin', nan):+.3f}",
+                 f"{h.get('heldout_winner_gain', nan):+.3f}",
                  f"{h.get('heldout_drift', nan):.3f}", *([f"{t.win_rate:.3f}"] if with_reward else []),
                  f"{t.minutes:.1f}", str(len(t.warnings)), "**chosen**" if t is best else ""]
         rows.append("| " + " | ".join(cells) + " |")
@@ -199,7 +217,7 @@ def sweep_table(trials: list[Trial], best: Trial) -> str:
     if with_reward and len(trials) >= 3:
         text += "\n"
         for pick in PICKS:
-            rho = spearman([t.signal(pick)[0] for t in trials], [t.win_rate for t in trials])
+            rho = spearman([t.signal(pick) for t in trials], [t.win_rate for t in trials])
             chosen = choose(trials, by_reward=False, pick=pick)
             text += (f"- held-out {pick}: Spearman {rho:+.2f} with the win rate; its pick ({chosen.name}) wins "
                      f"{chosen.win_rate:.3f} (best in the grid {best.win_rate:.3f})\n")

@@ -7,9 +7,9 @@ on the held-out prompts x 8 seeds (the judge, which the reward-free pick never s
     python scripts/bench_sweep.py --objective mapo --lr 1e-4,3e-4,1e-3 --beta 1000,5000 --rewards centredness
     python scripts/bench_sweep.py --out runs/generalise_sdxl --testbed sdxl --rewards shape_size   # its own --out
 
-Prints each sweep's table, then per reward the grid's best win rate, what the held-out margin / implicit accuracy
-/ loss picks would have won, and whether the default pick (``margin``) is within 0.05 of the best (the issue's
-target). Resumable (``diffalign sweep`` reads finished trials back).
+Prints each sweep's table, then per reward the grid's best win rate and what each reward-free pick
+(``diffalign.sweep.PICKS``) would have won, bold where within 0.05 of the best (the issue's target), and how many
+rewards each pick got within 0.05. Resumable (``diffalign sweep`` reads finished trials back).
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def main() -> None:
     axes = {"optim.lr": [float(v) for v in args.lr.split(",")], "objective.beta": [float(v) for v in args.beta.split(",")]}
     if args.max_steps:
         axes["train.max_steps"] = [int(v) for v in args.max_steps.split(",")]
-    lines = ["| reward | trials | best win rate | margin pick | implicit-accuracy pick | loss pick | margin within 0.05 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| reward | trials | best win rate | " + " | ".join(f"{p} pick" for p in PICKS) + " |",
+             "|---|---|---|" + "---|" * len(PICKS)]
+    within = dict.fromkeys(PICKS, 0)
     for reward in tb.rewards_of(args.rewards):
         shared = Path(args.out) / f"{reward}-seed{args.seed}"
         train_pairs, held_pairs = make_testbed_pairs(shared / "shared", reward, budget)
@@ -60,12 +61,14 @@ def main() -> None:
                                  shared / f"sweep-{args.objective}", overrides, reward=reward, prompts=str(held_prompts),
                                  seeds=budget.eval_seeds, sampling=budget.sampling(seed_policy="shared"))
         print(f"\n## {args.objective} on {reward}, seed {args.seed}, {args.testbed} testbed\n\n{sweep_table(trials, best)}", flush=True)
-        picked = {pick: choose(trials, by_reward=False, pick=pick) for pick in PICKS}
-        gap = best.win_rate - picked[DEFAULT_PICK].win_rate
+        won = {pick: choose(trials, by_reward=False, pick=pick).win_rate for pick in PICKS}
+        close = {pick for pick in PICKS if best.win_rate - won[pick] <= TARGET_GAP}
+        within.update({pick: within[pick] + 1 for pick in close})
         lines.append(f"| {reward} | {len(trials)} | {best.win_rate:.3f} ({best.values}) | "
-                     + " | ".join(f"{picked[p].win_rate:.3f}" for p in ("margin", "implicit_acc", "loss"))
-                     + f" | {'yes' if gap <= TARGET_GAP else 'no'} ({gap:.3f} below) |")
-    text = "\n".join(lines) + "\n"
+                     + " | ".join(f"**{won[p]:.3f}**" if p in close else f"{won[p]:.3f}" for p in PICKS) + " |")
+    n = len(lines) - 2
+    text = "\n".join(lines) + f"\n\nBold: within {TARGET_GAP} of the grid's best. Within {TARGET_GAP}, of {n}: " + ", ".join(
+        f"{p} {within[p]}" + (" (the default)" if p == DEFAULT_PICK else "") for p in PICKS) + "\n"
     (Path(args.out) / f"sweep-{args.objective}-seed{args.seed}-{args.rewards.replace(',', '+')}.md").write_text(text)
     print("\n" + text)
 

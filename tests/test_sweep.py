@@ -22,20 +22,27 @@ def test_grid_and_rank_correlation():
 
 
 def test_each_pick_maximises_its_signal():
-    def trial(i, loss, acc, margin, win=None):
-        return Trial(i, {"optim.lr": i}, {"heldout_loss": loss, "heldout_implicit_acc": acc, "heldout_margin": margin},
-                     win)
+    def trial(i, loss, acc, margin, winner, drift, win=None):
+        return Trial(i, {"optim.lr": i}, {"heldout_loss": loss, "heldout_implicit_acc": acc, "heldout_margin": margin,
+                                          "heldout_winner_gain": winner, "heldout_drift": drift}, win)
 
-    trials = [trial(0, 0.69, 1.00, 0.001, 0.5), trial(1, 0.40, 0.80, 2.0, 0.9), trial(2, 0.90, 0.80, 5.0, 0.7)]
+    trials = [trial(0, 0.69, 1.00, 0.001, 0.0005, 1e-8, 0.5), trial(1, 0.40, 0.80, 2.0, 0.5, 1.0, 0.9),
+              trial(2, 0.90, 0.80, 5.0, -1.0, 100.0, 0.7)]
     assert choose(trials, False, "loss").index == 1
     assert choose(trials, False, "implicit_acc").index == 0  # accuracy counts signs: the tiny move wins it
     assert choose(trials, False, "margin").index == 2 == choose(trials, False).index  # the default: margin
+    assert choose(trials, False, "winner_gain").index == 1
+    # margin / sqrt(drift): 0.001 / 1e-4 = 10 beats 2 / 1 and 5 / 10: the direction, not the size
+    assert choose(trials, False, "margin_per_drift").index == 0
+    assert choose(trials, False, "guarded_margin").index == 1  # trial 2's winners got worse
+    assert choose([trials[2]], False, "guarded_margin").index == 2  # none guarded: the best winner gain
     assert choose(trials, True).index == 1  # with a reward: the win rate
     assert choose(trials[1:], False, "implicit_acc").index == 2  # tied accuracy: the larger margin
-    with pytest.raises(ConfigError, match="--pick 'wins': choose one of loss, margin, implicit_acc"):
+    with pytest.raises(ConfigError, match="--pick 'wins': choose one of loss, margin, implicit_acc, winner_gain"):
         choose(trials, False, "wins")
     table = sweep_table(trials, trials[1])
-    assert "| 0.001 |" not in table and "**chosen**" in table and "held-out loss: Spearman" in table
+    assert "| 0.001 |" not in table and "**chosen**" in table and "held-out guarded_margin: Spearman" in table
+    assert "| -1.000 |" in table  # the winner gain column
 
 
 @pytest.fixture(scope="module")

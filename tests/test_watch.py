@@ -69,7 +69,8 @@ def test_held_out_statistics_are_logged_and_start_neutral(tiny_sd15, make_config
                                   "train.max_steps=3", "train.heldout_every=2"))
     start = trainer.heldout.measure(trainer.backbone.unet)  # LoRA starts as the identity: policy == reference
     assert start == {"heldout_implicit_acc": 0.5, "heldout_ranking_acc": pytest.approx(start["heldout_ranking_acc"]),
-                     "heldout_margin": 0.0, "heldout_drift": 0.0, "heldout_loss": pytest.approx(0.693147, abs=1e-6)}
+                     "heldout_margin": 0.0, "heldout_winner_gain": 0.0, "heldout_drift": 0.0,
+                     "heldout_loss": pytest.approx(0.693147, abs=1e-6)}
     result = trainer.train()
     saved = json.loads((result.output_dir / "metrics.json").read_text())
     measured = [m["step"] for m in saved if "heldout_implicit_acc" in m]

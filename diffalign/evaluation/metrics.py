@@ -66,7 +66,9 @@ def pair_statistics(backbone, encoded: list[dict], resolution: int,
                     device: str | torch.device = "cpu", unet=None) -> dict[str, float]:
     """Implicit and ranking accuracy of the UNet's active adapter on encoded held-out pairs (see the module doc;
     the reference is the same UNet with adapters off), their mean implicit margin ``mean_t h`` with
-    ``h = (e_ref^w - e_ref^l) - (e_θ^w - e_θ^l)`` (×1000, per-pixel MSE units), and the policy's drift from the
+    ``h = (e_ref^w - e_ref^l) - (e_θ^w - e_θ^l)`` (×1000, per-pixel MSE units), its winner half ``e_ref^w - e_θ^w``
+    (``winner_gain``: positive when the policy denoises the held-out winners better than the reference; large steps
+    can grow the margin while making both images worse), and the policy's drift from the
     reference, ``mean over images and t of mean (pred_θ - pred_ref)²`` (×1000): the KL-like distance the adapter
     has moved, and the Diffusion-DPO loss of the held-out pairs at β = :data:`HELD_OUT_BETA` (log 2 at the start;
     it rewards moving toward held-out winners and punishes moving away, where accuracy only counts signs). Every
@@ -76,7 +78,7 @@ def pair_statistics(backbone, encoded: list[dict], resolution: int,
 
     unet = unet or backbone.unet
     g = torch.Generator().manual_seed(seed)
-    ranking, implicit, margin, drift, loss, n = 0.0, 0.0, 0.0, 0.0, 0.0, 0
+    ranking, implicit, margin, winner, drift, loss, n = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0
     for enc in encoded:
         z = torch.cat([enc["latents_w"], enc["latents_l"]]).to(device, torch.float32)
         cond = batch_conditioning(backbone, enc, resolution).repeat(2).to(device)
@@ -99,12 +101,13 @@ def pair_statistics(backbone, encoded: list[dict], resolution: int,
         ranking += ((pw < pl).float() + 0.5 * (pw == pl).float()).sum().item()
         implicit += ((inside > 0).float() + 0.5 * (inside == 0).float()).sum().item()
         margin += inside.sum().item() / len(timesteps)
+        winner += (rw - pw).sum().item() / len(timesteps)
         loss += torch.nn.functional.softplus(-0.5 * HELD_OUT_BETA * inside / len(timesteps)).sum().item()
         n += b
     if n == 0:
         raise ValueError("no held-out pairs to measure")
     return {"ranking_accuracy": ranking / n, "implicit_accuracy": implicit / n, "pairs": float(n),
-            "margin": 1000 * margin / n, "drift": 1000 * drift / (2 * n * len(timesteps)), "loss": loss / n}
+            "margin": 1000 * margin / n, "winner_gain": 1000 * winner / n, "drift": 1000 * drift / (2 * n * len(timesteps)), "loss": loss / n}
 
 
 def pair_accuracies(backbone, pairs, resolution: int, timesteps: Sequence[int] = (100, 300, 500, 700, 900),

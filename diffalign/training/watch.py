@@ -55,7 +55,8 @@ class HeldOutPairs:
         finally:
             unet.train(was_training)
         return {"heldout_implicit_acc": stats["implicit_accuracy"], "heldout_ranking_acc": stats["ranking_accuracy"],
-                "heldout_margin": stats["margin"], "heldout_drift": stats["drift"], "heldout_loss": stats["loss"]}
+                "heldout_margin": stats["margin"], "heldout_winner_gain": stats["winner_gain"],
+                "heldout_drift": stats["drift"], "heldout_loss": stats["loss"]}
 
 
 class RunWatcher:
