@@ -92,3 +92,54 @@ def test_a_run_built_to_overfit_is_warned_about(tiny_sd15, make_config, flipped,
     assert last["implicit_acc"] == 1.0 and last["heldout_implicit_acc"] < 0.6, last
     assert any("overfitting: training pairs at implicit accuracy 1.00" in w for w in result.warnings), result.warnings
     assert "overfitting" in caplog.text
+
+
+class _StubUNet:
+    """Adapters on or off, as :func:`diffalign.lora.reference_mode` switches them."""
+
+    adapters = True
+
+    def disable_adapters(self):
+        self.adapters = False
+
+    def enable_adapters(self):
+        self.adapters = True
+
+
+class _StubBackbone:
+    """Predicts the training target plus a fixed offset per image (winners first, then losers; policy or
+    reference by the adapters' state), so every squared error is known exactly: offset²."""
+
+    def __init__(self, policy, reference):
+        from diffusers import DDPMScheduler
+
+        self.scheduler = DDPMScheduler(num_train_timesteps=1000)
+        self.offsets = {True: torch.tensor(policy), False: torch.tensor(reference)}
+        self.unet = _StubUNet()
+
+    def time_ids(self, geometry, resolution):
+        return None
+
+    def target(self, z, noise, t):
+        self.last_target = noise
+        return noise
+
+    def predict(self, x_t, t, cond, unet):
+        return self.last_target + self.offsets[unet.adapters][:, None, None, None]
+
+
+def test_held_out_statistics_match_a_hand_computation():
+    from diffalign.evaluation.metrics import HELD_OUT_BETA, pair_statistics
+
+    # two pairs; squared errors (policy | reference): winners 0.01, 0.04 | 0.04, 0.04; losers 0.09, 0.01 | 0.04, 0.04
+    backbone = _StubBackbone(policy=[0.1, 0.2, 0.3, 0.1], reference=[0.2, 0.2, 0.2, 0.2])
+    encoded = [{"latents_w": torch.zeros(2, 4, 4, 4), "latents_l": torch.ones(2, 4, 4, 4),
+                "prompt_embeds": torch.zeros(2, 3, 8), "geometry": None}]
+    stats = pair_statistics(backbone, encoded, 32)
+    inside = [(0.04 - 0.04) - (0.01 - 0.09), (0.04 - 0.04) - (0.04 - 0.01)]  # +0.08 (right way), -0.03 (wrong)
+    assert stats["implicit_accuracy"] == 0.5 and stats["ranking_accuracy"] == 0.5  # pair 0 only
+    assert stats["margin"] == pytest.approx(1000 * sum(inside) / 2)  # +25
+    assert stats["winner_gain"] == pytest.approx(1000 * ((0.04 - 0.01) + (0.04 - 0.04)) / 2)  # +15
+    assert stats["drift"] == pytest.approx(1000 * (0.1 ** 2 + 0 + 0.1 ** 2 + 0.1 ** 2) / 4)  # mean (pred_θ - pred_ref)²
+    softplus = torch.nn.functional.softplus
+    assert stats["loss"] == pytest.approx(sum(softplus(torch.tensor(-0.5 * HELD_OUT_BETA * h)).item() for h in inside) / 2)
