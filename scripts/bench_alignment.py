@@ -41,7 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffalign.demo import FULL, align_and_evaluate, is_online, make_testbed_pairs, objective_overrides  # noqa: E402
-from diffalign.sweep import spearman  # noqa: E402
+from diffalign.sweep import PICKS, Trial, spearman  # noqa: E402
 from diffalign.testbed import rewards_of  # noqa: E402
 
 OFFLINE = ("dpo", "mapo", "inpo", "smpo", "kto")
@@ -92,15 +92,13 @@ def summarise(results: list[dict]) -> str:
         lines.append(f"| {name} | {reward} | {len(runs)} | {statistics.fmean(wins):.3f} ({min(wins):.2f}-{max(wins):.2f}) "
                      f"| {statistics.fmean(drops):+.1f} | {statistics.fmean(minutes):.1f} | {'yes' if met else 'no'} |")
     lines.append("")
-    for key, label in (("heldout_implicit_acc", "implicit accuracy"), ("heldout_margin", "margin"),
-                       ("heldout_loss", "loss (negated: lower is better)")):
-        sign = -1 if key == "heldout_loss" else 1
-        paired = [(sign * r["heldout"][key], r["win_rate"]["rate"]) for r in results
-                  if r.get("heldout", {}).get(key) is not None]
-        if len(paired) >= 3:
-            rho = spearman([a for a, _ in paired], [w for _, w in paired])
-            lines.append(f"Spearman rank correlation of the final held-out {label} with the win rate over "
-                         f"{len(paired)} runs: {rho:+.2f}")
+    measured = [r for r in results if r.get("heldout")]
+    for pick in PICKS:  # what each reward-free pick of `diffalign sweep` maximises
+        if len(measured) >= 3:
+            rho = spearman([Trial(0, {}, r["heldout"]).signal(pick) for r in measured],
+                           [r["win_rate"]["rate"] for r in measured])
+            lines.append(f"Spearman rank correlation of the held-out {pick} signal with the win rate over "
+                         f"{len(measured)} runs: {rho:+.2f}")
     return "\n".join(lines) + "\n"
 
 
