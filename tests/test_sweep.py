@@ -30,8 +30,8 @@ def test_each_pick_maximises_its_signal():
               trial(2, 0.90, 0.80, 5.0, -1.0, 100.0, 0.7)]
     assert choose(trials, False, "loss").index == 1
     assert choose(trials, False, "implicit_acc").index == 0  # accuracy counts signs: the tiny move wins it
-    assert choose(trials, False, "margin").index == 2 == choose(trials, False).index  # the default: margin
-    assert choose(trials, False, "winner_gain").index == 1
+    assert choose(trials, False, "margin").index == 2
+    assert choose(trials, False, "winner_gain").index == 1 == choose(trials, False).index  # the default
     # margin / sqrt(drift): 0.001 / 1e-4 = 10 beats 2 / 1 and 5 / 10: the direction, not the size
     assert choose(trials, False, "margin_per_drift").index == 0
     assert choose(trials, False, "guarded_margin").index == 1  # trial 2's winners got worse
