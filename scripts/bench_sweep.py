@@ -1,5 +1,5 @@
 """Does ``diffalign sweep`` recover a good setting on rewards nobody tuned for? For each report reward: the testbed's
-pairs (``bench_generalise``'s, reused when that script made them in the same ``--out``), one sweep of a shipped
+pairs (``bench_alignment``'s, reused when that script made them in the same ``--out``), one sweep of a shipped
 recipe over learning rate x beta (x steps) with the dense held-out pairs, every trial also scored by its win rate
 on the held-out prompts x 8 seeds (the judge, which the reward-free pick never sees).
 
@@ -33,7 +33,7 @@ TARGET_GAP = 0.05
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/generalise", help="output folder (bench_generalise's, to reuse its pairs)")
+    parser.add_argument("--out", default="runs/generalise", help="output folder (bench_alignment's, to reuse its pairs)")
     parser.add_argument("--objective", default="dpo", help="the shipped testbed recipe to sweep (a paired objective)")
     parser.add_argument("--rewards", default="report",
                         help="comma-separated testbed rewards, or 'tuning' / 'report' for the benchmark's sets")
