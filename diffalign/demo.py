@@ -23,7 +23,7 @@ from PIL import Image
 from . import testbed as tb
 from .config import load_config
 from .files import atomic_copy, atomic_write_text
-from .resources import recipe_path
+from .resources import builtin_recipes, recipe_path
 from .rewards import load_reward
 from .sampling.settings import Sampling
 
@@ -96,9 +96,18 @@ def make_testbed_pairs(out: Path, reward: str, budget: Budget, adapter: str | No
     return str(train), str(held)
 
 
+def testbed_recipe(objective: str, testbed: str = "sd15") -> Path:
+    """The shipped recipe of ``objective`` on the ``testbed`` model: ``testbed-sdxl-<objective>`` where the SDXL twin
+    has settings of its own (its step sizes differ from the SD1.5 testbed's), else ``testbed-<objective>``."""
+    name = objective.replace("_", "-")
+    if testbed == "sdxl" and f"testbed-sdxl-{name}" in builtin_recipes():
+        return recipe_path(f"testbed-sdxl-{name}")
+    return recipe_path(f"testbed-{name}")
+
+
 def train_on_testbed(out: Path, objective: str, pairs: str, budget: Budget, reward: str, prompts: Path,
                      overrides: list[str] = (), eval_pairs: str | None = None):
-    """Train the shipped recipe ``testbed-<objective>`` from the testbed into ``out / "adapter"``: from ``pairs``,
+    """Train the shipped recipe (:func:`testbed_recipe`) from the testbed into ``out / "adapter"``: from ``pairs``,
     or, for an online objective (D3PO, DDPO, GRPO), on ``prompts`` with ``reward``; ``eval_pairs`` are measured
     during training (``heldout_*`` metrics)."""
     from .registry import objective_class
@@ -118,7 +127,7 @@ def train_on_testbed(out: Path, objective: str, pairs: str, budget: Budget, rewa
         base.append(f"train.seed={budget.seed}")
     if eval_pairs:
         base.append(f"data.eval_pairs={eval_pairs}")
-    return train(load_config(recipe_path(f"testbed-{objective.replace('_', '-')}"), base + list(overrides)))
+    return train(load_config(testbed_recipe(objective, budget.testbed), base + list(overrides)))
 
 
 def evaluate_on_testbed(out: Path, adapter: Path, reward: str, budget: Budget, held_pairs: str) -> dict:

@@ -24,9 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffalign import testbed as tb  # noqa: E402
-from diffalign.demo import FULL, make_testbed_pairs, write_prompt_files  # noqa: E402
+from diffalign.demo import FULL, make_testbed_pairs, testbed_recipe, write_prompt_files  # noqa: E402
 from diffalign.evaluation.metrics import wilson_interval  # noqa: E402
-from diffalign.resources import recipe_path  # noqa: E402
 from diffalign.sweep import DEFAULT_PICK, PICKS, choose, run_sweep, sweep_table  # noqa: E402
 
 TARGET_GAP = 0.05
@@ -58,7 +57,7 @@ def main() -> None:
         overrides = [f"model.pretrained={tb.testbed_path(budget.testbed)}", f"data.dataset={train_pairs}",
                      f"cache.dir={shared / 'sweep-cache'}", "log.to=none", f"train.seed={args.seed}",
                      "train.heldout_every=0"]  # the pick reads only the final held-out measurement
-        trials, best = run_sweep(str(recipe_path(f"testbed-{args.objective}")), axes, held_pairs,
+        trials, best = run_sweep(str(testbed_recipe(args.objective, args.testbed)), axes, held_pairs,
                                  shared / f"sweep-{args.objective}", overrides, reward=reward, prompts=str(held_prompts),
                                  seeds=budget.eval_seeds, sampling=budget.sampling(seed_policy="shared"))
         print(f"\n## {args.objective} on {reward}, seed {args.seed}, {args.testbed} testbed\n\n{sweep_table(trials, best)}", flush=True)

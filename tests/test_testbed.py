@@ -115,6 +115,15 @@ def test_benchmark_reward_sets_are_disjoint_registered_rewards():
     assert tb.rewards_of("report,shape_size") == [*report, "shape_size"]
 
 
+def test_each_testbed_trains_its_own_recipe_where_it_has_one():
+    from diffalign.demo import testbed_recipe
+
+    assert testbed_recipe("dpo").name == "testbed-dpo.yaml"
+    assert testbed_recipe("dpo", "sdxl").name == "testbed-sdxl-dpo.yaml"  # the SD1.5 step size overshoots there
+    assert testbed_recipe("reward_backprop", "sdxl").name == "testbed-reward-backprop.yaml"  # none of its own
+    assert testbed_recipe("dpo", "sdxl").is_file() and testbed_recipe("reward_backprop", "sdxl").is_file()
+
+
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_testbed_model_follows_prompts(kind):
     """Each committed testbed (SD1.5 and SDXL architecture) loads into its stock pipeline and draws what held-out
@@ -151,6 +160,12 @@ def test_demo_quick(kind, tmp_path, capsys):
     assert report["pair_accuracy"]["pairs"] == 4 and report["testbed"] == kind
     adapter_config = (out / "adapter" / "config.yaml").read_text()
     assert str(tb.testbed_path(kind)) in adapter_config
+    from diffalign.config import load_config
+    from diffalign.demo import testbed_recipe
+
+    trained = load_config(out / "adapter" / "config.yaml")  # the testbed's own recipe (the SDXL twin has one)
+    assert (trained.optim.lr, trained.objective.beta) == (load_config(testbed_recipe("dpo", kind)).optim.lr,
+                                                          load_config(testbed_recipe("dpo", kind)).objective.beta)
     from PIL import Image
 
     grid = Image.open(out / "before_after.png")  # 4 held-out prompts, base over aligned, 32 px enlarged 4x, labelled
