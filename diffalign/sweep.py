@@ -7,9 +7,9 @@ held-out winner gain (how much better than the reference the policy denoises the
 testbed benchmark's tuning rewards over DPO lr x beta grids (the README's "Rewards nobody tuned for"): it and the
 held-out loss came within 0.05 of the grid's best win rate on 2 of 3 rewards, the margin and the implicit accuracy
 on 1; within one sweep over step sizes the margin and accuracy grow with the step while the images get worse, and
-the winner gain turns negative exactly there. With a reward (``reward`` + ``prompts``): the highest win rate
-against the base on those prompts (``diffalign eval``'s), and the table also gives each signal's rank correlation
-with it over the grid.
+the winner gain mostly turns negative there (not always: on jpeg_compressibility the best trial's was negative
+too). With a reward (``reward`` + ``prompts``): the highest win rate against the base on those prompts
+(``diffalign eval``'s), and the table also gives each signal's rank correlation with it over the grid.
 
 Resumable: a finished trial's ``trial.json`` is read back (the grid point must match); an interrupted one resumes
 from its last checkpoint. Writes ``sweep.json`` (every trial), ``best.yaml`` (the chosen trial's config, which
@@ -42,7 +42,8 @@ SHORT = {"lr": "optim.lr", "beta": "objective.beta", "max_steps": "train.max_ste
 # - winner_gain: how much better than the reference the policy denoises the held-out winners (highest). Large steps
 #   can grow the margin by making losers worse faster than winners (both get worse), which this does not reward;
 # - margin_per_drift: margin / sqrt(drift), the margin per unit the policy moved (highest): how well the move points
-#   toward the preference, whatever its size (the margin grows linearly with a small move, the drift quadratically);
+#   toward the preference (the margin grows linearly with a small move, the drift quadratically; on the testbed it
+#   still favoured the largest steps);
 # - guarded_margin: the highest margin among trials whose held-out winners did not get worse (winner_gain >= 0),
 #   else the highest winner_gain.
 PICKS = ("loss", "margin", "implicit_acc", "winner_gain", "margin_per_drift", "guarded_margin")
