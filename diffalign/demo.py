@@ -97,12 +97,12 @@ def make_testbed_pairs(out: Path, reward: str, budget: Budget, adapter: str | No
 
 
 def testbed_recipe(objective: str, testbed: str = "sd15") -> Path:
-    """The shipped recipe of ``objective`` on the ``testbed`` model: ``testbed-sdxl-<objective>`` where the SDXL twin
-    has settings of its own (its step sizes differ from the SD1.5 testbed's), else ``testbed-<objective>``."""
+    """The shipped recipe of ``objective`` on the ``testbed`` model: ``testbed-<testbed>-<objective>`` where that
+    testbed has settings of its own (the SDXL twin's DPO: its step sizes differ from the SD1.5 testbed's), else
+    ``testbed-<objective>``."""
     name = objective.replace("_", "-")
-    if testbed == "sdxl" and f"testbed-sdxl-{name}" in builtin_recipes():
-        return recipe_path(f"testbed-sdxl-{name}")
-    return recipe_path(f"testbed-{name}")
+    own = f"testbed-{testbed}-{name}"
+    return recipe_path(own if own in builtin_recipes() else f"testbed-{name}")
 
 
 def train_on_testbed(out: Path, objective: str, pairs: str, budget: Budget, reward: str, prompts: Path,
