@@ -93,12 +93,11 @@ def summarise(results: list[dict]) -> str:
                      f"| {statistics.fmean(drops):+.1f} | {statistics.fmean(minutes):.1f} | {'yes' if met else 'no'} |")
     lines.append("")
     measured = [r for r in results if r.get("heldout")]
-    for pick in PICKS:  # what each reward-free pick of `diffalign sweep` maximises
-        if len(measured) >= 3:
-            rho = spearman([Trial(0, {}, r["heldout"]).signal(pick) for r in measured],
-                           [r["win_rate"]["rate"] for r in measured])
-            lines.append(f"Spearman rank correlation of the held-out {pick} signal with the win rate over "
-                         f"{len(measured)} runs: {rho:+.2f}")
+    for pick in PICKS if len(measured) >= 3 else ():  # what each reward-free pick of `diffalign sweep` maximises
+        rho = spearman([Trial(0, {}, r["heldout"]).signal(pick) for r in measured],
+                       [r["win_rate"]["rate"] for r in measured])
+        lines.append(f"Spearman rank correlation of the held-out {pick} signal with the win rate over "
+                     f"{len(measured)} runs: {rho:+.2f}")
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,8 @@ on the held-out prompts x 8 seeds (the judge, which the reward-free pick never s
 
 Prints each sweep's table, then per reward the grid's best win rate and what each reward-free pick
 (``diffalign.sweep.PICKS``) would have won, bold where within 0.05 of the best (the issue's target), and how many
-rewards each pick got within 0.05 and inside the best trial's 95% Wilson interval (not measurably worse). Resumable (``diffalign sweep`` reads finished trials back).
+rewards each pick got within 0.05 and inside the best trial's 95% Wilson interval (not measurably worse).
+Resumable (``diffalign sweep`` reads finished trials back).
 """
 
 from __future__ import annotations

@@ -164,8 +164,8 @@ def test_demo_quick(kind, tmp_path, capsys):
     from diffalign.demo import testbed_recipe
 
     trained = load_config(out / "adapter" / "config.yaml")  # the testbed's own recipe (the SDXL twin has one)
-    assert (trained.optim.lr, trained.objective.beta) == (load_config(testbed_recipe("dpo", kind)).optim.lr,
-                                                          load_config(testbed_recipe("dpo", kind)).objective.beta)
+    recipe = load_config(testbed_recipe("dpo", kind))
+    assert (trained.optim.lr, trained.objective.beta) == (recipe.optim.lr, recipe.objective.beta)
     from PIL import Image
 
     grid = Image.open(out / "before_after.png")  # 4 held-out prompts, base over aligned, 32 px enlarged 4x, labelled

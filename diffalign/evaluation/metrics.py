@@ -107,7 +107,8 @@ def pair_statistics(backbone, encoded: list[dict], resolution: int,
     if n == 0:
         raise ValueError("no held-out pairs to measure")
     return {"ranking_accuracy": ranking / n, "implicit_accuracy": implicit / n, "pairs": float(n),
-            "margin": 1000 * margin / n, "winner_gain": 1000 * winner / n, "drift": 1000 * drift / (2 * n * len(timesteps)), "loss": loss / n}
+            "margin": 1000 * margin / n, "winner_gain": 1000 * winner / n,
+            "drift": 1000 * drift / (2 * n * len(timesteps)), "loss": loss / n}
 
 
 def pair_accuracies(backbone, pairs, resolution: int, timesteps: Sequence[int] = (100, 300, 500, 700, 900),
