@@ -35,6 +35,7 @@ class Budget:
     train_prompts: int = 128  # training prompts used (the first N of the testbed's 128)
     held_out_prompts: int = 16  # held-out prompts used for evaluation and held-out pairs
     per_prompt: int = 8  # images per prompt for make-pairs (best vs worst of 8: clearer preferences than of 4)
+    held_out_per_prompt: int = 8  # images per held-out prompt for the held-out pairs (every ordered pair of them)
     sample_steps: int = tb.SAMPLING.steps  # denoising steps for pairs and evaluation
     eval_seeds: int = 8  # seeds per held-out prompt in the evaluation
     train_steps: int | None = None  # None: the recipe's train.max_steps
@@ -48,7 +49,8 @@ class Budget:
 
 
 FULL = Budget()
-QUICK = Budget(train_prompts=12, held_out_prompts=4, per_prompt=2, sample_steps=6, eval_seeds=2, train_steps=4)
+QUICK = Budget(train_prompts=12, held_out_prompts=4, per_prompt=2, held_out_per_prompt=2, sample_steps=6, eval_seeds=2,
+               train_steps=4)
 
 
 def objective_overrides(items: list[str]) -> dict[str, list[str]]:
@@ -91,7 +93,7 @@ def make_testbed_pairs(out: Path, reward: str, budget: Budget, adapter: str | No
     train = make_pairs(model, train_prompts, heads, out / "pairs", **kwargs)  # the same images
     # Every ordered pair of the held-out images (28 per prompt, not 1): the held-out accuracies then move in steps
     # of 1/448, not 1/16, fine enough to rank runs (what `diffalign sweep` picks by).
-    held = make_pairs(model, held_prompts, heads, out / "held_out_pairs", per_prompt=budget.per_prompt,
+    held = make_pairs(model, held_prompts, heads, out / "held_out_pairs", per_prompt=budget.held_out_per_prompt,
                       pairing="all", sampling=budget.sampling(10_000))
     return str(train), str(held)
 

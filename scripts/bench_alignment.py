@@ -109,6 +109,8 @@ def main() -> None:
                         help="comma-separated testbed rewards, or 'tuning' / 'report' for the benchmark's sets")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds of the whole pipeline")
     parser.add_argument("--testbed", choices=("sd15", "sdxl"), default="sd15", help="the testbed model's architecture")
+    parser.add_argument("--per-prompt", type=int, default=FULL.per_prompt,
+                        help="images per training prompt that make-pairs draws and pairs best vs worst (use a new --out)")
     parser.add_argument("--set", action="append", default=[], metavar="OBJECTIVE:KEY=VALUE",
                         help="config override for one objective, e.g. dpo:optim.lr=1e-4 (repeatable)")
     args = parser.parse_args()
@@ -119,7 +121,7 @@ def main() -> None:
     done = {(r["objective"], r["reward"], r["seed"]) for r in results}
     for seed in map(int, args.seeds.split(",")):
         for reward in rewards_of(args.rewards):
-            budget = dataclasses.replace(FULL, seed=seed, testbed=args.testbed)
+            budget = dataclasses.replace(FULL, seed=seed, testbed=args.testbed, per_prompt=args.per_prompt)
             folder = out / f"{reward}-seed{seed}"
             start = time.time()
             pairs = make_testbed_pairs(folder / "shared", reward, budget)  # read back when made earlier
