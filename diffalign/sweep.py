@@ -168,7 +168,8 @@ def run_sweep(recipe: str | None, axes: dict[str, list], eval_pairs: str, out: s
         trial.heldout = {k: v for k, v in last.items() if k.startswith("heldout_")}
         trial.warnings = result.warnings
         if reward:
-            trial.win_rate = _win_rate(cfg, result.output_dir, reward, prompts, seeds, sampling, out, folder)
+            trial.win_rate = win_rate_vs_base(cfg.model.pretrained, result.output_dir, reward, prompts, seeds, sampling,
+                                              out / "base_images", folder / "eval")
         trial.minutes = (time.time() - start) / 60
         atomic_write_text(record, json.dumps(trial.__dict__, indent=1) + "\n")
         trials.append(trial)
@@ -182,20 +183,21 @@ def run_sweep(recipe: str | None, axes: dict[str, list], eval_pairs: str, out: s
     return trials, best
 
 
-def _win_rate(cfg, adapter: Path, reward: str, prompts: str, seeds: int, sampling, out: Path, folder: Path) -> float:
-    """The adapter's win rate against the base under ``reward`` on ``prompts`` (the base's images are drawn once for
-    the whole sweep and copied into each trial's evaluation)."""
+def win_rate_vs_base(base: str, adapter: Path, reward: str, prompts: str, seeds: int, sampling, base_images: Path,
+                     folder: Path) -> float:
+    """The adapter's win rate against the ``base`` model under ``reward`` on ``prompts`` x ``seeds``, evaluated into
+    ``folder`` (``diffalign eval``'s layout, so a rerun reuses its images). The base's images are drawn once into
+    ``base_images`` and copied into every later evaluation that shares that folder."""
     from .evaluation.evaluate import evaluate
     from .rewards import load_reward
     from .sampling.settings import Sampling
 
-    base_images = out / "base_images"
     if base_images.is_dir():
-        shutil.copytree(base_images, folder / "eval" / "images" / "base", dirs_exist_ok=True)
-    report = evaluate(cfg.model.pretrained, [adapter], prompts, {reward: load_reward(reward)}, folder / "eval",
+        shutil.copytree(base_images, folder / "images" / "base", dirs_exist_ok=True)
+    report = evaluate(base, [adapter], prompts, {reward: load_reward(reward)}, folder,
                       seeds=seeds, sampling=sampling or Sampling(seed_policy="shared"))
     if not base_images.is_dir():
-        shutil.copytree(folder / "eval" / "images" / "base", base_images)
+        shutil.copytree(folder / "images" / "base", base_images)
     aligned = next(name for name in report["images"] if name != "base")
     return report["win_rates"][aligned][reward]["rate"]
 

@@ -1,15 +1,18 @@
 """Does ``diffalign sweep`` recover a good setting on rewards nobody tuned for? For each report reward: the testbed's
 pairs (``bench_alignment``'s, reused when that script made them in the same ``--out``), one sweep of a shipped
-recipe over learning rate x beta (x steps) with the dense held-out pairs, every trial also scored by its win rate
-on the held-out prompts x 8 seeds (the judge, which the reward-free pick never sees).
+recipe over learning rate x beta (x steps) with the dense held-out pairs. Every trial is judged by its win rate on
+the held-out prompts x 8 seeds (the test, which no pick sees). ``diffalign sweep --reward`` picks by the win rate on
+*validation* prompts: 16 of the training prompts (every 8th) x 8 fresh seeds, as a user would validate on prompts of
+their own that are not the test's.
 
     python scripts/bench_sweep.py --out runs/generalise                        # DPO, the report rewards, seed 0
     python scripts/bench_sweep.py --objective mapo --lr 1e-4,3e-4,1e-3 --beta 1000,5000 --rewards centredness
     python scripts/bench_sweep.py --out runs/generalise_sdxl --testbed sdxl --rewards shape_size   # its own --out
 
-Prints each sweep's table, then per reward the grid's best win rate and what each reward-free pick
-(``diffalign.sweep.PICKS``) would have won, bold where within 0.05 of the best (the issue's target), and how many
-rewards each pick got within 0.05 and inside the best trial's 95% Wilson interval (not measurably worse).
+Prints each sweep's table (its win rate column: validation), then per reward the grid's best test win rate and the
+test win rate of what each pick would have chosen: the reward pick (validation win rate) and each reward-free pick
+(``diffalign.sweep.PICKS``), bold where within 0.05 of the best (the issue's target), and how many rewards each pick
+got within 0.05 and inside the best trial's 95% Wilson interval (not measurably worse).
 Resumable (``diffalign sweep`` reads finished trials back).
 """
 
@@ -27,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffalign import testbed as tb  # noqa: E402
 from diffalign.demo import FULL, make_testbed_pairs, testbed_recipe, write_prompt_files  # noqa: E402
 from diffalign.evaluation.metrics import wilson_interval  # noqa: E402
-from diffalign.sweep import DEFAULT_PICK, PICKS, choose, run_sweep, sweep_table  # noqa: E402
+from diffalign.files import atomic_write_text  # noqa: E402
+from diffalign.sweep import DEFAULT_PICK, PICKS, choose, run_sweep, spearman, sweep_table, win_rate_vs_base  # noqa: E402
 
 TARGET_GAP = 0.05
 
@@ -48,33 +52,49 @@ def main() -> None:
     axes = {"optim.lr": [float(v) for v in args.lr.split(",")], "objective.beta": [float(v) for v in args.beta.split(",")]}
     if args.max_steps:
         axes["train.max_steps"] = [int(v) for v in args.max_steps.split(",")]
-    lines = ["| reward | trials | best win rate | " + " | ".join(f"{p} pick" for p in PICKS) + " |",
-             "|---|---|---|" + "---|" * len(PICKS)]
-    within, tied = dict.fromkeys(PICKS, 0), dict.fromkeys(PICKS, 0)
+    picks = ("reward", *PICKS)  # "reward": `sweep --reward` on the validation prompts
+    lines = ["| reward | trials | best test win rate | " + " | ".join(f"{p} pick" for p in picks) + " | validation-test Spearman |",
+             "|---|---|---|" + "---|" * (len(picks) + 1)]
+    within, tied = dict.fromkeys(picks, 0), dict.fromkeys(picks, 0)
+    base = str(tb.testbed_path(budget.testbed))
     for reward in tb.rewards_of(args.rewards):
         shared = Path(args.out) / f"{reward}-seed{args.seed}"
         train_pairs, held_pairs = make_testbed_pairs(shared / "shared", reward, budget)
         _, held_prompts = write_prompt_files(shared / "shared" / "prompts", budget)
-        overrides = [f"model.pretrained={tb.testbed_path(budget.testbed)}", f"data.dataset={train_pairs}",
+        validation = shared / "shared" / "prompts" / "validation_prompts.txt"
+        atomic_write_text(validation, "\n".join(tb.split_prompts()[0][::8][: budget.held_out_prompts]) + "\n")
+        overrides = [f"model.pretrained={base}", f"data.dataset={train_pairs}",
                      f"cache.dir={shared / 'sweep-cache'}", "log.to=none", f"train.seed={args.seed}",
                      "train.heldout_every=0"]  # the pick reads only the final held-out measurement
-        trials, best = run_sweep(str(testbed_recipe(args.objective, args.testbed)), axes, held_pairs,
-                                 shared / f"sweep-{args.objective}", overrides, reward=reward, prompts=str(held_prompts),
-                                 seeds=budget.eval_seeds, sampling=budget.sampling(seed_policy="shared"))
-        print(f"\n## {args.objective} on {reward}, seed {args.seed}, {args.testbed} testbed\n\n{sweep_table(trials, best)}", flush=True)
-        won = {pick: choose(trials, by_reward=False, pick=pick).win_rate for pick in PICKS}
-        close = {pick for pick in PICKS if best.win_rate - won[pick] <= TARGET_GAP}
+        folder = shared / f"sweep-{args.objective}"
+        trials, best = run_sweep(str(testbed_recipe(args.objective, args.testbed)), axes, held_pairs, folder, overrides,
+                                 reward=reward, prompts=str(validation), seeds=budget.eval_seeds,
+                                 sampling=budget.sampling(20_000, seed_policy="shared"))
+        print(f"\n## {args.objective} on {reward}, seed {args.seed}, {args.testbed} testbed (win rate: validation)\n\n"
+              f"{sweep_table(trials, best)}", flush=True)
+        test = {t.name: win_rate_vs_base(base, folder / t.name / "run", reward, str(held_prompts), budget.eval_seeds,
+                                         budget.sampling(seed_policy="shared"), folder / "test_base_images",
+                                         folder / t.name / "test")
+                for t in trials}
+        top = max(test.values())
+        won = {"reward": test[best.name],
+               **{pick: test[choose(trials, by_reward=False, pick=pick).name] for pick in PICKS}}
+        close = {pick for pick in picks if top - won[pick] <= TARGET_GAP}
         within.update({pick: within[pick] + 1 for pick in close})
         # the grid's best is the largest of several noisy estimates: a pick inside its 95% interval is not
         # measurably worse at this many evaluation pairs
-        low, _ = wilson_interval(best.win_rate, budget.held_out_prompts * budget.eval_seeds)
-        tied.update({pick: tied[pick] + 1 for pick in PICKS if won[pick] >= low})
-        lines.append(f"| {reward} | {len(trials)} | {best.win_rate:.3f} ({best.values}) | "
-                     + " | ".join(f"**{won[p]:.3f}**" if p in close else f"{won[p]:.3f}" for p in PICKS) + " |")
+        low, _ = wilson_interval(top, budget.held_out_prompts * budget.eval_seeds)
+        tied.update({pick: tied[pick] + 1 for pick in picks if won[pick] >= low})
+        best_values = next(t.values for t in trials if test[t.name] == top)
+        rho = spearman([t.win_rate for t in trials], [test[t.name] for t in trials])
+        lines.append(f"| {reward} | {len(trials)} | {top:.3f} ({best_values}) | "
+                     + " | ".join(f"**{won[p]:.3f}**" if p in close else f"{won[p]:.3f}" for p in picks)
+                     + f" | {rho:+.2f} |")
     n = len(lines) - 2
-    text = "\n".join(lines) + f"\n\nBold: within {TARGET_GAP} of the grid's best. Within {TARGET_GAP}, of {n}: " + ", ".join(
-        f"{p} {within[p]}" + (" (the default)" if p == DEFAULT_PICK else "") for p in PICKS) + \
-        ". Inside the best's 95% Wilson interval: " + ", ".join(f"{p} {tied[p]}" for p in PICKS) + "\n"
+    text = "\n".join(lines) + f"\n\nTest win rate of each pick's trial. Bold: within {TARGET_GAP} of the grid's best. " \
+        f"Within {TARGET_GAP}, of {n}: " + ", ".join(
+            f"{p} {within[p]}" + (" (the default without a reward)" if p == DEFAULT_PICK else "") for p in picks) + \
+        ". Inside the best's 95% Wilson interval: " + ", ".join(f"{p} {tied[p]}" for p in picks) + "\n"
     (Path(args.out) / f"sweep-{args.objective}-seed{args.seed}-{args.rewards.replace(',', '+')}.md").write_text(text)
     print("\n" + text)
 
