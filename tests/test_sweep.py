@@ -95,6 +95,24 @@ def test_a_rigged_grid_picks_the_right_labels_and_resumes(testbed_pairs, monkeyp
         run_sweep("testbed-dpo", {"data.dataset": [str(good), str(flipped)]}, str(held_out), out / "s", _common(out))
 
 
+def test_with_a_reward_the_rigged_grid_is_picked_by_its_win_rate_on_validation_prompts(testbed_pairs):
+    good, flipped, held_out, out = testbed_pairs
+    from diffalign.sampling.settings import Sampling
+
+    axes = {"data.dataset": [str(flipped), str(good)]}
+    trials, best = run_sweep("testbed-dpo", axes, str(held_out), out / "r", _common(out), reward="shape_size",
+                             prompts=str(out / "train.txt"), seeds=2,
+                             sampling=Sampling(steps=8, guidance=5.0, seed=123, seed_policy="shared"))
+    by_name = {t.values["data.dataset"]: t for t in trials}
+    assert best.values["data.dataset"] == str(good), sweep_table(trials, best)
+    assert by_name[str(good)].win_rate > by_name[str(flipped)].win_rate
+    # the base's images are drawn once and shared: both trials compare against the very same files
+    base = sorted(p.name for p in (out / "r" / "base_images").iterdir())
+    assert len(base) == 16 * 2
+    for t in trials:
+        assert sorted(p.name for p in (out / "r" / t.name / "eval" / "images" / "base").iterdir()) == base
+
+
 def test_the_command_refuses_what_it_cannot_sweep(testbed_pairs, tmp_path, capsys):
     good, _, held_out, out = testbed_pairs
     base = ["sweep", "-c", "testbed-dpo", "--out", str(tmp_path / "o"), *sum((["--set", s] for s in _common(out)), [])]
