@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the held-out signal to pick by without --reward (diffalign.sweep.PICKS says what each "
                         "maximises; the README's sweep section, how well each did on the testbed benchmark)")
     p.add_argument("--reward", help="pick by this head's win rate vs the base on --prompts instead")
-    p.add_argument("--prompts", help="held-out prompts for the win rate (.txt or .jsonl)")
+    p.add_argument("--prompts", help="validation prompts for the win rate (.txt or .jsonl): not the prompts you will report on")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt for the win rate")
     add_sampling_arguments(p, seed_policy="shared", helps={"steps": "denoising steps of the win-rate images"})
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
