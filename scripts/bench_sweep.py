@@ -13,7 +13,8 @@ Prints each sweep's table (its win rate column: validation), then per reward the
 test win rate of what each pick would have chosen: the reward pick (validation win rate) and each reward-free pick
 (``diffalign.sweep.PICKS``), bold where within 0.05 of the best (the issue's target), and how many rewards each pick
 got within 0.05 and inside the best trial's 95% Wilson interval (not measurably worse).
-Resumable (``diffalign sweep`` reads finished trials back).
+Resumable (``diffalign sweep`` reads finished trials back). A folder made before the reward pick moved to the
+validation prompts holds test-prompt win rates in its trials: give a new ``--out``.
 """
 
 from __future__ import annotations
