@@ -77,7 +77,8 @@ def main() -> None:
                                          budget.sampling(seed_policy="shared"), folder / "test_base_images",
                                          folder / t.name / "test")
                 for t in trials}
-        top = max(test.values())
+        top_trial = max(trials, key=lambda t: test[t.name])
+        top = test[top_trial.name]
         won = {"reward": test[best.name],
                **{pick: test[choose(trials, by_reward=False, pick=pick).name] for pick in PICKS}}
         close = {pick for pick in picks if top - won[pick] <= TARGET_GAP}
@@ -86,9 +87,8 @@ def main() -> None:
         # measurably worse at this many evaluation pairs
         low, _ = wilson_interval(top, budget.held_out_prompts * budget.eval_seeds)
         tied.update({pick: tied[pick] + 1 for pick in picks if won[pick] >= low})
-        best_values = next(t.values for t in trials if test[t.name] == top)
         rho = spearman([t.win_rate for t in trials], [test[t.name] for t in trials])
-        lines.append(f"| {reward} | {len(trials)} | {top:.3f} ({best_values}) | "
+        lines.append(f"| {reward} | {len(trials)} | {top:.3f} ({top_trial.values}) | "
                      + " | ".join(f"**{won[p]:.3f}**" if p in close else f"{won[p]:.3f}" for p in picks)
                      + f" | {rho:+.2f} |")
     n = len(lines) - 2
