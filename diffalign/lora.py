@@ -65,13 +65,24 @@ def reference_mode(unet: torch.nn.Module) -> Iterator[None]:
         unet.enable_adapters()
 
 
+# peft's names -> diffusers' ``.lora.down/.lora.up`` naming, for every module alike. diffusers' own converter
+# renames attention projections only, leaving e.g. a resnet conv as ``lora_A``; diffusers' loader then picks one
+# naming from the first key and silently drops the modules written in the other (tests/test_lora_targets.py).
+PEFT_TO_DIFFUSERS_SUFFIX = {".lora_A.weight": ".lora.down.weight", ".lora_B.weight": ".lora.up.weight"}
+
+
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's weights with diffusers' key names (without the ``unet.`` prefix)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapter's weights with diffusers' key names (``<module>.lora.down.weight`` / ``.lora.up.weight``,
+    without the ``unet.`` prefix), one naming for every adapted module."""
     from peft.utils import get_peft_model_state_dict
 
-    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
+    out = {}
+    for key, value in get_peft_model_state_dict(unet).items():
+        suffix = next((s for s in PEFT_TO_DIFFUSERS_SUFFIX if key.endswith(s)), None)
+        if suffix is None:
+            raise ValueError(f"LoRA weight {key!r}: expected a name ending in .lora_A.weight or .lora_B.weight")
+        out[key[:-len(suffix)] + PEFT_TO_DIFFUSERS_SUFFIX[suffix]] = value.detach().to("cpu", torch.float32).contiguous()
+    return out
 
 
 def save_lora(unet: torch.nn.Module, out_dir: str | Path, pipeline_cls) -> Path:
