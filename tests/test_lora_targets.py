@@ -77,36 +77,40 @@ def test_our_loader_and_the_kohya_export_load_every_module(conv_adapter, tmp_pat
     assert torch.allclose(_unet_out(pipe.unet, kind), expected, atol=1e-5)
 
 
-def test_a_mixed_naming_file_from_an_earlier_version_loads_in_full(conv_adapter, tmp_path):
-    """Adapters written before the fix mix the two namings; ours loads all of it (stock diffusers cannot)."""
-    kind, base, out, modules, expected = conv_adapter
+def _rewritten(out, folder, change):
+    """A copy of the adapter in ``out`` with ``change`` applied to its tensors (the metadata kept) in ``folder``."""
     from safetensors import safe_open
 
     with safe_open(str(out / WEIGHT_NAME), "pt") as f:
         metadata = f.metadata()
-    tensors = load_file(str(out / WEIGHT_NAME))
-    mixed = {(k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.") if ".to_" not in k else k): v
-             for k, v in tensors.items()}
-    assert mixed.keys() != tensors.keys()
-    (tmp_path / "old").mkdir()
-    save_file(mixed, str(tmp_path / "old" / WEIGHT_NAME), metadata=metadata)
-    pipe = load_aligned_pipeline(str(base), tmp_path / "old")
+    folder.mkdir()
+    save_file(change(load_file(str(out / WEIGHT_NAME))), str(folder / WEIGHT_NAME), metadata=metadata)
+    return folder
+
+
+def test_a_mixed_naming_file_from_an_earlier_version_loads_in_full(conv_adapter, tmp_path):
+    """Adapters written before the fix mix the two namings; ours loads all of it (stock diffusers cannot)."""
+    kind, base, out, modules, expected = conv_adapter
+
+    def mix(tensors):
+        return {(k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.") if ".to_" not in k else k): v
+                for k, v in tensors.items()}
+
+    old = _rewritten(out, tmp_path / "old", mix)
+    assert any(".lora_A." in k for k in load_file(str(old / WEIGHT_NAME)))
+    pipe = load_aligned_pipeline(str(base), old)
     assert _lora_modules(pipe.unet) == modules
     assert torch.allclose(_unet_out(pipe.unet, kind), expected, atol=1e-5)
 
 
 def test_a_file_naming_a_module_the_unet_lacks_is_refused(conv_adapter, tmp_path):
     _, base, out, _, _ = conv_adapter
-    from safetensors import safe_open
 
-    with safe_open(str(out / WEIGHT_NAME), "pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(str(out / WEIGHT_NAME))
-    key = next(k for k in tensors if k.endswith(".lora.down.weight"))
-    module = key.removesuffix(".lora.down.weight")
-    tensors["unet.no_such_block.conv9.lora.down.weight"] = tensors[key].clone()
-    tensors["unet.no_such_block.conv9.lora.up.weight"] = tensors[f"{module}.lora.up.weight"].clone()
-    (tmp_path / "bad").mkdir()
-    save_file(tensors, str(tmp_path / "bad" / WEIGHT_NAME), metadata=metadata)
+    def add_missing_module(tensors):
+        module = next(k for k in tensors if k.endswith(".lora.down.weight")).removesuffix(".lora.down.weight")
+        tensors["unet.no_such_block.conv9.lora.down.weight"] = tensors[f"{module}.lora.down.weight"].clone()
+        tensors["unet.no_such_block.conv9.lora.up.weight"] = tensors[f"{module}.lora.up.weight"].clone()
+        return tensors
+
     with pytest.raises(AdapterError, match="no_such_block.conv9"):
-        load_aligned_pipeline(str(base), tmp_path / "bad")
+        load_aligned_pipeline(str(base), _rewritten(out, tmp_path / "bad", add_missing_module))
