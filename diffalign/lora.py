@@ -71,18 +71,26 @@ def reference_mode(unet: torch.nn.Module) -> Iterator[None]:
 PEFT_TO_DIFFUSERS_SUFFIX = {".lora_A.weight": ".lora.down.weight", ".lora_B.weight": ".lora.up.weight"}
 
 
+def diffusers_naming(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` with every peft ``.lora_A/.lora_B.weight`` key renamed ``.lora.down/.lora.up.weight``: one
+    naming for every module, which diffusers' loader and the kohya export read in full. Other keys are kept."""
+    out = {}
+    for key, value in state_dict.items():
+        suffix = next((s for s in PEFT_TO_DIFFUSERS_SUFFIX if key.endswith(s)), None)
+        out[key if suffix is None else key[:-len(suffix)] + PEFT_TO_DIFFUSERS_SUFFIX[suffix]] = value
+    return out
+
+
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's weights with diffusers' key names (``<module>.lora.down.weight`` / ``.lora.up.weight``,
     without the ``unet.`` prefix), one naming for every adapted module."""
     from peft.utils import get_peft_model_state_dict
 
-    out = {}
-    for key, value in get_peft_model_state_dict(unet).items():
-        suffix = next((s for s in PEFT_TO_DIFFUSERS_SUFFIX if key.endswith(s)), None)
-        if suffix is None:
-            raise ValueError(f"LoRA weight {key!r}: expected a name ending in .lora_A.weight or .lora_B.weight")
-        out[key[:-len(suffix)] + PEFT_TO_DIFFUSERS_SUFFIX[suffix]] = value.detach().to("cpu", torch.float32).contiguous()
-    return out
+    sd = diffusers_naming(get_peft_model_state_dict(unet))
+    odd = next((k for k in sd if not k.endswith(tuple(PEFT_TO_DIFFUSERS_SUFFIX.values()))), None)
+    if odd is not None:
+        raise ValueError(f"LoRA weight {odd!r}: expected a name ending in .lora_A.weight or .lora_B.weight")
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
 
 
 def save_lora(unet: torch.nn.Module, out_dir: str | Path, pipeline_cls) -> Path:

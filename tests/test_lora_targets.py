@@ -89,7 +89,8 @@ def _rewritten(out, folder, change):
 
 
 def test_a_mixed_naming_file_from_an_earlier_version_loads_in_full(conv_adapter, tmp_path):
-    """Adapters written before the fix mix the two namings; ours loads all of it (stock diffusers cannot)."""
+    """Adapters written before the fix mix the two namings; our loader and the export read all of it (stock
+    diffusers cannot)."""
     kind, base, out, modules, expected = conv_adapter
 
     def mix(tensors):
@@ -101,6 +102,10 @@ def test_a_mixed_naming_file_from_an_earlier_version_loads_in_full(conv_adapter,
     pipe = load_aligned_pipeline(str(base), old)
     assert _lora_modules(pipe.unet) == modules
     assert torch.allclose(_unet_out(pipe.unet, kind), expected, atol=1e-5)
+    kohya = export_kohya(old, tmp_path / "kohya.safetensors")  # the export reads both namings too
+    stock = stock_pipeline(str(base))
+    stock.load_lora_weights(str(kohya.parent), weight_name=kohya.name)
+    assert torch.allclose(_unet_out(stock.unet, kind), expected, atol=1e-5)
 
 
 def test_a_file_naming_a_module_the_unet_lacks_is_refused(conv_adapter, tmp_path):

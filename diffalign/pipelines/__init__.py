@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..lora import WEIGHT_NAME
+from ..lora import PEFT_TO_DIFFUSERS_SUFFIX, WEIGHT_NAME, diffusers_naming
 from ..models import ModelLoadError, model_kind, pipeline_class, pipeline_defaults
 
 
@@ -60,7 +60,8 @@ def load_adapter(pipe, file: Path, name: str) -> None:
             raise ValueError("not a LoRA state dict (every key must contain 'lora')")
         if not any(key.startswith("unet.") for key in state_dict):
             raise ValueError("no UNet LoRA weights in it")
-        state_dict = one_key_naming(state_dict)
+        # files written before every module was named alike mix the namings: read all of them
+        state_dict = diffusers_naming(state_dict)
         pipe.load_lora_into_unet(state_dict, network_alphas=network_alphas, unet=pipe.unet, adapter_name=name,
                                  metadata=metadata, _pipeline=pipe)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -74,20 +75,10 @@ def load_adapter(pipe, file: Path, name: str) -> None:
                            f"{type(pipe).__name__}'s UNet, e.g. {missing[0]!r}; is it for another base model?")
 
 
-def one_key_naming(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Adapters written before diffalign named every module alike mix ``.lora.down`` (attention) with peft's
-    ``.lora_A`` (everything else), and diffusers reads only the naming of the first key: rename the peft ones."""
-    if not any(".lora.down." in key for key in state_dict):
-        return state_dict
-    return {key.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight"): value
-            for key, value in state_dict.items()}
-
-
 def adapted_modules(state_dict: dict[str, torch.Tensor]) -> set[str]:
-    """The UNet modules an adapter's state dict adapts, by their names in the UNet."""
-    suffixes = (".lora.down.weight", ".lora_A.weight")
-    return {key.removeprefix("unet.").removesuffix(suffix) for key in state_dict for suffix in suffixes
-            if key.endswith(suffix)}
+    """The UNet modules a (diffusers-named) adapter state dict adapts, by their names in the UNet."""
+    suffix = PEFT_TO_DIFFUSERS_SUFFIX[".lora_A.weight"]
+    return {key.removeprefix("unet.").removesuffix(suffix) for key in state_dict if key.endswith(suffix)}
 
 
 def load_aligned_pipeline(base: str, adapters: str | Path | list[str | Path] = (), scales: float | list[float] = 1.0,

@@ -15,7 +15,7 @@ import yaml
 from safetensors import safe_open
 
 from ..files import atomic_folder, atomic_save_safetensors
-from ..lora import WEIGHT_NAME
+from ..lora import WEIGHT_NAME, diffusers_naming
 from ..models import KOHYA_BASE_VERSION, kind_of_unet_lora
 
 SUFFIXES = {".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight"}
@@ -32,7 +32,7 @@ def read_adapter(adapter: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not file.is_file():
         raise ExportError(f"adapter {str(adapter)!r}: no {WEIGHT_NAME} there (expected a diffalign output folder)")
     with safe_open(str(file), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = diffusers_naming({k: f.get_tensor(k) for k in f.keys()})  # older files mix two namings
         raw = (f.metadata() or {}).get("lora_adapter_metadata")
     if raw is None:
         raise ExportError(f"{file}: no lora_adapter_metadata (LoRA alpha unknown); was it written by diffalign?")
