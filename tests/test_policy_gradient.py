@@ -14,7 +14,7 @@ from diffalign.config import ConfigError, load_config
 from diffalign.data.readers import DataError
 from diffalign.objectives.ddpo import PerPromptStatTracker, ddpo_loss
 from diffalign.objectives.grpo import group_advantages, grpo_loss
-from diffalign.training.logprob import step_kl
+from diffalign.training.logprob import step_kl, step_stds
 from diffalign.training.trainer import Trainer, train
 
 # --- the losses ---------------------------------------------------------------------------------------------------
@@ -214,3 +214,45 @@ def test_a_fixed_batch_lowers_the_loss_toward_the_advantages(name, tiny_sd15, pg
     shift = log_prob - batch["old_log_prob"]
     assert losses[-1] < losses[0], losses
     assert shift[adv > 0].mean() > shift[adv < 0].mean(), (shift, adv)
+
+
+# --- steps too deterministic to train (objective.min_step_std) -----------------------------------------------------
+
+@pytest.mark.parametrize("betas", [{"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02},
+                                   {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}])
+def test_step_stds_are_the_schedulers_own_ddim_variance(betas):
+    """The testbed's schedule and SD's: η σ_t of every step equals diffusers' ``DDIMScheduler._get_variance``, and
+    the step into t = 1 is the near-deterministic one that ``min_step_std`` is for."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(**betas, set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+    scheduler.set_timesteps(20)
+    stds = step_stds(scheduler, eta=0.7)
+    gap = scheduler.config.num_train_timesteps // 20
+    expected = torch.stack([0.7 * scheduler._get_variance(t, t - gap).sqrt() for t in scheduler.timesteps])
+    torch.testing.assert_close(stds, expected.float(), rtol=1e-5, atol=1e-7)
+    assert stds[-2] < 0.05 <= stds[:-2].min()  # t = 51 -> 1; at η = 1 std 0.015 (testbed) / 0.041 (SD)
+
+
+@pytest.mark.parametrize("name", ["ddpo", "grpo", "d3po"])
+def test_min_step_std_leaves_the_near_deterministic_step_untrained(name, tiny_sd15, pg_config, online_config):
+    def make(*overrides):
+        if name == "d3po":
+            return Trainer(online_config(tiny_sd15, "d3po", "objective.prompts_per_round=2", "train.batch_size=1",
+                                         "train.max_steps=2", "objective.eval_every=0", *overrides))
+        return Trainer(pg_config(tiny_sd15, name, "objective.eval_every=0", *overrides))
+
+    def trained(trainer):
+        return {j for b in trainer.feed.batches(0) for _, j in b["items"]}
+
+    every = make()
+    assert trained(every) == {0, 1, 2} and every.feed.window == 3  # the default trains every step, as the papers
+    stds = step_stds(every.feed.source.scheduler, every.feed.source.eta)
+    smallest = int(stds.argmin())
+    floor = float(stds.sort().values[:2].mean())  # between the smallest std and the next
+    some = make(f"objective.min_step_std={floor}")
+    assert trained(some) == {0, 1, 2} - {smallest} and some.feed.window == 2
+    with pytest.raises(ConfigError, match=r"objective.min_step_std=10.0 leaves no step to train: the 3 steps' noise"):
+        make("objective.min_step_std=10")
+    with pytest.raises(ConfigError, match=r"objective.min_step_std"):
+        make("objective.min_step_std=-1")

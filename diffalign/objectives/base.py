@@ -9,6 +9,14 @@ from torch import Tensor
 
 from ..options import ConfigError
 
+# The help of ``objective.min_step_std``, an option of every rollout objective (D3PO, DDPO, GRPO).
+MIN_STEP_STD_HELP = (
+    "Steps whose sampling noise std (η·σ_t of the DDIM step) is under this are sampled but not trained. The "
+    "log-probability gradient of a step grows as 1/std while so little noise barely changes the image, so such "
+    "a step adds gradient noise and almost no reward signal. At η = 1 and 20 steps the last two have std 0.015 "
+    "and 0.007 on the testbed's schedule, 0.041 and 0.021 on SD1.5's and SDXL's, the others 0.15 or more. 0: "
+    "train every step, as the papers do; anything else is a deviation from them.")
+
 
 @dataclass
 class PairErrors:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..config import ConfigError, check_positive, option
 from ..rewards.combine import pairs_from_scores, signed
-from .base import StepLogProbs, implicit_accuracy
+from .base import MIN_STEP_STD_HELP, StepLogProbs, implicit_accuracy
 
 
 def d3po_step_loss(logp_w: Tensor, ref_logp_w: Tensor, logp_l: Tensor, ref_logp_l: Tensor, beta: float = 0.1,
@@ -57,6 +57,7 @@ class D3POOptions:
     prompts_per_round: int = option(20, "Online: prompts sampled per round by each process (the paper: 10 prompts x "
                                         "2 batches).")
     timestep_fraction: float = option(1.0, "Fraction of each trajectory's steps trained (a random subset per pair).")
+    min_step_std: float = option(0.0, MIN_STEP_STD_HELP)
     eval_every: int = option(0, "Online: mean reward on data.eval_prompts every N rounds (0: never).")
 
     def __post_init__(self) -> None:
@@ -71,6 +72,7 @@ class D3POOptions:
             raise ConfigError(f"objective.timestep_fraction={self.timestep_fraction!r} must be in (0, 1]",
                               ("objective.timestep_fraction",))
         check_positive("objective", "eval_every", self.eval_every, allow_zero=True)
+        check_positive("objective", "min_step_std", self.min_step_std, allow_zero=True)
 
 
 class D3PO:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..config import ConfigError, check_positive, option
 from ..rewards.combine import weighted
-from .base import StepRatios, check_reward_weights
+from .base import MIN_STEP_STD_HELP, StepRatios, check_reward_weights
 
 
 def clipped_surrogate(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float
@@ -115,6 +115,7 @@ class DDPOOptions:
     num_inner_epochs: int = option(1, "Passes over a round's samples (PPO epochs), each in a new order.")
     timestep_fraction: float = option(1.0, "Fraction of each trajectory's steps trained (a random subset per "
                                            "sample).")
+    min_step_std: float = option(0.0, MIN_STEP_STD_HELP)
     eval_every: int = option(0, "Mean reward on data.eval_prompts every N rounds (0: never).")
 
     def __post_init__(self) -> None:
@@ -135,6 +136,7 @@ def check_rollout_options(o) -> None:
         raise ConfigError(f"objective.timestep_fraction={o.timestep_fraction!r} must be in (0, 1]",
                           ("objective.timestep_fraction",))
     check_positive("objective", "eval_every", o.eval_every, allow_zero=True)
+    check_positive("objective", "min_step_std", o.min_step_std, allow_zero=True)
     check_reward_weights(o)
 
 

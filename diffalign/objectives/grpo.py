@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError, check_positive, option
-from .base import StepRatios
+from .base import MIN_STEP_STD_HELP, StepRatios
 from .ddpo import check_rollout_options, clipped_surrogate
 
 
@@ -72,6 +72,7 @@ class GRPOOptions:
     num_inner_epochs: int = option(1, "Passes over a round's samples, each in a new order.")
     timestep_fraction: float = option(0.6, "Fraction of the steps trained, one random subset per group (DanceGRPO: "
                                            "60%).")
+    min_step_std: float = option(0.0, MIN_STEP_STD_HELP)
     eval_every: int = option(0, "Mean reward on data.eval_prompts every N rounds (0: never).")
 
     @property

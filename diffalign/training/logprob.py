@@ -50,6 +50,12 @@ def step_kl(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
     return (((mean - ref_mean) ** 2) / (2 * std**2)).mean(dim=tuple(range(1, mean.dim())))
 
 
+def step_stds(scheduler, eta: float = 1.0) -> Tensor:
+    """The noise std ``η σ_t`` of each DDIM step of ``scheduler`` ([steps], in the order of its timesteps)."""
+    zeros = torch.zeros(len(scheduler.timesteps), 1, 1, 1)
+    return ddim_step_distribution(scheduler, zeros, scheduler.timesteps, zeros, eta)[1].flatten()
+
+
 def ddim_step_distribution(scheduler, model_output: Tensor, timestep: Tensor | int, sample: Tensor,
                            eta: float = 1.0) -> tuple[Tensor, Tensor]:
     """``(μ, std)`` of the Gaussian DDIM step ``p(x_{t-1} | x_t)`` (the module doc's arithmetic), fp32; std has

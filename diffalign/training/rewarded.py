@@ -96,15 +96,15 @@ class RewardedRolloutFeed:
     def _batches(self, rnd: RewardedRound) -> list[dict]:
         src, o = self.source, self.cfg.objective.options
         p, k = rnd.scores.shape[:2]
-        n, steps, trained = p * k, src.steps, src.trained_steps
+        n, trained = p * k, src.trained_steps
         g = src._generator(rnd.index, 1, shared=True)  # the same plan on every rank
         size, out = self.cfg.train.batch_size, []
         for _ in range(o.num_inner_epochs):
             if getattr(self.objective, "same_steps_in_group", False):
-                per_group = [torch.randperm(steps, generator=g)[:trained].tolist() for _ in range(p)]
+                per_group = [src.draw_steps(g) for _ in range(p)]
                 plan = [per_group[i // k] for i in range(n)]
             else:
-                plan = [torch.randperm(steps, generator=g)[:trained].tolist() for _ in range(n)]
+                plan = [src.draw_steps(g) for _ in range(n)]
             order = torch.randperm(n, generator=g).tolist()
             if src.world > 1:
                 per_rank = -(-n // src.world)

@@ -32,7 +32,7 @@ from ..objectives.d3po import rollout_pairs
 from ..rewards import load_rewards, parse_reward_options, score
 from ..sampling.settings import Sampling
 from ..sampling.trajectories import Rollouts, ddim_scheduler, guided_prediction, sample_rollouts
-from .logprob import ddim_step_distribution, gaussian_log_prob
+from .logprob import ddim_step_distribution, gaussian_log_prob, step_stds
 
 log = logging.getLogger(__name__)
 ROUND_FILE = "rollouts.safetensors"
@@ -95,7 +95,6 @@ class RolloutSource:
                             (" or data.labels (human feedback on `diffalign sample` output)" if labels_allowed else ""))
         self.steps, self.guidance = self.sampling.steps, self.sampling.guidance
         self.eta = self.sampling.trajectory_eta()
-        self.trained_steps = max(1, round(o.timestep_fraction * self.steps))
 
     @property
     def needs_text_encoders(self) -> bool:
@@ -107,9 +106,32 @@ class RolloutSource:
         processes, this rank's index, their number and how to gather every rank's rollouts and scores."""
         self.backbone, self.resolution, self.rank, self.world, self.gather = backbone, resolution, rank, world, gather
         self.scheduler = ddim_scheduler(backbone, self.steps)
+        self.trainable_steps = self._trainable_steps()
+        self.trained_steps = max(1, round(self.cfg.objective.timestep_fraction * len(self.trainable_steps)))
         negative = self.sampling.negative_prompt
         self.negative = self.stored.negative if self.stored is not None else self.backbone.at_resolution(
             self.backbone.encode_negative(negative), self.resolution)
+
+    def _trainable_steps(self) -> list[int]:
+        """The steps that may be trained: every step, or those whose noise std is at least
+        ``objective.min_step_std``."""
+        floor = getattr(self.cfg.objective, "min_step_std", 0.0)  # a plug-in rollout objective may not have it
+        stds = step_stds(self.scheduler, self.eta).tolist()
+        keep = [j for j, std in enumerate(stds) if std >= floor]
+        if not keep:
+            raise ConfigError(f"objective.min_step_std={floor!r} leaves no step to train: the {self.steps} steps' noise "
+                              f"std is at most {max(stds):.4g}", ("objective.min_step_std",))
+        if len(keep) < self.steps:
+            skipped = [j for j in range(self.steps) if j not in keep]
+            log.info("objective.min_step_std=%g: %d of %d steps are sampled but not trained (t = %s, noise std %s)",
+                     floor, len(skipped), self.steps, [int(self.scheduler.timesteps[j]) for j in skipped],
+                     [round(stds[j], 4) for j in skipped])
+        return keep
+
+    def draw_steps(self, generator: torch.Generator) -> list[int]:
+        """``trained_steps`` of the trainable steps, drawn at random (every step, in random order, by default)."""
+        pick = torch.randperm(len(self.trainable_steps), generator=generator)[: self.trained_steps]
+        return [self.trainable_steps[i] for i in pick.tolist()]
 
     def _encode(self, prompts: list[str]) -> Conditioning:
         return self.backbone.at_resolution(self.backbone.encode_prompt(prompts), self.resolution)
@@ -193,7 +215,7 @@ class RolloutSource:
         same on every rank and each rank takes its own slice of it; the last slices are padded from the start of
         the order (as torch's ``DistributedSampler`` does), so every rank runs the same number of micro-batches."""
         g = self._generator(rnd.index, 1, shared=True)
-        steps = [sorted(torch.randperm(self.steps, generator=g)[: self.trained_steps].tolist()) for _ in rnd.pairs]
+        steps = [sorted(self.draw_steps(g)) for _ in rnd.pairs]
         order = torch.randperm(len(rnd.pairs), generator=g).tolist()
         if self.world > 1 and order:
             per_rank = -(-len(order) // self.world)
