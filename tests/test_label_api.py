@@ -394,6 +394,17 @@ def test_serve_prints_the_address_and_releases_the_file(sample, monkeypatch, cap
         close_app(wide.app)
 
 
+def test_a_port_in_use_is_a_clear_error_and_releases_the_file(sample):
+    taken = make_label_server(sample, labels=sample / "other.jsonl", port=0)
+    try:
+        with pytest.raises(DataError, match=rf"--port {taken.server_port}: cannot listen there"):
+            make_label_server(sample, port=taken.server_port)
+        close_app(create_app(sample))  # the failed server left no lock on labels.jsonl
+    finally:
+        taken.server_close()
+        close_app(taken.app)
+
+
 def test_serve_refuses_a_bad_annotator_or_port(sample):
     from diffalign.labelling.server import serve
 

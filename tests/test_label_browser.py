@@ -4,13 +4,17 @@ rank by clicks and by keys, undo, thumbs, and resuming after a server restart.""
 from __future__ import annotations
 
 import json
+import random
 import shutil
+import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from diffalign.data.readers import DataError
 from diffalign.labelling.server import close_app, make_label_server, page_url
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install -e '.[dev]')")
@@ -38,11 +42,35 @@ def make_sample_folder(root: Path, prompts: int = 3, per_prompt: int = 3) -> Pat
     return root
 
 
+def _server_on(folder: Path, mode: str, port: int):
+    """A server on ``port``; a restart on the same port waits for the kernel to let the old one go."""
+    for _ in range(50):
+        try:
+            return make_label_server(folder, mode=mode, port=port)
+        except DataError:
+            if port == 0:
+                raise
+            time.sleep(0.1)
+    return make_label_server(folder, mode=mode, port=port)
+
+
+def _port_outside_the_ephemeral_range() -> int:
+    """A free port under 32768, so no outgoing connection takes it while the test restarts its server."""
+    for port in random.Random().sample(range(20000, 32000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    return 0
+
+
 class Running:
     """The real threaded server on a free port, in a thread."""
 
     def __init__(self, folder: Path, mode: str = "rank", port: int = 0) -> None:
-        self.server = make_label_server(folder, mode=mode, port=port)
+        self.server = _server_on(folder, mode, port)
         self.port = self.server.server_port
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -95,7 +123,7 @@ def _showing(page, pid: int, progress: str) -> None:
 def test_rank_by_clicks_and_keys_undo_and_resume(tmp_path, page):
     expect = playwright_api.expect
     folder = make_sample_folder(tmp_path / "sample")
-    running = Running(folder)
+    running = Running(folder, port=_port_outside_the_ephemeral_range())  # restarted on the same port below
     try:
         page.goto(running.url())  # no name yet: the page asks for one
         expect(page.locator("body")).to_have_attribute("data-state", "who")

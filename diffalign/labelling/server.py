@@ -222,9 +222,12 @@ def make_label_server(folder: str | Path, labels: str | Path | None = None, mode
     app = create_app(folder, labels, mode, hosts=[host] if loopback else ["*"])
     try:
         return make_server(host, port, app, threaded=True)
-    except OSError as e:
+    except (OSError, SystemExit) as e:
+        # werkzeug reports a port in use on stderr and calls sys.exit(1) from inside the constructor: a library
+        # call must not end the process, and the label file's lock must go with the failed server
         close_app(app)
-        raise DataError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); try another --port "
+        reason = getattr(e, "strerror", None) or "in use, or not an address of this machine"
+        raise DataError(f"--host {host} --port {port}: cannot listen there ({reason}); try another --port "
                         "(0 picks a free one)") from None
 
 
