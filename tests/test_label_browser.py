@@ -43,15 +43,15 @@ def make_sample_folder(root: Path, prompts: int = 3, per_prompt: int = 3) -> Pat
 
 
 def _server_on(folder: Path, mode: str, port: int):
-    """A server on ``port``; a restart on the same port waits for the kernel to let the old one go."""
-    for _ in range(50):
+    """A server on ``port``; a restart on the same port waits up to 5 s for the kernel to let the old one go."""
+    deadline = time.monotonic() + 5
+    while True:
         try:
             return make_label_server(folder, mode=mode, port=port)
         except DataError:
-            if port == 0:
+            if port == 0 or time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
-    return make_label_server(folder, mode=mode, port=port)
 
 
 def _port_outside_the_ephemeral_range() -> int:
