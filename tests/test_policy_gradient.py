@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from diffalign.config import ConfigError, load_config
@@ -256,3 +257,90 @@ def test_min_step_std_leaves_the_near_deterministic_step_untrained(name, tiny_sd
         make("objective.min_step_std=10")
     with pytest.raises(ConfigError, match=r"objective.min_step_std"):
         make("objective.min_step_std=-1")
+
+
+# --- each step's loss weighted as on an ε-prediction model (objective.step_weighting) -------------------------------
+
+def _diffusers_gain(scheduler, t, eta):
+    """|∂μ/∂(output)| of one step from diffusers' own ``DDIMScheduler.step`` (no noise added: the mean)."""
+    zero, one = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+    def mean(out):
+        return scheduler.step(out, t, zero, eta=eta, variance_noise=zero).prev_sample
+    return (mean(one) - mean(zero)).abs().item()
+
+
+@pytest.mark.parametrize("betas", [{"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02},
+                                   {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_epsilon_step_weights_are_the_ratio_of_diffusers_step_gains(betas, prediction):
+    """The weight of a step is |∂μ/∂ε| / |∂μ/∂(output)| of diffusers' own DDIM step, scaled to mean 1 over the
+    trained steps: exactly 1 on ε-prediction, and on v-prediction the first step weighs ~100x the last trained."""
+    from diffusers import DDIMScheduler
+
+    from diffalign.training.logprob import step_weights
+
+    common = dict(**betas, set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+    own = DDIMScheduler(**common, prediction_type=prediction)
+    eps = DDIMScheduler(**common, prediction_type="epsilon")
+    for s in (own, eps):
+        s.set_timesteps(20)
+    trained = list(range(18))  # min_step_std 0.05 leaves out the last two
+    weights = step_weights(own, 0.8, "epsilon", trained)
+    ratio = torch.tensor([_diffusers_gain(eps, t, 0.8) / _diffusers_gain(own, t, 0.8) for t in own.timesteps])
+    torch.testing.assert_close(weights, ratio / ratio[trained].mean(), rtol=1e-4, atol=1e-6)
+    assert weights[trained].mean().item() == pytest.approx(1.0)
+    if prediction == "epsilon":
+        assert torch.equal(weights, torch.ones(20))
+    if prediction == "v_prediction":
+        assert weights[0] / weights[17] > 5  # the early, layout-setting steps are the ones lifted
+    assert torch.equal(step_weights(own, 0.8, "none", trained), torch.ones(20))
+
+
+def test_step_weights_scale_each_samples_loss_by_hand():
+    from diffalign.objectives.d3po import d3po_step_loss
+
+    log_prob, old = torch.tensor([0.0, 0.1]), torch.zeros(2)
+    adv, w = torch.tensor([1.0, -2.0]), torch.tensor([3.0, 0.5])
+    want = (3.0 * -1.0 + 0.5 * 2.0 * math.exp(0.1)) / 2  # the second: max(2·e^0.1, 2·1.05)
+    assert ddpo_loss(log_prob, old, adv, clip_range=0.05, weight=w)[0].item() == pytest.approx(want, rel=1e-6)
+    assert grpo_loss(log_prob, old, adv, clip_range=0.05, weight=w)[0].item() == pytest.approx(want, rel=1e-6)
+    lw, lr = torch.tensor([0.05, 0.0]), torch.tensor([0.0, 0.02])
+    loss, _ = d3po_step_loss(lw, torch.zeros(2), lr, torch.zeros(2), beta=2.0, clip=0.1, weight=w)
+    want = (3.0 * -F.logsigmoid(torch.tensor(2 * 0.05)) + 0.5 * -F.logsigmoid(torch.tensor(-2 * 0.02))) / 2
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ddpo", "grpo", "d3po"])
+def test_step_weighting_reaches_every_micro_batch(name, tiny_sd15, pg_config, online_config):
+    """On a v-prediction model every micro-batch carries its steps' weights into the loss; the default weighs every
+    step 1; a bad rule is refused. Before the first update the policy is the sampler and the reference (LoRA
+    B = 0), so each sample's loss is known: -A for DDPO and GRPO (every ratio 1), log 2 for D3PO."""
+    from diffalign.training.logprob import step_weights
+
+    def make(*overrides):
+        v = "model.prediction_type=v_prediction"
+        if name == "d3po":
+            return Trainer(online_config(tiny_sd15, "d3po", "objective.prompts_per_round=2", "train.batch_size=2",
+                                         "objective.eval_every=0", v, *overrides))
+        return Trainer(pg_config(tiny_sd15, name, "objective.eval_every=0", v, *overrides))
+
+    plain, weighted = make(), make("objective.step_weighting=epsilon")
+    src = weighted.feed.source
+    want = step_weights(src.scheduler, src.eta, "epsilon", src.trainable_steps)
+    assert (want - 1).abs().max() > 0.1
+    assert all(torch.equal(b["weight"], torch.ones(len(b["weight"]))) for b in plain.feed.batches(0))
+    batches = weighted.feed.batches(0)
+    assert batches
+    for batch in batches:
+        steps = torch.tensor([j for _, j in batch["items"]])
+        torch.testing.assert_close(batch["weight"], want[steps])
+        with torch.no_grad():
+            loss, _ = weighted.feed.loss(weighted.unet, batch, 0)
+        if name == "d3po":
+            expected = batch["weight"].mean() * math.log(2)
+        else:
+            expected = (-batch["weight"] * batch["advantages"].clamp(-5, 5)).mean()
+        torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"objective.step_weighting='sigma' is not valid; choose one of none, "
+                                          r"epsilon"):
+        make("objective.step_weighting=sigma")

@@ -7,7 +7,7 @@ from typing import Literal, Protocol
 
 from torch import Tensor
 
-from ..options import ConfigError
+from ..options import ConfigError, check_choice
 
 # The help of ``objective.min_step_std``, an option of every rollout objective (D3PO, DDPO, GRPO).
 MIN_STEP_STD_HELP = (
@@ -16,6 +16,20 @@ MIN_STEP_STD_HELP = (
     "a step adds gradient noise and almost no reward signal. At η = 1 and 20 steps the last two have std 0.015 "
     "and 0.007 on the testbed's schedule, 0.041 and 0.021 on SD1.5's and SDXL's, the others 0.15 or more. 0: "
     "train every step, as the papers do; anything else is a deviation from them.")
+
+# ``objective.step_weighting``, likewise: how each trained step's loss is weighted (training/logprob.step_weights).
+STEP_WEIGHTINGS = ("none", "epsilon")
+STEP_WEIGHTING_HELP = (
+    "Weight of each denoising step's loss. none: 1, as the papers. epsilon: |dμ/dε| / |dμ/d(output)| of the DDIM "
+    "step, scaled to mean 1 over the trained steps, so each step's gradient has the size relative to the others "
+    "that it has on an ε-prediction model (where DDPO, D3PO and GRPO were made): exactly 1 there; on a "
+    "v-prediction model the early, layout-setting steps otherwise get ~100x less gradient than the last ones. "
+    "epsilon on a v-prediction model is a deviation from the papers.")
+
+
+def check_step_weighting(options) -> None:
+    """``objective.step_weighting`` names a rule of :data:`STEP_WEIGHTINGS`."""
+    check_choice("objective", "step_weighting", options.step_weighting, STEP_WEIGHTINGS)
 
 
 @dataclass
@@ -50,6 +64,7 @@ class StepLogProbs:
     ref_w: Tensor
     policy_l: Tensor
     ref_l: Tensor
+    weight: Tensor | None = None  # each pair's step weight (objective.step_weighting); None: 1
 
 
 @dataclass
@@ -63,6 +78,7 @@ class StepRatios:
     old_log_prob: Tensor
     advantages: Tensor
     kl: Tensor | None = None
+    weight: Tensor | None = None  # each sample's step weight (objective.step_weighting); None: 1
 
 
 class Objective(Protocol):

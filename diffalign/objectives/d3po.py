@@ -4,7 +4,7 @@ For step j of a pair whose winner w and loser l share the initial latent, with `
 step log-probability (:mod:`diffalign.training.logprob`):
 
     r_i    = clamp(exp(log π_θ(i) - log π_ref(i)), 1 - ε, 1 + ε)      for i in {w, l}
-    loss_j = -logsigmoid(β · (log r_w - log r_l))
+    loss_j = -logsigmoid(β · (log r_w - log r_l))        (times the step's weight under ``step_weighting``)
 
 ε = 0.1, β = 0.1. The clamp zeroes the gradient of a ratio outside the band (the policy may not move further
 from the reference on that step). Steps are separate losses combined by gradient accumulation (the trainer).
@@ -20,16 +20,24 @@ from torch import Tensor
 
 from ..config import ConfigError, check_positive, option
 from ..rewards.combine import pairs_from_scores, signed
-from .base import MIN_STEP_STD_HELP, StepLogProbs, implicit_accuracy
+from .base import (
+    MIN_STEP_STD_HELP,
+    STEP_WEIGHTING_HELP,
+    StepLogProbs,
+    check_step_weighting,
+    implicit_accuracy,
+)
 
 
 def d3po_step_loss(logp_w: Tensor, ref_logp_w: Tensor, logp_l: Tensor, ref_logp_l: Tensor, beta: float = 0.1,
-                   clip: float = 0.1) -> tuple[Tensor, dict[str, float]]:
-    """Mean over the batch of the per-step D3PO loss (each input shape [B], fp32). Returns ``(loss, metrics)``."""
+                   clip: float = 0.1, weight: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    """Mean over the batch of the per-step D3PO loss (each input shape [B], fp32; ``weight`` each pair's step
+    weight, default 1). Returns ``(loss, metrics)``."""
     log_r_w = torch.clamp(torch.exp(logp_w - ref_logp_w), 1 - clip, 1 + clip).log()
     log_r_l = torch.clamp(torch.exp(logp_l - ref_logp_l), 1 - clip, 1 + clip).log()
     inside = beta * (log_r_w - log_r_l)
-    loss = -F.logsigmoid(inside).mean()
+    per_pair = -F.logsigmoid(inside)
+    loss = (per_pair if weight is None else weight.float() * per_pair).mean()
     ratio = torch.cat([logp_w - ref_logp_w, logp_l - ref_logp_l]).detach().exp()
     metrics = {"loss": loss.item(), "log_ratio_w": (logp_w - ref_logp_w).mean().item(),
                "log_ratio_l": (logp_l - ref_logp_l).mean().item(), "margin": inside.mean().item(),
@@ -58,6 +66,7 @@ class D3POOptions:
                                         "2 batches).")
     timestep_fraction: float = option(1.0, "Fraction of each trajectory's steps trained (a random subset per pair).")
     min_step_std: float = option(0.0, MIN_STEP_STD_HELP)
+    step_weighting: str = option("none", STEP_WEIGHTING_HELP)
     eval_every: int = option(0, "Online: mean reward on data.eval_prompts every N rounds (0: never).")
 
     def __post_init__(self) -> None:
@@ -73,6 +82,7 @@ class D3POOptions:
                               ("objective.timestep_fraction",))
         check_positive("objective", "eval_every", self.eval_every, allow_zero=True)
         check_positive("objective", "min_step_std", self.min_step_std, allow_zero=True)
+        check_step_weighting(self)
 
 
 class D3PO:
@@ -87,4 +97,5 @@ class D3PO:
         self.options, self.beta, self.clip = options, options.beta, options.clip_range
 
     def __call__(self, logps: StepLogProbs) -> tuple[Tensor, dict[str, float]]:
-        return d3po_step_loss(logps.policy_w, logps.ref_w, logps.policy_l, logps.ref_l, self.beta, self.clip)
+        return d3po_step_loss(logps.policy_w, logps.ref_w, logps.policy_l, logps.ref_l, self.beta, self.clip,
+                              logps.weight)

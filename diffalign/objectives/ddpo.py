@@ -7,7 +7,7 @@ For step j of a trajectory with advantage A and the log-probability ``log p_old`
     ratio  = exp(log p_θ(x_{t-1} | x_t) - log p_old(x_{t-1} | x_t))
     loss_j = mean(max(-A · ratio, -A · clamp(ratio, 1 - ε, 1 + ε)))
 
-ε = ``clip_range`` = 1e-4, ``adv_clip_max`` = 5. Advantages are per-prompt normalised rewards
+(times the step's weight w_j under ``step_weighting``, 1 by default and on ε-prediction models). ε = ``clip_range`` = 1e-4, ``adv_clip_max`` = 5. Advantages are per-prompt normalised rewards
 (:class:`PerPromptStatTracker`: each prompt's recent rewards, or the whole round's until a prompt has
 ``min_count``), or, without tracking, the round's ``(r - mean) / (std + 1e-8)``. Steps are separate losses combined
 by gradient accumulation (the trainer), as ddpo-pytorch accumulates over every trained step of a batch.
@@ -25,18 +25,26 @@ from torch import Tensor
 
 from ..config import ConfigError, check_positive, option
 from ..rewards.combine import weighted
-from .base import MIN_STEP_STD_HELP, StepRatios, check_reward_weights
+from .base import (
+    MIN_STEP_STD_HELP,
+    STEP_WEIGHTING_HELP,
+    StepRatios,
+    check_reward_weights,
+    check_step_weighting,
+)
 
 
-def clipped_surrogate(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float
-                      ) -> tuple[Tensor, dict[str, float]]:
-    """PPO's clipped objective as a loss, ``mean(max(-A·r, -A·clamp(r, 1-ε, 1+ε)))`` (inputs [B], fp32), with
-    ``approx_kl = ½·mean((log p_θ - log p_old)²)`` and ``clip_frac`` (the share with ``|r - 1| > ε``)."""
+def clipped_surrogate(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float,
+                      weight: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    """PPO's clipped objective as a loss, ``mean(w·max(-A·r, -A·clamp(r, 1-ε, 1+ε)))`` (inputs [B], fp32; ``w``
+    each sample's step weight, default 1), with ``approx_kl = ½·mean((log p_θ - log p_old)²)`` and ``clip_frac``
+    (the share with ``|r - 1| > ε``)."""
     diff = log_prob - old_log_prob
     ratio = torch.exp(diff)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    per_sample = torch.maximum(unclipped, clipped)
+    loss = (per_sample if weight is None else weight.float() * per_sample).mean()
     d = diff.detach()
     metrics = {"loss": loss.item(), "approx_kl": 0.5 * (d**2).mean().item(),
                "clip_frac": ((d.exp() - 1).abs() > clip_range).float().mean().item(),
@@ -45,11 +53,12 @@ def clipped_surrogate(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor
 
 
 def ddpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float = 1e-4,
-              adv_clip_max: float = 5.0) -> tuple[Tensor, dict[str, float]]:
+              adv_clip_max: float = 5.0, weight: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """DDPO's per-step loss (each input shape [B] for one denoising step): advantages clamped to
-    ``[-adv_clip_max, adv_clip_max]``, then :func:`clipped_surrogate`. Returns ``(loss, metrics)``."""
+    ``[-adv_clip_max, adv_clip_max]``, then :func:`clipped_surrogate` (``weight``: each sample's step weight).
+    Returns ``(loss, metrics)``."""
     adv = torch.clamp(advantages.float(), -adv_clip_max, adv_clip_max)
-    loss, metrics = clipped_surrogate(log_prob.float(), old_log_prob.float(), adv, clip_range)
+    loss, metrics = clipped_surrogate(log_prob.float(), old_log_prob.float(), adv, clip_range, weight)
     metrics["advantage"] = adv.abs().mean().item()
     return loss, metrics
 
@@ -116,6 +125,7 @@ class DDPOOptions:
     timestep_fraction: float = option(1.0, "Fraction of each trajectory's steps trained (a random subset per "
                                            "sample).")
     min_step_std: float = option(0.0, MIN_STEP_STD_HELP)
+    step_weighting: str = option("none", STEP_WEIGHTING_HELP)
     eval_every: int = option(0, "Mean reward on data.eval_prompts every N rounds (0: never).")
 
     def __post_init__(self) -> None:
@@ -137,6 +147,7 @@ def check_rollout_options(o) -> None:
                           ("objective.timestep_fraction",))
     check_positive("objective", "eval_every", o.eval_every, allow_zero=True)
     check_positive("objective", "min_step_std", o.min_step_std, allow_zero=True)
+    check_step_weighting(o)
     check_reward_weights(o)
 
 
@@ -163,7 +174,7 @@ class DDPO:
 
     def __call__(self, step: StepRatios) -> tuple[Tensor, dict[str, float]]:
         return ddpo_loss(step.log_prob, step.old_log_prob, step.advantages, self.options.clip_range,
-                         self.options.adv_clip_max)
+                         self.options.adv_clip_max, step.weight)
 
     def state_dict(self) -> dict:
         return {"tracker": self.tracker.state_dict()} if self.tracker else {}

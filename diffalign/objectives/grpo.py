@@ -6,10 +6,10 @@ group, with ``r`` the rewards of its group:
 
     A_i    = (r_i - mean(r)) / (std(r) + 1e-4)           (population std; equal rewards give A = 0)
     ratio  = exp(log p_θ(x_{t-1} | x_t) - log p_old(x_{t-1} | x_t))
-    loss_j = mean(max(-A · ratio, -A · clamp(ratio, 1 - ε, 1 + ε))) + kl_beta · mean(KL_j)
+    loss_j = mean(w_j · max(-A · ratio, -A · clamp(ratio, 1 - ε, 1 + ε))) + kl_beta · mean(KL_j)
     KL_j   = ||μ_θ - μ_ref||² / (2 σ_t²), averaged over latent elements (the Gaussian DDIM steps share σ_t)
 
-Several reward heads: the weighted sum of each head's group-normalised advantage. Each group trains on the same
+w_j is the step's weight under ``step_weighting`` (1 by default, and on ε-prediction models). Several reward heads: the weighted sum of each head's group-normalised advantage. Each group trains on the same
 random ``timestep_fraction`` of its steps (DanceGRPO trains 60%). Advantages are also clamped to
 ``[-adv_clip_max, adv_clip_max]`` as in DDPO and Flow-GRPO (with G samples |A| <= sqrt(G - 1), so the clamp only
 acts for groups larger than 26 at the default 5).
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError, check_positive, option
-from .base import MIN_STEP_STD_HELP, StepRatios
+from .base import MIN_STEP_STD_HELP, STEP_WEIGHTING_HELP, StepRatios
 from .ddpo import check_rollout_options, clipped_surrogate
 
 
@@ -40,11 +40,12 @@ def group_advantages(rewards: Tensor, groups: Tensor, eps: float = 1e-4) -> Tens
 
 
 def grpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float = 1e-4,
-              adv_clip_max: float = 5.0, kl: Tensor | None = None, kl_beta: float = 0.0
-              ) -> tuple[Tensor, dict[str, float]]:
-    """GRPO's per-step loss (inputs [B] for one denoising step; ``kl`` the per-sample KL to the reference)."""
+              adv_clip_max: float = 5.0, kl: Tensor | None = None, kl_beta: float = 0.0,
+              weight: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    """GRPO's per-step loss (inputs [B] for one denoising step; ``kl`` the per-sample KL to the reference;
+    ``weight`` each sample's step weight on the surrogate, not on the KL)."""
     adv = torch.clamp(advantages.float(), -adv_clip_max, adv_clip_max)
-    loss, metrics = clipped_surrogate(log_prob.float(), old_log_prob.float(), adv, clip_range)
+    loss, metrics = clipped_surrogate(log_prob.float(), old_log_prob.float(), adv, clip_range, weight)
     metrics["advantage"] = adv.abs().mean().item()
     if kl is not None:
         kl_mean = kl.float().mean()
@@ -73,6 +74,7 @@ class GRPOOptions:
     timestep_fraction: float = option(0.6, "Fraction of the steps trained, one random subset per group (DanceGRPO: "
                                            "60%).")
     min_step_std: float = option(0.0, MIN_STEP_STD_HELP)
+    step_weighting: str = option("none", STEP_WEIGHTING_HELP)
     eval_every: int = option(0, "Mean reward on data.eval_prompts every N rounds (0: never).")
 
     @property
@@ -109,4 +111,4 @@ class GRPO:
     def __call__(self, step: StepRatios) -> tuple[Tensor, dict[str, float]]:
         o = self.options
         return grpo_loss(step.log_prob, step.old_log_prob, step.advantages, o.clip_range, o.adv_clip_max, step.kl,
-                         o.kl_beta)
+                         o.kl_beta, step.weight)

@@ -19,6 +19,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..objectives.base import STEP_WEIGHTINGS
+
 
 def _per_sample(values: Tensor, t: Tensor, ndim: int) -> Tensor:
     return values.to(t.device)[t].view(-1, *[1] * (ndim - 1))
@@ -92,3 +94,36 @@ def ddim_step_distribution(scheduler, model_output: Tensor, timestep: Tensor | i
                          "DDIMScheduler with set_alpha_to_one=False so every step has a log-probability")
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
     return mean, std
+
+
+
+def output_gains(scheduler, eta: float = 1.0) -> Tensor:
+    """``|∂μ/∂(model output)|`` of each DDIM step of ``scheduler`` ([steps]): how far the step's mean moves per
+    unit of model output, in the scheduler's own parametrisation (μ is affine in the output, so the difference of
+    two steps one unit apart is exact)."""
+    n = len(scheduler.timesteps)
+    zeros = torch.zeros(n, 1, 1, 1)
+    moved = ddim_step_distribution(scheduler, torch.ones(n, 1, 1, 1), scheduler.timesteps, zeros, eta)[0]
+    still = ddim_step_distribution(scheduler, zeros, scheduler.timesteps, zeros, eta)[0]
+    return (moved - still).abs().flatten()
+
+
+def step_weights(scheduler, eta: float, rule: str, steps: list[int]) -> Tensor:
+    """The weight of each DDIM step's loss ([len(scheduler.timesteps)]) under ``objective.step_weighting``.
+
+    ``none``: 1 (the papers). ``epsilon``: ``|∂μ/∂ε| / |∂μ/∂(output)|``, scaled to mean 1 over the trained
+    ``steps``: each step's log-probability gradient gets the size relative to the other steps that an ε-prediction
+    model's has. Exactly 1 on ε-prediction models (where DDPO, D3PO and GRPO were made); on a v-prediction
+    schedule the early, layout-setting steps move μ ~100× less per unit of output than the last ones, so without
+    it they get almost no gradient."""
+    if rule not in STEP_WEIGHTINGS:
+        raise ValueError(f"step weighting {rule!r} is not one of {STEP_WEIGHTINGS}")
+    n = len(scheduler.timesteps)
+    if rule == "none" or scheduler.config.prediction_type == "epsilon":
+        return torch.ones(n)
+    from diffusers import DDIMScheduler
+
+    as_epsilon = DDIMScheduler.from_config(scheduler.config, prediction_type="epsilon")
+    as_epsilon.set_timesteps(scheduler.num_inference_steps)
+    ratio = output_gains(as_epsilon, eta) / output_gains(scheduler, eta)
+    return ratio / ratio[steps].mean()

@@ -120,7 +120,7 @@ class RewardedRolloutFeed:
         prompt, within, step = sample // k, sample % k, torch.tensor([j for _, j in items])
         return {"x_t": r.latents[prompt, within, step], "x_prev": r.latents[prompt, within, step + 1],
                 "t": r.timesteps[step], "cond": r.cond.select(prompt), "old_log_prob": r.log_probs[prompt, within, step],
-                "advantages": rnd.advantages[sample], "items": items}
+                "advantages": rnd.advantages[sample], "weight": self.source.step_weight[step], "items": items}
 
     # ----- the loss -----
     def loss(self, unet, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -134,7 +134,7 @@ class RewardedRolloutFeed:
                 _, ref_mean, _ = guided_log_prob(self.source, unet, batch, self.device, autocast)
             kl = step_kl(mean, ref_mean, std)
         return self.objective(StepRatios(log_prob, batch["old_log_prob"].to(self.device).float(),
-                                         batch["advantages"].to(self.device), kl))
+                                         batch["advantages"].to(self.device), kl, batch["weight"].to(self.device)))
 
     def take_metrics(self) -> dict[str, float]:
         """The round's metrics (reward, advantages, timings), once: with the first optimizer step that trains on it."""

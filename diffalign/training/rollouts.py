@@ -32,7 +32,7 @@ from ..objectives.d3po import rollout_pairs
 from ..rewards import load_rewards, parse_reward_options, score
 from ..sampling.settings import Sampling
 from ..sampling.trajectories import Rollouts, ddim_scheduler, guided_prediction, sample_rollouts
-from .logprob import ddim_step_distribution, gaussian_log_prob, step_stds
+from .logprob import ddim_step_distribution, gaussian_log_prob, step_stds, step_weights
 
 log = logging.getLogger(__name__)
 ROUND_FILE = "rollouts.safetensors"
@@ -108,6 +108,12 @@ class RolloutSource:
         self.scheduler = ddim_scheduler(backbone, self.steps)
         self.trainable_steps = self._trainable_steps()
         self.trained_steps = max(1, round(self.cfg.objective.timestep_fraction * len(self.trainable_steps)))
+        rule = getattr(self.cfg.objective, "step_weighting", "none")  # a plug-in rollout objective may not have it
+        self.step_weight = step_weights(self.scheduler, self.eta, rule, self.trainable_steps)
+        if rule != "none":
+            log.info("objective.step_weighting=%s: the trained steps' losses are weighted %s (t = %s)", rule,
+                     [round(self.step_weight[j].item(), 3) for j in self.trainable_steps],
+                     [int(self.scheduler.timesteps[j]) for j in self.trainable_steps])
         negative = self.sampling.negative_prompt
         self.negative = self.stored.negative if self.stored is not None else self.backbone.at_resolution(
             self.backbone.encode_negative(negative), self.resolution)
@@ -231,7 +237,8 @@ class RolloutSource:
         step = torch.tensor([j for _, j in items])
         both = (torch.cat([prompt, prompt]), torch.cat([win, lose]), torch.cat([step, step]))
         return {"x_t": r.latents[both[0], both[1], both[2]], "x_prev": r.latents[both[0], both[1], both[2] + 1],
-                "t": r.timesteps[both[2]], "cond": r.cond.select(both[0]), "items": items}
+                "t": r.timesteps[both[2]], "cond": r.cond.select(both[0]), "weight": self.step_weight[step],
+                "items": items}
 
     # ----- resume -----
     def save_round(self, rnd: Round, folder: Path) -> None:
@@ -333,7 +340,7 @@ class RolloutFeed:
         logp_w, logp_l = log_probs(unet)
         with torch.no_grad(), reference_mode(self.accelerator.unwrap_model(unet)):
             ref_w, ref_l = log_probs(unet)
-        return self.objective(StepLogProbs(logp_w, ref_w, logp_l, ref_l))
+        return self.objective(StepLogProbs(logp_w, ref_w, logp_l, ref_l, batch["weight"].to(self.device)))
 
     def _new_round(self, index: int) -> Round:
         """Evaluate (every ``eval_every`` rounds), then sample and score round ``index`` with the current policy."""
