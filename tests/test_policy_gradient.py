@@ -310,19 +310,21 @@ def test_step_weights_scale_each_samples_loss_by_hand():
     assert loss.item() == pytest.approx(want.item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("name", ["ddpo", "grpo", "d3po"])
-def test_step_weighting_reaches_every_micro_batch(name, tiny_sd15, pg_config, online_config):
+@pytest.mark.parametrize("name, kind", [("ddpo", "sd15"), ("grpo", "sd15"), ("grpo", "sdxl"), ("d3po", "sd15")])
+def test_step_weighting_reaches_every_micro_batch(name, kind, request, pg_config, online_config):
     """On a v-prediction model every micro-batch carries its steps' weights into the loss; the default weighs every
     step 1; a bad rule is refused. Before the first update the policy is the sampler and the reference (LoRA
     B = 0), so each sample's loss is known: -A for DDPO and GRPO (every ratio 1), log 2 for D3PO."""
     from diffalign.training.logprob import step_weights
 
+    model = request.getfixturevalue(f"tiny_{kind}")
+
     def make(*overrides):
         v = "model.prediction_type=v_prediction"
         if name == "d3po":
-            return Trainer(online_config(tiny_sd15, "d3po", "objective.prompts_per_round=2", "train.batch_size=2",
+            return Trainer(online_config(model, "d3po", "objective.prompts_per_round=2", "train.batch_size=2",
                                          "objective.eval_every=0", v, *overrides))
-        return Trainer(pg_config(tiny_sd15, name, "objective.eval_every=0", v, *overrides))
+        return Trainer(pg_config(model, name, "objective.eval_every=0", v, *overrides))
 
     plain, weighted = make(), make("objective.step_weighting=epsilon")
     src = weighted.feed.source

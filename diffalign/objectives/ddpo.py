@@ -7,7 +7,8 @@ For step j of a trajectory with advantage A and the log-probability ``log p_old`
     ratio  = exp(log p_θ(x_{t-1} | x_t) - log p_old(x_{t-1} | x_t))
     loss_j = mean(max(-A · ratio, -A · clamp(ratio, 1 - ε, 1 + ε)))
 
-(times the step's weight w_j under ``step_weighting``, 1 by default and on ε-prediction models). ε = ``clip_range`` = 1e-4, ``adv_clip_max`` = 5. Advantages are per-prompt normalised rewards
+(times the step's weight w_j under ``step_weighting``: 1 by default, and on ε-prediction models). ε =
+``clip_range`` = 1e-4, ``adv_clip_max`` = 5. Advantages are per-prompt normalised rewards
 (:class:`PerPromptStatTracker`: each prompt's recent rewards, or the whole round's until a prompt has
 ``min_count``), or, without tracking, the round's ``(r - mean) / (std + 1e-8)``. Steps are separate losses combined
 by gradient accumulation (the trainer), as ddpo-pytorch accumulates over every trained step of a batch.

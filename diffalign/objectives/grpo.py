@@ -9,8 +9,9 @@ group, with ``r`` the rewards of its group:
     loss_j = mean(w_j · max(-A · ratio, -A · clamp(ratio, 1 - ε, 1 + ε))) + kl_beta · mean(KL_j)
     KL_j   = ||μ_θ - μ_ref||² / (2 σ_t²), averaged over latent elements (the Gaussian DDIM steps share σ_t)
 
-w_j is the step's weight under ``step_weighting`` (1 by default, and on ε-prediction models). Several reward heads: the weighted sum of each head's group-normalised advantage. Each group trains on the same
-random ``timestep_fraction`` of its steps (DanceGRPO trains 60%). Advantages are also clamped to
+w_j is the step's weight under ``step_weighting`` (1 by default, and on ε-prediction models). Several reward
+heads: the weighted sum of each head's group-normalised advantage. Each group trains on the same random
+``timestep_fraction`` of its steps (DanceGRPO trains 60%). Advantages are also clamped to
 ``[-adv_clip_max, adv_clip_max]`` as in DDPO and Flow-GRPO (with G samples |A| <= sqrt(G - 1), so the clamp only
 acts for groups larger than 26 at the default 5).
 """

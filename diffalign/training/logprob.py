@@ -96,7 +96,6 @@ def ddim_step_distribution(scheduler, model_output: Tensor, timestep: Tensor | i
     return mean, std
 
 
-
 def output_gains(scheduler, eta: float = 1.0) -> Tensor:
     """``|∂μ/∂(model output)|`` of each DDIM step of ``scheduler`` ([steps]): how far the step's mean moves per
     unit of model output, in the scheduler's own parametrisation (μ is affine in the output, so the difference of
