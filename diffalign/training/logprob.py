@@ -52,10 +52,16 @@ def step_kl(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
     return (((mean - ref_mean) ** 2) / (2 * std**2)).mean(dim=tuple(range(1, mean.dim())))
 
 
+def _every_step(scheduler, output: float, eta: float) -> tuple[Tensor, Tensor]:
+    """``(μ, std)`` ([steps, 1, 1, 1]) of every DDIM step of ``scheduler`` from x_t = 0 with a constant model
+    ``output``: the schedule's own per-step numbers."""
+    zeros = torch.zeros(len(scheduler.timesteps), 1, 1, 1)
+    return ddim_step_distribution(scheduler, torch.full_like(zeros, output), scheduler.timesteps, zeros, eta)
+
+
 def step_stds(scheduler, eta: float = 1.0) -> Tensor:
     """The noise std ``η σ_t`` of each DDIM step of ``scheduler`` ([steps], in the order of its timesteps)."""
-    zeros = torch.zeros(len(scheduler.timesteps), 1, 1, 1)
-    return ddim_step_distribution(scheduler, zeros, scheduler.timesteps, zeros, eta)[1].flatten()
+    return _every_step(scheduler, 0.0, eta)[1].flatten()
 
 
 def ddim_step_distribution(scheduler, model_output: Tensor, timestep: Tensor | int, sample: Tensor,
@@ -100,11 +106,7 @@ def output_gains(scheduler, eta: float = 1.0) -> Tensor:
     """``|∂μ/∂(model output)|`` of each DDIM step of ``scheduler`` ([steps]): how far the step's mean moves per
     unit of model output, in the scheduler's own parametrisation (μ is affine in the output, so the difference of
     two steps one unit apart is exact)."""
-    n = len(scheduler.timesteps)
-    zeros = torch.zeros(n, 1, 1, 1)
-    moved = ddim_step_distribution(scheduler, torch.ones(n, 1, 1, 1), scheduler.timesteps, zeros, eta)[0]
-    still = ddim_step_distribution(scheduler, zeros, scheduler.timesteps, zeros, eta)[0]
-    return (moved - still).abs().flatten()
+    return (_every_step(scheduler, 1.0, eta)[0] - _every_step(scheduler, 0.0, eta)[0]).abs().flatten()
 
 
 def step_weights(scheduler, eta: float, rule: str, steps: list[int]) -> Tensor:
