@@ -48,12 +48,15 @@ def test_the_stat_tracker_by_hand():
     batch = np.array([1.0, 2.0, 3.0])
     a1 = t.update(["a", "a", "b"], torch.tensor(batch))
     np.testing.assert_allclose(a1, (batch - 2.0) / (np.std(batch) + 1e-6))
+    assert t.own_share == 0.0
     # round 2: a's buffer [1, 2, 4] reaches 3 (its own statistics); b's [3, 5] does not (the batch's)
     a2 = t.update(["a", "b"], [4.0, 5.0])
     np.testing.assert_allclose(a2, [(4 - 7 / 3) / (np.std([1, 2, 4]) + 1e-6), (5 - 4.5) / (0.5 + 1e-6)])
+    assert t.own_share == 0.5
     # round 3: a's buffer keeps its last 4: [2, 4, 0, 10], mean 4, std sqrt(14)
     a3 = t.update(["a", "a"], [0.0, 10.0])
     np.testing.assert_allclose(a3, [(0 - 4) / (math.sqrt(14) + 1e-6), (10 - 4) / (math.sqrt(14) + 1e-6)])
+    assert t.own_share == 1.0
     state = t.state_dict()
     again = PerPromptStatTracker(4, 3)
     again.load_state_dict(state)
@@ -128,6 +131,8 @@ def test_two_rounds_move_every_lora_parameter(kind, name, request, pg_config):
     assert first["samples"] == 4 and first["approx_kl"] < 1e-8  # the first update's ratios are 1
     if name == "grpo":
         assert first["kl"] < 1e-10  # the policy starts as the reference (LoRA B = 0)
+    else:  # 2 rewards per prompt from the first round on, stat_min_count 2: every advantage is per prompt
+        assert first["per_prompt_share"] == 1.0
     assert result.adapter.is_file() and "objective `" + name + "`" in (result.output_dir / "README.md").read_text()
 
 

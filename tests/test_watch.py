@@ -53,6 +53,19 @@ def test_a_falling_held_out_accuracy_names_the_best_step():
                                 "past its best: fewer steps (train.max_steps=100) or a lower optim.lr would do better"]
 
 
+def test_ddpo_advantages_mostly_normalised_over_the_round_are_warned_about():
+    watcher = RunWatcher()
+    for step in range(1, WINDOW + 1):  # rounds whose prompts have too few rewards of their own
+        watcher.update({"step": step, "loss": 0.0, "per_prompt_share": 0.25})
+    assert len(watcher.warnings) == 1
+    assert watcher.warnings[0].startswith(f"step {WINDOW}: only 25% of the last {WINDOW} rounds' advantages")
+    assert "lower objective.stat_min_count (to objective.per_prompt" in watcher.warnings[0]
+    quiet = RunWatcher()  # a prompt's own statistics take over after a few rounds: half or more of the window
+    for step in range(1, 3 * WINDOW):
+        quiet.update({"step": step, "loss": 0.0, **({"per_prompt_share": float(step > WINDOW // 2)} if step % 2 else {})})
+    assert quiet.warnings == []
+
+
 @pytest.fixture
 def flipped(tmp_path):
     """4 training pairs and the same pairs with winner and loser swapped, as held-out pairs that disagree."""

@@ -90,8 +90,9 @@ class Objective(Protocol):
     which hands over :class:`ImageErrors`; ``rollouts``: the rollouts feed, pairs of trajectories,
     which hands over :class:`StepLogProbs`; ``rewarded_rollouts``: the rollouts feed, single trajectories with
     advantages, which hands over :class:`StepRatios` and asks the objective for ``advantages(prompts, rewards,
-    groups)``; ``prompts``: the reward-backprop feed, which hands over the differentiable rewards [B, heads] of
-    images sampled with gradients), ``noising`` how the pairs feed makes x_t (``rollout``: the sampled trajectory's own)."""
+    groups)``, then logs its ``advantage_metrics()`` where it has one; ``prompts``: the reward-backprop feed,
+    which hands over the differentiable rewards [B, heads] of images sampled with gradients), ``noising`` how the
+    pairs feed makes x_t (``rollout``: the sampled trajectory's own)."""
 
     Options: type  # a dataclass; its fields are this objective's config keys (help in field metadata)
     needs_reference: bool

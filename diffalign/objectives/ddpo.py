@@ -72,6 +72,7 @@ class PerPromptStatTracker:
     def __init__(self, buffer_size: int = 32, min_count: int = 16):
         self.buffer_size, self.min_count = buffer_size, min_count
         self.stats: dict[str, deque] = {}
+        self.own_share = 0.0  # of the last batch: the share of rewards normalised by their prompt's own buffer
 
     def update(self, prompts: Sequence[str], rewards) -> np.ndarray:
         """Advantages (float64, the shape of ``rewards``) of one batch; the buffers take the batch's rewards first."""
@@ -80,7 +81,7 @@ class PerPromptStatTracker:
                              dtype=np.float64)
         if len(prompts) != len(rewards):
             raise ValueError(f"{len(prompts)} prompts but {len(rewards)} rewards")
-        advantages = np.empty_like(rewards)
+        advantages, own = np.empty_like(rewards), 0
         for prompt in np.unique(prompts):
             mine = rewards[prompts == prompt]
             buffer = self.stats.setdefault(str(prompt), deque(maxlen=self.buffer_size))
@@ -89,7 +90,9 @@ class PerPromptStatTracker:
                 mean, std = np.mean(rewards), np.std(rewards) + 1e-6
             else:
                 mean, std = np.mean(buffer), np.std(buffer) + 1e-6
+                own += len(mine)
             advantages[prompts == prompt] = (mine - mean) / std
+        self.own_share = own / max(len(rewards), 1)
         return advantages
 
     def state_dict(self) -> dict:
@@ -119,7 +122,10 @@ class DDPOOptions:
                                                   "false: by the round's mean and std.")
     stat_buffer_size: int = option(32, "Rewards kept per prompt by the tracker.")
     stat_min_count: int = option(16, "A prompt uses its own statistics once it has this many rewards; before, the "
-                                     "round's.")
+                                     "round's, which mix the differences between prompts into the advantages "
+                                     "(ddpo-pytorch: 16). Where each prompt is drawn only a few times, set it to "
+                                     "per_prompt; the logged per_prompt_share says how many advantages were per "
+                                     "prompt.")
     per_prompt: int = option(4, "Trajectories per prompt in a round, each from its own x_T.")
     prompts_per_round: int = option(8, "Prompts drawn per round by each process.")
     num_inner_epochs: int = option(1, "Passes over a round's samples (PPO epochs), each in a new order.")
@@ -172,6 +178,11 @@ class DDPO:
         combined = weighted(rewards, [True] * rewards.shape[-1], self.options.reward_weights or None)
         adv = self.tracker.update(prompts, combined) if self.tracker else batch_advantages(combined)
         return torch.as_tensor(adv, dtype=torch.float32)
+
+    def advantage_metrics(self) -> dict[str, float]:
+        """Of the last round: ``per_prompt_share``, the share of its advantages normalised by their prompt's own
+        statistics (the rest by the round's, which mixes the differences between prompts into them)."""
+        return {"per_prompt_share": self.tracker.own_share} if self.tracker else {}
 
     def __call__(self, step: StepRatios) -> tuple[Tensor, dict[str, float]]:
         return ddpo_loss(step.log_prob, step.old_log_prob, step.advantages, self.options.clip_range,

@@ -72,7 +72,8 @@ class RewardedRolloutFeed:
         advantages = self._advantages(rollouts, scores)
         spread = scores.amax(dim=1) - scores.amin(dim=1)  # [P, heads]
         round_metrics.update(advantage_std=advantages.std(unbiased=False).item(),
-                             zero_spread_groups=(spread == 0).all(dim=-1).float().mean().item())
+                             zero_spread_groups=(spread == 0).all(dim=-1).float().mean().item(),
+                             **getattr(self.objective, "advantage_metrics", dict)())  # optional (DDPO's tracker)
         self._idle_rounds = self._idle_rounds + 1 if bool((advantages == 0).all()) else 0
         if self._idle_rounds >= 5:
             raise DataError(f"5 rounds in a row with every advantage 0: the reward ties on every sample "

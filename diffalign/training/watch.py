@@ -11,7 +11,10 @@ Warnings, each logged once per run (and kept in ``TrainResult.warnings``):
   add some);
 - **margin running away**: the objective's mean training margin past 10, where ``-logsigmoid`` is flat
   (< 5e-5): the pairs no longer teach anything and the policy keeps moving;
-- **held-out accuracy falling**: 0.15 or more below its best earlier measurement: the run is past its best step.
+- **held-out accuracy falling**: 0.15 or more below its best earlier measurement: the run is past its best step;
+- **per-prompt statistics inactive** (DDPO): under half of the last 10 rounds' advantages were normalised by their
+  own prompt's rewards; the rest were normalised over the whole round, where differences between prompts pass for
+  differences between samples.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 WINDOW = 10  # training steps averaged before judging the training pairs
 COLLAPSED_ACC, COLLAPSED_LOSS, HELD_OUT_LOW = 0.97, 0.1, 0.6
 RUNAWAY_MARGIN, HELD_OUT_FALL = 10.0, 0.15
+PER_PROMPT_LOW = 0.5  # DDPO: the least share of advantages normalised per prompt before a warning
 
 
 class HeldOutPairs:
@@ -67,6 +71,7 @@ class RunWatcher:
         self.first_loss: float | None = None
         self.best_held_out: tuple[float, int] | None = None
         self.last_held_out: float | None = None
+        self.per_prompt_shares: deque[float] = deque(maxlen=WINDOW)  # one per round (DDPO)
         self.warned: set[str] = set()
         self.warnings: list[str] = []
 
@@ -107,6 +112,16 @@ class RunWatcher:
                 new += self._warn("margin", f"step {step}: the training margin is running away ({margin:.1f} > "
                                   f"{RUNAWAY_MARGIN:.0f}, where the loss is flat): the policy keeps moving from the "
                                   "reference with nothing left to learn; lower optim.lr or objective.beta")
+        if "per_prompt_share" in logged:
+            self.per_prompt_shares.append(float(logged["per_prompt_share"]))
+            share = sum(self.per_prompt_shares) / WINDOW
+            if len(self.per_prompt_shares) == WINDOW and share < PER_PROMPT_LOW:
+                new += self._warn("per_prompt", f"step {step}: only {share:.0%} of the last {WINDOW} rounds' "
+                                  "advantages were normalised by their own prompt's rewards: each prompt is drawn too "
+                                  "rarely to gather objective.stat_min_count of them, so the rest were normalised over "
+                                  "the whole round, where differences between prompts pass for differences between "
+                                  "samples; lower objective.stat_min_count (to objective.per_prompt: each prompt's own "
+                                  "round) or train on fewer prompts")
         return new
 
     def _warn(self, kind: str, message: str) -> list[str]:
