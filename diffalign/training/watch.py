@@ -30,7 +30,7 @@ from ..evaluation.metrics import encode_pairs, pair_statistics
 
 log = logging.getLogger(__name__)
 
-WINDOW = 10  # training steps averaged before judging the training pairs
+WINDOW = 10  # training steps averaged before judging the training pairs (DDPO: rounds, for the per-prompt share)
 COLLAPSED_ACC, COLLAPSED_LOSS, HELD_OUT_LOW = 0.97, 0.1, 0.6
 RUNAWAY_MARGIN, HELD_OUT_FALL = 10.0, 0.15
 PER_PROMPT_LOW = 0.5  # DDPO: the least share of advantages normalised per prompt before a warning
@@ -114,8 +114,8 @@ class RunWatcher:
                                   "reference with nothing left to learn; lower optim.lr or objective.beta")
         if "per_prompt_share" in logged:
             self.per_prompt_shares.append(float(logged["per_prompt_share"]))
-            share = sum(self.per_prompt_shares) / WINDOW
-            if len(self.per_prompt_shares) == WINDOW and share < PER_PROMPT_LOW:
+            full_rounds = len(self.per_prompt_shares) == WINDOW
+            if full_rounds and (share := sum(self.per_prompt_shares) / WINDOW) < PER_PROMPT_LOW:
                 new += self._warn("per_prompt", f"step {step}: only {share:.0%} of the last {WINDOW} rounds' "
                                   "advantages were normalised by their own prompt's rewards: each prompt is drawn too "
                                   "rarely to gather objective.stat_min_count of them, so the rest were normalised over "
