@@ -18,6 +18,9 @@ import yaml
 from .options import ConfigError, check_choice, check_positive, option
 from .sampling.settings import Sampling
 
+# What the pair objectives' denoising error measures (train.error_space): the model's own output, or its noise.
+ERROR_SPACES = ("prediction", "epsilon")
+
 # the section dataclasses below use the short names
 _f, _choice, _positive = option, check_choice, check_positive
 
@@ -203,6 +206,14 @@ class TrainConfig:
     validation_prompts: list[str] = _f([], "Prompts for validation grids (empty: no validation images); drawn as "
                                            "the sampling section says, image i with seed sampling.seed + i.")
     log_every: int = _f(1, "Log metrics every N optimizer steps.")
+    error_space: str = _f("prediction", "The denoising error the pair and unpaired objectives (dpo, mapo, inpo, "
+                                        "smpo, kto) compare. prediction: of the model's own output, ε or v, as the "
+                                        "official codes do. epsilon: of its noise prediction, as the papers write the "
+                                        "losses; on a v-prediction model that is ā_t times the v error, which moves "
+                                        "the weight from the noisiest, layout-setting steps to the detail-setting "
+                                        "ones and shrinks the errors, so β must grow (a deviation from the official "
+                                        "codes there; the same thing on an ε-prediction model). The held-out pair "
+                                        "metrics stay in the prediction space.")
     heldout_every: int = _f(50, "Measure data.eval_pairs every N optimizer steps (and at the last step); 0: only at "
                                 "the last step.")
 
@@ -213,6 +224,7 @@ class TrainConfig:
             _positive("train", name, getattr(self, name), allow_zero=True)
         _choice("train", "mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         _choice("train", "attention", self.attention, ("sdpa", "xformers"))
+        _choice("train", "error_space", self.error_space, ERROR_SPACES)
 
 
 @dataclass

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .config import ERROR_SPACES
+
 
 class ModelLoadError(RuntimeError):
     """The base model (or VAE) named in the config cannot be found or read."""
@@ -312,10 +314,19 @@ class Backbone:
         return unet(x_t, timesteps, encoder_hidden_states=cond.prompt_embeds, **kwargs).sample
 
     def denoising_error(self, x_t: Tensor, timesteps: Tensor, cond: Conditioning, target: Tensor,
-                        unet=None) -> Tensor:
+                        unet=None, space: str = "prediction") -> Tensor:
         """Per-sample error ``e = mean over (C, H, W) of (prediction - target)²`` in fp32, shape [B]: what every
-        pair objective and the held-out pair accuracies compare (the β convention is defined on it)."""
-        return ((self.predict(x_t, timesteps, cond, unet=unet).float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+        pair objective and the held-out pair accuracies compare (the β convention is defined on it).
+
+        ``space="epsilon"`` gives the error of the noise prediction instead, whatever the model outputs: for
+        v-prediction ``ε = √ā v + √(1-ā) x_t`` makes ``ε̂ - ε = √ā (v̂ - v)``, so that error is ``ā_t`` times the
+        v error (the same for an ε-prediction model)."""
+        if space not in ERROR_SPACES:
+            raise ValueError(f"space={space!r}; choose one of {', '.join(ERROR_SPACES)}")
+        err = ((self.predict(x_t, timesteps, cond, unet=unet).float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+        if space == "epsilon" and self.prediction_type == "v_prediction":
+            err = err * self.scheduler.alphas_cumprod.to(err.device, torch.float32)[timesteps.long()]
+        return err
 
     def predict_noise(self, x_t: Tensor, timesteps: Tensor, cond: Conditioning, unet=None) -> Tensor:
         """The UNet's prediction as noise ε̂ at ``(x_t, t)``, whatever the model predicts. For v-prediction,

@@ -46,6 +46,8 @@ def test_wrong_type_and_bad_choice_name_the_key():
         load_config(None, ["objective.loss_type=square"])
     with pytest.raises(ConfigError, match=r"data.caption_dropout=1.5"):
         load_config(None, ["data.caption_dropout=1.5"])
+    with pytest.raises(ConfigError, match=r"train.error_space='noise'.*prediction, epsilon"):
+        load_config(None, ["train.error_space=noise"])
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(None, ["train.max_steps"])
 

@@ -48,6 +48,29 @@ def test_v_prediction_target_uses_the_scheduler(tiny_sd15):
     assert torch.allclose(b.target(z, eps, t), a.sqrt() * eps - (1 - a).sqrt() * z, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_epsilon_space_error_is_the_error_of_the_predicted_noise(kind, prediction_type, request):
+    """train.error_space=epsilon: the error equals (ε̂ - ε)² computed through predict_noise, on either kind of
+    model; on v-prediction it is ā_t times the v error, on ε-prediction the error itself."""
+    b = Backbone.load(str(request.getfixturevalue(f"tiny_{kind}")), prediction_type=prediction_type)
+    torch.manual_seed(0)
+    z, eps, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([3, 500, 990])
+    x_t, cond = b.scheduler.add_noise(z, eps, t), b.encode_prompt(["a", "b", "c"])
+    if kind == "sdxl":
+        cond.time_ids = torch.tensor([[64, 64, 0, 0, 64, 64]] * 3, dtype=torch.float32)
+    native = b.denoising_error(x_t, t, cond, b.target(z, eps, t))
+    in_eps = b.denoising_error(x_t, t, cond, b.target(z, eps, t), space="epsilon")
+    by_hand = ((b.predict_noise(x_t, t, cond) - eps) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(in_eps, by_hand, rtol=1e-4, atol=1e-7)
+    scale = b.scheduler.alphas_cumprod[t] if prediction_type == "v_prediction" else torch.ones(3)
+    assert torch.allclose(in_eps, scale * native, rtol=1e-5)
+    if prediction_type == "v_prediction":
+        assert in_eps[2] < 0.05 * native[2]  # the noisiest step weighs ā_990 ≈ 0.005 of its v error
+    with pytest.raises(ValueError, match="space='noise'"):
+        b.denoising_error(x_t, t, cond, b.target(z, eps, t), space="noise")
+
+
 def test_reference_mode_disables_adapters_and_restores_on_error(tiny_sd15):
     b = Backbone.load(str(tiny_sd15))
     params = add_lora(b.unet, LoraConfig(rank=4))

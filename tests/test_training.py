@@ -43,6 +43,41 @@ def test_steps_move_every_lora_parameter_and_lower_the_loss(kind, objective, req
     assert len(before) > 10
 
 
+def test_error_space_epsilon_reaches_the_loss_on_a_v_prediction_model(tiny_sd15, make_config):
+    """The same batch, timesteps and noise: with train.error_space=epsilon each pair's policy and reference errors
+    in the loss are ā_t times the v-prediction errors of the same forward pass, and training on them still moves
+    every LoRA parameter and lowers the loss."""
+    common = ["model.prediction_type=v_prediction", "optim.lr=2e-3", "data.caption_dropout=0"]
+    native, in_eps = (Trainer(make_config(tiny_sd15, *common, f"train.error_space={space}", out=space))
+                      for space in ("prediction", "epsilon"))
+    feed = native.feed
+    batch = feed.encoded(next(iter(torch.utils.data.DataLoader(feed.dataset, batch_size=2))))
+    z = torch.cat([batch["latents_w"], batch["latents_l"]]).float()
+    t, noise, cond = feed.draw(batch, batch["latents_w"].shape, 0)  # what loss() draws at micro-step 0
+    t2, noise2 = torch.cat([t, t]), torch.cat([noise, noise])
+    b = feed.backbone
+    v_err, v_ref = feed.errors(native.unet, b.scheduler.add_noise(z, noise2, t2), t2, cond.repeat(2),
+                               b.target(z, noise2, t2).float())
+    abar = b.scheduler.alphas_cumprod[t2.cpu()]
+    before = _lora(in_eps)
+    losses = []
+    for _ in range(8):
+        loss, m = in_eps.feed.loss(in_eps.unet, batch, micro_step=0)
+        if not losses:  # LoRA starts as the identity, so both trainers' UNets are the base model here
+            for key, err in (("err_policy_w", v_err[:2]), ("err_policy_l", v_err[2:]),
+                             ("err_ref_w", v_ref[:2]), ("err_ref_l", v_ref[2:])):
+                scale = abar[:2] if key.endswith("w") else abar[2:]
+                assert m[key] == pytest.approx((scale * err).mean().item(), rel=1e-4), key
+                assert m[key] < 0.9 * err.mean().item(), key
+            assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+        in_eps.accelerator.backward(loss)
+        in_eps.optimizer.step()
+        in_eps.optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.01 * losses[0], losses
+    assert all(not torch.equal(before[n], after) for n, after in _lora(in_eps).items())
+
+
 def test_cached_and_raw_training_give_the_same_losses(tiny_sdxl, make_config):
     # Adam turns ~1e-7 encoder rounding differences (8 images per VAE call when caching, 2 when not) into
     # updates of size lr in noise-chosen directions, and the loss multiplies error differences by beta/2. At the

@@ -155,7 +155,7 @@ class PairFeed:
         (the same UNet with its adapters off)."""
         def error() -> torch.Tensor:
             with self.accelerator.autocast():
-                return self.backbone.denoising_error(x_t, t, cond, target, unet=unet)
+                return self.backbone.denoising_error(x_t, t, cond, target, unet=unet, space=self.cfg.train.error_space)
 
         model = error()
         if not self.objective.needs_reference:
