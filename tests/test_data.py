@@ -9,7 +9,8 @@ from PIL import Image
 
 from diffalign.config import DataConfig
 from diffalign.data.dataset import RawPairDataset
-from diffalign.data.readers import BadImageError, DataError, decode_image, load_pairs
+from diffalign.data.images import BadImageError, decode_image
+from diffalign.data.readers import DataError, load_pairs
 from diffalign.data.transforms import paired_transform
 from diffalign.testing import make_pickapic_rows, write_pairs_jsonl
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..files import atomic_save_safetensors, atomic_write_text
 from ..models import Backbone, Conditioning
 from .dataset import RawPairDataset, check_captions, encode_batch, note_counts
-from .readers import BadImageError
+from .images import BadImageError
 
 log = logging.getLogger(__name__)
 

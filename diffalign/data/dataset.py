@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..models import Backbone, Conditioning
-from .readers import BadImageError, PairSource, decode_image_noted
+from .images import BadImageError, decode_image_noted
+from .readers import PairSource
 from .transforms import paired_transform
 
 log = logging.getLogger(__name__)

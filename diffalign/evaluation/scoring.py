@@ -18,10 +18,10 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..data.images import decode_image
 from ..data.prompts import read_prompts
 from ..data.readers import (
     DataError,
-    decode_image,
     local_image,
     local_pairs_file,
     local_row_name,
