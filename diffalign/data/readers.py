@@ -41,7 +41,7 @@ class Pair:
     the image, ``loser`` None, ``label`` 1 desirable / 0 undesirable: Diffusion-KTO's data)."""
 
     caption: str
-    winner: Any  # bytes, a path, or a PIL image: decoded by :func:`decode_image`
+    winner: Any  # bytes, a path, or a PIL image: decoded by :func:`~diffalign.data.images.decode_image`
     loser: Any
     score_w: float | None = None
     score_l: float | None = None
