@@ -213,7 +213,7 @@ class TrainConfig:
                                         "the weight from the noisiest, layout-setting steps to the detail-setting "
                                         "ones and shrinks the errors, so β must grow (a deviation from the official "
                                         "codes there; the same thing on an ε-prediction model). The held-out pair "
-                                        "metrics stay in the prediction space.")
+                                        "metrics (data.eval_pairs) are measured in the same space.")
     heldout_every: int = _f(50, "Measure data.eval_pairs every N optimizer steps (and at the last step); 0: only at "
                                 "the last step.")
 

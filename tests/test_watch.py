@@ -140,6 +140,9 @@ class _StubBackbone:
     def predict(self, x_t, t, cond, unet):
         return self.last_target + self.offsets[unet.adapters][:, None, None, None]
 
+    def error_weight(self, t, space="prediction"):  # a v-prediction model's ā_t, 0.5 at every t here
+        return torch.full(t.shape, 0.5) if space == "epsilon" else None
+
 
 def test_held_out_statistics_match_a_hand_computation():
     from diffalign.evaluation.metrics import HELD_OUT_BETA, pair_statistics
@@ -156,3 +159,10 @@ def test_held_out_statistics_match_a_hand_computation():
     assert stats["drift"] == pytest.approx(1000 * (0.1 ** 2 + 0 + 0.1 ** 2 + 0.1 ** 2) / 4)  # mean (pred_θ - pred_ref)²
     softplus = torch.nn.functional.softplus
     assert stats["loss"] == pytest.approx(sum(softplus(torch.tensor(-0.5 * HELD_OUT_BETA * h)).item() for h in inside) / 2)
+    # measured in the run's error space (train.error_space=epsilon): every error and the drift weighted by ā_t
+    weighted = pair_statistics(backbone, encoded, 32, space="epsilon")
+    for key in ("margin", "winner_gain", "drift"):
+        assert weighted[key] == pytest.approx(0.5 * stats[key]), key
+    assert weighted["implicit_accuracy"] == stats["implicit_accuracy"]
+    assert weighted["loss"] == pytest.approx(
+        sum(softplus(torch.tensor(-0.25 * HELD_OUT_BETA * h)).item() for h in inside) / 2)

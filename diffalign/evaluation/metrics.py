@@ -63,7 +63,7 @@ def encode_pairs(backbone, pairs, batch_size: int = 4) -> list[dict]:
 @torch.no_grad()
 def pair_statistics(backbone, encoded: list[dict], resolution: int,
                     timesteps: Sequence[int] = (100, 300, 500, 700, 900), seed: int = 0,
-                    device: str | torch.device = "cpu", unet=None) -> dict[str, float]:
+                    device: str | torch.device = "cpu", unet=None, space: str = "prediction") -> dict[str, float]:
     """Implicit and ranking accuracy of the UNet's active adapter on encoded held-out pairs (see the module doc;
     the reference is the same UNet with adapters off), their mean implicit margin ``mean_t h`` with
     ``h = (e_ref^w - e_ref^l) - (e_θ^w - e_θ^l)`` (×1000, per-pixel MSE units), its winner half ``e_ref^w - e_θ^w``
@@ -72,7 +72,8 @@ def pair_statistics(backbone, encoded: list[dict], resolution: int,
     reference, ``mean over images and t of mean (pred_θ - pred_ref)²`` (×1000): the KL-like distance the adapter
     has moved, and the Diffusion-DPO loss of the held-out pairs at β = :data:`HELD_OUT_BETA` (log 2 at the start;
     it rewards moving toward held-out winners and punishes moving away, where accuracy only counts signs). Every
-    pair sees the same (t, ε) for a given ``seed``."""
+    pair sees the same (t, ε) for a given ``seed``. ``space`` is the error's (``train.error_space``; errors and
+    drift alike): a run is measured on the errors it trains on."""
     from ..data.dataset import batch_conditioning
     from ..lora import reference_mode
 
@@ -92,9 +93,11 @@ def pair_statistics(backbone, encoded: list[dict], resolution: int,
             pred = backbone.predict(x_t, t, cond, unet=unet).float()
             with reference_mode(unet):
                 pred_ref = backbone.predict(x_t, t, cond, unet=unet).float()
-            policy += ((pred - target) ** 2).mean(dim=(1, 2, 3))
-            ref += ((pred_ref - target) ** 2).mean(dim=(1, 2, 3))
-            drift += ((pred - pred_ref) ** 2).mean(dim=(1, 2, 3)).sum().item()
+            weight = backbone.error_weight(t, space)
+            weight = torch.ones(2 * b, device=device) if weight is None else weight
+            policy += weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))
+            ref += weight * ((pred_ref - target) ** 2).mean(dim=(1, 2, 3))
+            drift += (weight * ((pred - pred_ref) ** 2).mean(dim=(1, 2, 3))).sum().item()
         pw, pl = policy.chunk(2)
         rw, rl = ref.chunk(2)
         inside = (rw - rl) - (pw - pl)

@@ -48,6 +48,7 @@ class HeldOutPairs:
         backbone.vae.to(device)
         self.encoded = encode_pairs(backbone, raw)
         self.backbone, self.resolution, self.device = backbone, resolution, device
+        self.space = cfg.train.error_space  # measured on the errors the run trains on
         log.info("held-out pairs: %d from %s, measured every train.heldout_every steps", len(raw), cfg.data.eval_pairs)
 
     def measure(self, unet) -> dict[str, float]:
@@ -55,7 +56,8 @@ class HeldOutPairs:
         was_training = unet.training
         unet.eval()
         try:
-            stats = pair_statistics(self.backbone, self.encoded, self.resolution, device=self.device, unet=unet)
+            stats = pair_statistics(self.backbone, self.encoded, self.resolution, device=self.device, unet=unet,
+                                    space=self.space)
         finally:
             unet.train(was_training)
         return {"heldout_implicit_acc": stats["implicit_accuracy"], "heldout_ranking_acc": stats["ranking_accuracy"],
