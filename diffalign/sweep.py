@@ -152,6 +152,10 @@ def run_sweep(recipe: str | None, axes: dict[str, list], eval_pairs: str, out: s
     if bool(reward) != bool(prompts):
         raise ConfigError("sweep: --reward and --prompts go together (the win rate needs both)")
     axes = {SHORT.get(k, k): v for k, v in axes.items()}
+    if "train.error_space" in axes and len(axes["train.error_space"]) > 1 and not reward:
+        # each trial's held-out errors are measured in its own space: their signals do not compare across spaces
+        raise ConfigError("sweep: a grid over train.error_space needs --reward and --prompts; the held-out signals of "
+                          "trials in different error spaces are on different scales")
     out.mkdir(parents=True, exist_ok=True)
     trials = []
     for index, values in enumerate(grid(axes)):

@@ -120,6 +120,8 @@ def test_the_command_refuses_what_it_cannot_sweep(testbed_pairs, tmp_path, capsy
     base = ["sweep", "-c", "testbed-dpo", "--out", str(tmp_path / "o"), *sum((["--set", s] for s in _common(out)), [])]
     assert main([*base, "--eval-pairs", str(held_out)]) == 2
     assert "give at least one axis" in capsys.readouterr().err
+    assert main([*base, "--eval-pairs", str(held_out), "--grid", "train.error_space=prediction,epsilon"]) == 2
+    assert "a grid over train.error_space needs --reward" in capsys.readouterr().err
     assert main([*base, "--eval-pairs", str(tmp_path / "none.jsonl"), "--lr", "1e-3"]) == 2
     assert "--eval-pairs" in capsys.readouterr().err
     assert main([*base, "--set", f"data.dataset={good}", "--eval-pairs", str(good), "--lr", "1e-3"]) == 2
