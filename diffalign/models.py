@@ -322,17 +322,16 @@ class Backbone:
         v-prediction ``ε = √ā v + √(1-ā) x_t`` makes ``ε̂ - ε = √ā (v̂ - v)``, so that error is ``ā_t`` times the
         v error (the same for an ε-prediction model)."""
         err = ((self.predict(x_t, timesteps, cond, unet=unet).float() - target.float()) ** 2).mean(dim=(1, 2, 3))
-        weight = self.error_weight(timesteps, space)
-        return err if weight is None else err * weight
+        return err * self.error_weight(timesteps, space)
 
-    def error_weight(self, timesteps: Tensor, space: str = "prediction") -> Tensor | None:
+    def error_weight(self, timesteps: Tensor, space: str = "prediction") -> Tensor:
         """The factor per sample ([B], fp32) that turns a squared error of the model's output at ``timesteps`` into
-        one in ``space`` (see :meth:`denoising_error`): ``ā_t`` from v to ε; None where it is 1."""
+        one in ``space`` (see :meth:`denoising_error`): ``ā_t`` from v to ε, else 1."""
         if space not in ERROR_SPACES:
             raise ValueError(f"space={space!r}; choose one of {', '.join(ERROR_SPACES)}")
         if space == "epsilon" and self.prediction_type == "v_prediction":
             return self.scheduler.alphas_cumprod.to(timesteps.device, torch.float32)[timesteps.long()]
-        return None
+        return torch.ones(timesteps.shape, device=timesteps.device)
 
     def predict_noise(self, x_t: Tensor, timesteps: Tensor, cond: Conditioning, unet=None) -> Tensor:
         """The UNet's prediction as noise ε̂ at ``(x_t, t)``, whatever the model predicts. For v-prediction,

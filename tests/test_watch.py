@@ -141,7 +141,7 @@ class _StubBackbone:
         return self.last_target + self.offsets[unet.adapters][:, None, None, None]
 
     def error_weight(self, t, space="prediction"):  # a v-prediction model's ā_t, 0.5 at every t here
-        return torch.full(t.shape, 0.5) if space == "epsilon" else None
+        return torch.full(t.shape, 0.5 if space == "epsilon" else 1.0)
 
 
 def test_held_out_statistics_match_a_hand_computation():

@@ -94,7 +94,6 @@ def pair_statistics(backbone, encoded: list[dict], resolution: int,
             with reference_mode(unet):
                 pred_ref = backbone.predict(x_t, t, cond, unet=unet).float()
             weight = backbone.error_weight(t, space)
-            weight = torch.ones(2 * b, device=device) if weight is None else weight
             policy += weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))
             ref += weight * ((pred_ref - target) ** 2).mean(dim=(1, 2, 3))
             drift += (weight * ((pred - pred_ref) ** 2).mean(dim=(1, 2, 3))).sum().item()
