@@ -169,7 +169,7 @@ def worker(mode: str, recipe: str, overrides: list[str], n1: int, n2: int, repea
     trainers = {v: _trainer(recipe, overrides, v) for v in paths if v != "bare"}
     steps = {v: _cycling_step(t) for v, t in trainers.items()}
     if "bare" in paths:
-        steps["bare"] = _bare_step(trainers["uncached"])
+        steps["bare"] = _bare_step(trainers.get("uncached") or _trainer(recipe, overrides, "uncached"))
     for step in steps.values():  # warm-up
         _block_time(step, 2)
     samples: dict[str, list[float]] = {k: [] for k in steps}
@@ -271,7 +271,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, args.recipe, "--worker", mode, "--n1", str(args.n1), "--n2", str(args.n2),
                    "--repeats", str(args.repeats), "--paths", args.paths]
             cmd += [a for kv in overrides for a in ("--set", kv)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout  # stderr: a worker's traceback shows
             results[mode] = json.loads(out.strip().splitlines()[-1])
     timing = results["timing"]
     sec, ratio = timing["sec_per_step"], timing["ratio_to_cached"]
