@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from .options import ConfigError, check_choice, check_positive, option
+from .options import ConfigError, check_choice, check_positive, coerce, option
+from .recipe_files import read_recipe, yaml_problem
 from .sampling.settings import Sampling
 
 # What the pair objectives' denoising error measures (train.error_space): the model's own output, or its noise.
@@ -132,7 +132,7 @@ def build_options(name: str, values: dict[str, Any]):
                               f"options are {', '.join(valid)}", (f"objective.{key}",))
         if key == "beta" and value is None:  # `beta: null` (older recipes): the objective's own default
             continue
-        kwargs[key] = _coerce(f"objective.{key}", value, hints[key])
+        kwargs[key] = coerce(f"objective.{key}", value, hints[key])
     return options(**kwargs)
 
 
@@ -312,51 +312,6 @@ def _unknown(key: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}", (key,))
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints become floats where a float is expected."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}", (key,))
-    if origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} has the wrong type; expected a list", (key,))
-        (item,) = typing.get_args(tp)
-        return [_coerce(key, v, item) for v in value]
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-5" as a string
-            return float(value)
-        except ValueError:
-            pass
-    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if tp is str and value is None:  # `--set data.prompts=`: YAML reads an empty value as null
-        return ""
-    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}", (key,))
-
-
-def _type_name(tp: Any) -> str:
-    args = typing.get_args(tp)
-    if args:
-        return " or ".join(_type_name(a) for a in args)
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     """Build a validated :class:`Config` from a nested dict, rejecting unknown keys and wrong types."""
     if raw is None:
@@ -369,7 +324,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         if not isinstance(given, dict):
             raise ConfigError(f"{source}: section {section!r} must be a mapping, got {given!r}")
         if cls is ObjectiveConfig:  # name + that objective's options, validated by its Options dataclass
-            name = _coerce("objective.name", given.get("name", "dpo"), str)
+            name = coerce("objective.name", given.get("name", "dpo"), str)
             sections[section] = ObjectiveConfig(name, **{k: v for k, v in given.items() if k != "name"})
             continue
         hints = typing.get_type_hints(cls)
@@ -377,7 +332,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         for key, value in given.items():
             if key not in hints:
                 raise _unknown(f"{section}.{key}")
-            kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+            kwargs[key] = coerce(f"{section}.{key}", value, hints[key])
         sections[section] = cls(**kwargs)
     for section in raw:
         if section not in sections:
@@ -408,43 +363,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], origins: dict[str
         try:
             raw[section][name] = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item}: the value is not valid YAML: {_yaml_problem(e)}") from None
-    return raw
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    """A YAML error on one line, positions as ``line L, column C`` and no ``<unicode string>``."""
-    if isinstance(e, yaml.MarkedYAMLError) and e.problem:
-        text = e.problem
-        if e.problem_mark is not None:
-            text = f"line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}: {text}"
-        if e.context:
-            where = (f" at line {e.context_mark.line + 1}, column {e.context_mark.column + 1}"
-                     if e.context_mark is not None else "")
-            text += f" ({e.context}{where})"
-        return text
-    return " ".join(str(e).replace('in "<unicode string>", ', "").split())
-
-
-def _read_recipe(path: Path) -> dict[str, Any]:
-    """The recipe's nested dict; errors name the file once, on one line."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except yaml.YAMLError as e:
-        problem = _yaml_problem(e)
-        if problem.startswith("line "):
-            where, _, problem = problem.partition(": ")
-            raise ConfigError(f"{path}, {where}: not valid YAML: {problem}") from None
-        raise ConfigError(f"{path}: not valid YAML: {problem}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    for section, given in raw.items():
-        if given is not None and not isinstance(given, dict):
-            raise ConfigError(f"{path}: section {section!r} must be a mapping, got {given!r}")
+            raise ConfigError(f"--set {item}: the value is not valid YAML: {yaml_problem(e)}") from None
     return raw
 
 
@@ -471,7 +390,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"recipe {str(path)!r} does not exist (a file, or a shipped recipe: "
                               f"{', '.join(builtin_recipes())})")
         source = str(path)
-        raw = _read_recipe(path)
+        raw = read_recipe(path)
         for section, given in raw.items():
             origins[str(section)] = source
             origins.update({f"{section}.{key}": source for key in (given or {})})

@@ -1,9 +1,12 @@
-"""The pieces every options dataclass is built from: :class:`ConfigError`, ``option(default, help)`` fields and
-the checks that name the bad key. A leaf module (no imports of ours), so the config sections, the objectives'
-options and :class:`~diffalign.sampling.settings.Sampling` all build on it."""
+"""The pieces every options dataclass is built from: :class:`ConfigError`, ``option(default, help)`` fields, the
+checks that name the bad key and :func:`coerce`, which checks a recipe's value against a field's type. A leaf
+module (no imports of ours), so the config sections, the objectives' options and
+:class:`~diffalign.sampling.settings.Sampling` all build on it."""
 
 from __future__ import annotations
 
+import types
+import typing
 from dataclasses import field
 from typing import Any
 
@@ -36,3 +39,50 @@ def check_positive(section: str, name: str, value: float, allow_zero: bool = Fal
     """``section.name`` must be > 0 (or >= 0 with ``allow_zero``)."""
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{section}.{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}", (f"{section}.{name}",))
+
+
+def coerce(key: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against the annotation ``tp`` (the bad one raises :class:`ConfigError` naming ``key``); ints
+    become floats where a float is expected, a lone string a one-item list where a list is."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r} has the wrong type; expected {type_name(tp)}", (key,))
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} has the wrong type; expected a list", (key,))
+        (item,) = typing.get_args(tp)
+        return [coerce(key, v, item) for v in value]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-5" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if tp is str and value is None:  # `--set data.prompts=`: YAML reads an empty value as null
+        return ""
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key}={value!r} has the wrong type; expected {type_name(tp)}", (key,))
+
+
+def type_name(tp: Any) -> str:
+    """How an error names the annotation ``tp``: ``float or null``."""
+    args = typing.get_args(tp)
+    if args:
+        return " or ".join(type_name(a) for a in args)
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
