@@ -252,7 +252,7 @@ class Vividness:
         return (chroma * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2)).clamp(min=1)
 
 
-def _centroid(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def shape_centroid(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(x, y) of the mask's centre of mass in [0, 1] image units (pixel i's centre at (i + 0.5) / size) and
     whether a shape was found (at least one mask pixel), per image."""
     b, h, w = mask.shape
@@ -271,7 +271,7 @@ class LeftPosition:
     name, differentiable, higher_is_better = "left_position", True, True
 
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
-        x, _, found = _centroid(differentiable_masks(images.float()))
+        x, _, found = shape_centroid(differentiable_masks(images.float()))
         return torch.where(found, 1 - x, torch.zeros_like(x))
 
 
@@ -283,7 +283,7 @@ class Centredness:
     name, differentiable, higher_is_better = "centredness", True, True
 
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
-        x, y, found = _centroid(differentiable_masks(images.float()))
+        x, y, found = shape_centroid(differentiable_masks(images.float()))
         distance = ((x - 0.5) ** 2 + (y - 0.5) ** 2).add(1e-12).sqrt() / (0.5 * 2**0.5)
         return torch.where(found, 1 - distance, torch.zeros_like(x))
 

@@ -177,3 +177,28 @@ def test_demo_quick(kind, tmp_path, capsys):
     assert f"all {report['seconds']:.0f} s" in printed and report["seconds"] >= report["pair_seconds"]
     rows = [json.loads(line) for line in (out / "pairs" / "pairs.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(r["chosen_shape_size"] >= r["rejected_shape_size"] for r in rows)
+
+
+def test_shape_shift_script_measures_known_moves(tmp_path):
+    """scripts/shape_shift.py on an eval folder of hand-made scenes: two shapes moved 4 px towards the centre (from
+    8 and 6 px away), one 4 px away from it (from 4 px)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "shape_shift.py"
+    spec = importlib.util.spec_from_file_location("shape_shift", path)
+    shape_shift = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shape_shift)
+    moves = [((8, 16), (12, 16)), ((16, 22), (16, 18)), ((20, 16), (24, 16))]
+    for folder, index in (("base", 0), ("adapter", 1)):
+        (tmp_path / "images" / folder).mkdir(parents=True)
+        for k, move in enumerate(moves):
+            cx, cy = move[index]
+            tb.render(tb.Scene("square", "red", "gray", 3, cx=cx, cy=cy)).save(tmp_path / "images" / folder / f"p{k}.png")
+    line = shape_shift.summary(tmp_path)
+    assert "moved 4.00 px" in line and "mean shift +2.67, -1.33" in line, line
+    assert "cosine with the way to the centre +0.33" in line and "6.00 -> 4.67 px" in line, line
+    assert "nearer the centre 0.667 (base far from it: 1.000, near it: 0.500" in line, line
+    (tmp_path / "images" / "adapter" / "p2.png").unlink()
+    with pytest.raises(SystemExit, match="1 without an adapter image"):
+        shape_shift.summary(tmp_path)

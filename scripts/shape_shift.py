@@ -1,0 +1,72 @@
+"""How far an aligned testbed model moves the shape, read from ``diffalign eval`` folders (``images/base`` and
+``images/adapter``, the same prompt and seed under the same file name).
+
+For each folder: the mean distance the shape's centre of mass moved (pixels), the mean shift (x right, y down),
+the mean cosine of each shift with the direction from the base image's shape to the image centre, the shape's mean
+distance from the centre before and after, and how often the aligned image is the nearer to the centre (the
+``centredness`` win rate, ties counting half) in the half of the images whose base shape lies farther from the
+centre and in the other half. It reads what the win rate alone hides: whether a model moved the shapes a lot or a
+little, and towards where.
+
+    python scripts/shape_shift.py runs/generalise/centredness-seed0/dpo/eval [more eval folders]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def centres(folder: Path, names: list[str]):
+    """[N, 2] shape centres in [0, 1] image units and the image size, for the PNGs ``names`` of ``folder``."""
+    import torch
+    from PIL import Image
+
+    from diffalign.evaluation.scoring import to_tensor
+    from diffalign.testbed import differentiable_masks, shape_centroid
+
+    images = to_tensor([Image.open(folder / n).convert("RGB") for n in names])
+    x, y, _ = shape_centroid(differentiable_masks(images).detach())
+    return torch.stack([x, y], dim=1).double(), images.shape[-1]
+
+
+def summary(eval_dir: Path) -> str:
+    """One line of shift statistics for an eval folder."""
+    import torch
+
+    base_dir, adapter_dir = eval_dir / "images" / "base", eval_dir / "images" / "adapter"
+    names = sorted(p.name for p in base_dir.glob("*.png"))
+    missing = [n for n in names if not (adapter_dir / n).is_file()]
+    if not names or missing:
+        raise SystemExit(f"{eval_dir}: expected the same PNGs under images/base and images/adapter "
+                         f"({len(names)} base images, {len(missing)} without an adapter image)")
+    base, size = centres(base_dir, names)
+    aligned, _ = centres(adapter_dir, names)
+    shift, to_centre = aligned - base, 0.5 - base
+    before, after = to_centre.norm(dim=1), (0.5 - aligned).norm(dim=1)
+    cosine = (shift * to_centre).sum(1) / (shift.norm(dim=1) * before).clamp(min=1e-12)
+    nearer = (after < before).double() + 0.5 * (after == before).double()
+    far = torch.zeros_like(before, dtype=torch.bool)
+    far[before.argsort(descending=True)[: len(names) // 2]] = True  # the half farther from the centre, ties by rank
+    mean_shift = shift.mean(0) * size
+    return (f"{eval_dir}: moved {shift.norm(dim=1).mean() * size:.2f} px on average (mean shift "
+            f"{mean_shift[0]:+.2f}, {mean_shift[1]:+.2f}), cosine with the way to the centre {cosine.mean():+.2f}, "
+            f"distance from the centre {before.mean() * size:.2f} -> {after.mean() * size:.2f} px, nearer the centre "
+            f"{nearer.mean():.3f} (base far from it: {nearer[far].mean():.3f}, near it: {nearer[~far].mean():.3f}; "
+            f"{len(names)} images of {size} px)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("eval_dirs", nargs="+", type=Path, help="diffalign eval output folders")
+    for eval_dir in parser.parse_args(argv).eval_dirs:
+        print(summary(eval_dir))
+
+
+if __name__ == "__main__":
+    main()
