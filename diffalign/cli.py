@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 
 from .config import ConfigError, load_config
-from .data.readers import DataError
+from .data.errors import DataError
 from .models import ModelLoadError
 from .pipelines.export import ExportError
 from .rewards.base import RewardError, RewardFailed

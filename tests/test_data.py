@@ -9,8 +9,9 @@ from PIL import Image
 
 from diffalign.config import DataConfig
 from diffalign.data.dataset import RawPairDataset
+from diffalign.data.errors import DataError
 from diffalign.data.images import BadImageError, decode_image
-from diffalign.data.readers import DataError, load_pairs
+from diffalign.data.readers import load_pairs
 from diffalign.data.transforms import paired_transform
 from diffalign.testing import make_pickapic_rows, write_pairs_jsonl
 

@@ -16,9 +16,10 @@ from PIL import Image
 from diffalign.config import DataConfig
 from diffalign.data.cache import build_cache
 from diffalign.data.dataset import RawPairDataset, encode_batch
+from diffalign.data.errors import DataError
 from diffalign.data.images import decode_image
 from diffalign.data.prompts import read_prompts
-from diffalign.data.readers import DataError, load_pairs
+from diffalign.data.readers import load_pairs
 from diffalign.models import Conditioning
 from diffalign.testing import clip_tokenizer, make_pickapic_rows, write_pairs_jsonl
 

@@ -9,7 +9,8 @@ import torch
 
 from diffalign.cli import main
 from diffalign.config import DataConfig
-from diffalign.data.readers import DataError, load_pairs
+from diffalign.data.errors import DataError
+from diffalign.data.readers import load_pairs
 from diffalign.data.unpaired import load_unpaired
 from diffalign.labelling.convert import labels_to_pairs
 from diffalign.labelling.server import close_app, create_app

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffalign.config import ObjectiveConfig
-from diffalign.data.readers import DataError
+from diffalign.data.errors import DataError
 from diffalign.objectives.base import PairErrors
 from diffalign.objectives.dpo import dpo_loss
 from diffalign.objectives.inpo import InPO

@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from diffalign.config import ConfigError, DataConfig, load_config
-from diffalign.data.readers import DataError
+from diffalign.data.errors import DataError
 from diffalign.data.unpaired import load_unpaired
 from diffalign.objectives.kto import kto_loss, reference_point
 from diffalign.testing import write_unpaired_jsonl

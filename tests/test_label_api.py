@@ -11,7 +11,7 @@ import threading
 import pytest
 from PIL import Image
 
-from diffalign.data.readers import DataError
+from diffalign.data.errors import DataError
 from diffalign.labelling.items import read_items
 from diffalign.labelling.server import close_app, create_app, label_store, make_label_server, page_url
 from diffalign.labelling.store import LabelStore

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from diffalign.data.readers import DataError
+from diffalign.data.errors import DataError
 from diffalign.labelling.server import close_app, make_label_server, page_url
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install -e '.[dev]')")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from diffalign.config import ConfigError, load_config
-from diffalign.data.readers import DataError
+from diffalign.data.errors import DataError
 from diffalign.objectives.ddpo import PerPromptStatTracker, ddpo_loss
 from diffalign.objectives.grpo import group_advantages, grpo_loss
 from diffalign.training.logprob import step_kl, step_stds

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .readers import DataError
+from .errors import DataError
 
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 

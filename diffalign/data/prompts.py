@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .readers import DataError, read_utf8
+from .errors import DataError
+from .local_rows import read_utf8
 
 
 def read_prompts(path: str | Path) -> list[str]:

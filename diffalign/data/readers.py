@@ -8,20 +8,18 @@ images are identical and repeated pairs (same caption, same winner, same loser).
 
 from __future__ import annotations
 
-import codecs
-import csv
 import glob
 import hashlib
-import io
-import json
 import logging
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import DataConfig
+from .errors import DataError
+from .local_rows import file_ids, local_image, local_label, local_row_name, read_local_rows, score_value
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +27,6 @@ PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 PICKAPIC_UIDS = ("image_0_uid", "image_1_uid")  # Pick-a-Pic v2's image ids: used instead of hashing the bytes
 LOCAL_PAIRS_FILES = ("pairs.jsonl", "pairs.csv")  # what a folder given as a local-pairs dataset holds
 SAVE_TO_DISK_FILES = ("dataset_dict.json", "dataset_info.json", "state.json")
-
-
-class DataError(ValueError):
-    """A dataset that cannot be read as preference pairs; the message names the file, row or column."""
 
 
 @dataclass
@@ -151,21 +145,6 @@ class PairSource:
         if hi <= lo:
             raise DataError(f"{self.name}: every reward score is {lo}; soft labels need scores that differ")
         return lo, hi
-
-
-# ----- text files -----
-def read_utf8(path: Path) -> str:
-    """The text of ``path`` as UTF-8 (a leading byte-order mark is dropped); a one-line :class:`DataError` naming
-    the line and byte offset of the first byte that is not UTF-8."""
-    data = path.read_bytes()
-    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return data[skip:].decode("utf-8")
-    except UnicodeDecodeError as e:
-        at = skip + e.start
-        line = data[:at].count(b"\n") + 1
-        raise DataError(f"{path}, line {line} (byte {at}): not UTF-8 (byte 0x{data[at]:02x}: {e.reason}); save the "
-                        "file as UTF-8, e.g. `iconv -f latin1 -t utf-8 OLD > NEW`") from None
 
 
 # ----- loading -----
@@ -352,70 +331,6 @@ def _pickapic(spec: str, cfg: DataConfig) -> PairSource:
                       keys=keys)
 
 
-# ----- local pairs: JSONL / CSV with image paths relative to the file -----
-LOCAL_REQUIRED = ("prompt", "chosen", "rejected")
-
-
-def read_local_rows(path: Path, required: tuple[str, ...] = LOCAL_REQUIRED) -> list[dict]:
-    """The rows of a local JSONL/CSV file as dicts; an error names the line (row) lacking a ``required`` key."""
-    if not path.is_file():
-        raise DataError(f"data.dataset={str(path)!r}: no such file")
-    text = read_utf8(path)
-    if path.suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(required)}")
-        return list(reader)
-    rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
-        missing = [k for k in required if k not in row]
-        if missing:
-            raise DataError(f"{path}, line {n}: missing key(s) {', '.join(missing)}; expected {', '.join(required)}")
-        rows.append(row)
-    return rows
-
-
-def local_label(path: Path, i: int) -> str:
-    return f"row {i + 2}" if path.suffix == ".csv" else f"line {i + 1}"
-
-
-def local_row_name(path: Path, i: int) -> str:
-    """How an error names row ``i`` of a local pairs file: its line (JSONL) or row with the header as 1 (CSV)."""
-    return f"{path}, {local_label(path, i)}"
-
-
-def local_image(root: Path, row: dict, key: str, where: str) -> Path:
-    """The image file ``row[key]`` names, relative to the dataset folder ``root``, which it may not leave."""
-    f = (root / str(row[key])).resolve()
-    if not f.is_relative_to(root):
-        raise DataError(f"{where}: {key} path {row[key]!r} leaves the dataset folder {root}")
-    if not f.is_file():
-        raise DataError(f"{where}: {key} image {row[key]!r} does not exist")
-    return f
-
-
-def file_ids(sizes: dict[Path, int]) -> dict[Path, Any]:
-    """An identity per image file: its path, or the hash of its bytes where another file has the same size (only
-    those can be equal, so most files are never read)."""
-    by_size = defaultdict(list)
-    for f, size in sizes.items():
-        by_size[size].append(f)
-    ids: dict[Path, Any] = {}
-    for files in by_size.values():
-        for f in files:
-            ids[f] = hashlib.sha256(f.read_bytes()).digest() if len(files) > 1 else str(f)
-    return ids
-
-
 def _local_pairs(path: Path, cfg: DataConfig) -> PairSource:
     root = path.parent.resolve()
     raw = read_local_rows(path)
@@ -430,7 +345,7 @@ def _local_pairs(path: Path, cfg: DataConfig) -> PairSource:
             digest.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
             files.append(f)
             sizes[f] = st.st_size
-        scores = [_score(r, k, where) for k in ("chosen_score", "rejected_score")]
+        scores = [score_value(r, k, where) for k in ("chosen_score", "rejected_score")]
         pairs.append(Pair(str(r["prompt"] or ""), files[0], files[1], *scores))
         if str(r.get("tie", "")).lower() in ("true", "1") and not cfg.keep_ties:
             ties += 1
@@ -444,13 +359,3 @@ def _local_pairs(path: Path, cfg: DataConfig) -> PairSource:
     return PairSource(str(path), f"{digest.hexdigest()}:{cfg.keep_ties}", pairs.__getitem__, rows, ties,
                       lambda i: (pairs[i].score_w, pairs[i].score_l), lambda i: ("chosen_score", "rejected_score"),
                       lambda i: pairs[i].caption, lambda i: local_label(path, i), keys)
-
-
-def _score(row: dict, key: str, where: str) -> float | None:
-    value = row.get(key)
-    if value in (None, ""):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise DataError(f"{where}: {key}={value!r} is not a number") from None

@@ -22,19 +22,9 @@ import logging
 from pathlib import Path
 
 from ..config import DataConfig
-from .readers import (
-    DataError,
-    Pair,
-    PairSource,
-    drop_repeats,
-    file_ids,
-    image_ids,
-    local_image,
-    local_label,
-    local_row_name,
-    open_hf_dataset,
-    read_local_rows,
-)
+from .errors import DataError
+from .local_rows import file_ids, local_image, local_label, local_row_name, read_local_rows
+from .readers import Pair, PairSource, drop_repeats, image_ids, open_hf_dataset
 
 log = logging.getLogger(__name__)
 

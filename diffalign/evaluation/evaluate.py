@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..data.errors import DataError
 from ..data.prompts import read_prompts
-from ..data.readers import DataError
 from ..files import atomic_save_image, atomic_write_text
 from ..pipelines.grids import labelled_grid
 from ..rewards import RewardModel

@@ -18,16 +18,11 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..data.errors import DataError
 from ..data.images import decode_image
+from ..data.local_rows import local_image, local_row_name, read_local_rows
 from ..data.prompts import read_prompts
-from ..data.readers import (
-    DataError,
-    local_image,
-    local_pairs_file,
-    local_row_name,
-    open_hf_dataset,
-    read_local_rows,
-)
+from ..data.readers import local_pairs_file, open_hf_dataset
 from ..files import atomic_write, atomic_write_text
 from ..rewards import RewardModel, score
 from ..rewards.combine import combine

@@ -19,7 +19,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..data.readers import DataError
+from ..data.errors import DataError
 from ..files import atomic_write_text
 from ..rewards.combine import thumbs_from_scores
 from ..sampling.human import read_label_lines

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from ..data.readers import DataError, read_utf8
+from ..data.errors import DataError
+from ..data.local_rows import read_utf8
 
 MANIFEST = "manifest.json"  # diffalign sample (diffalign.sampling.human.MANIFEST; not imported: it pulls in torch)
 SCORES = "scores.jsonl"  # diffalign make-pairs

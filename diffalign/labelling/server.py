@@ -23,7 +23,7 @@ import flask
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from ..data.readers import DataError
+from ..data.errors import DataError
 from .items import LabelFolder, read_items
 from .store import LabelError, LabelStore, check_annotator
 

@@ -21,7 +21,8 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..data.readers import DataError, read_utf8
+from ..data.errors import DataError
+from ..data.local_rows import read_utf8
 from ..files import atomic_write_text, default_mode
 
 log = logging.getLogger(__name__)

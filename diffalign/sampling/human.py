@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..data.errors import DataError
+from ..data.local_rows import read_utf8
 from ..data.prompts import read_prompts
-from ..data.readers import DataError, read_utf8
 from ..files import atomic_save_image, atomic_write_text
 from ..models import Backbone, Conditioning
 from .settings import Sampling

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..data.errors import DataError
 from ..data.prompts import read_prompts
-from ..data.readers import DataError
 from ..evaluation.scoring import score_images
 from ..files import atomic_save_image, atomic_write_text
 from ..rewards import RewardModel

@@ -21,8 +21,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..config import Config, ConfigError
+from ..data.errors import DataError
 from ..data.prompts import read_prompts
-from ..data.readers import DataError
 from ..files import atomic_write_text
 from ..models import Backbone
 from ..rewards import load_rewards, parse_reward_options, score

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..data.readers import DataError
+from ..data.errors import DataError
 from ..files import atomic_write_text
 from ..lora import reference_mode
 from ..objectives.base import StepRatios

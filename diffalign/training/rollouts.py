@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError
+from ..data.errors import DataError
 from ..data.prompts import read_prompts
-from ..data.readers import DataError
 from ..lora import reference_mode
 from ..models import Backbone, Conditioning, default_resolution
 from ..objectives.base import StepLogProbs
