@@ -61,6 +61,7 @@ def read_local_rows(path: Path, required: tuple[str, ...] = LOCAL_REQUIRED) -> l
 
 
 def local_label(path: Path, i: int) -> str:
+    """Row ``i`` of a local file as its user sees it: ``line i+1`` (JSONL) or ``row i+2`` (CSV, the header is 1)."""
     return f"row {i + 2}" if path.suffix == ".csv" else f"line {i + 1}"
 
 
