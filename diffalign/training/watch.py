@@ -10,9 +10,10 @@ Warnings, each logged once per run (and kept in ``TrainResult.warnings``):
   the held-out pairs' accuracy is below 0.6 (or, without held-out pairs, the collapse alone, with the advice to
   add some);
 - **margin running away**: the objective's mean training margin past 10, where ``-logsigmoid`` is flat
-  (< 5e-5), with the training pairs' implicit accuracy at ≥ 0.97: the pairs no longer teach anything and the
-  policy keeps moving. The accuracy condition matters: a mean margin past 10 with many pairs still on the wrong
-  side is a wide spread of margins (the loss far from flat), as on the testbed with ε errors and a large β;
+  (< 5e-5), with the training loss collapsed as above (implicit accuracy ≥ 0.97, loss under a tenth of its start):
+  the pairs no longer teach anything and the policy keeps moving. A mean margin past 10 alone is not enough: with
+  ε errors and a large β (the shipped testbed DPO recipe) the margins spread wide, and a mean of 15-90 comes with
+  pairs still on the wrong side and a loss far from flat;
 - **held-out accuracy falling**: 0.15 or more below its best earlier measurement: the run is past its best step;
 - **per-prompt statistics inactive** (DDPO): under half of the last 10 rounds' advantages were normalised by their
   own prompt's rewards; the rest were normalised over the whole round, where differences between prompts pass for
@@ -98,10 +99,12 @@ class RunWatcher:
                                   f"past its best: fewer steps (train.max_steps={self.best_held_out[1]}) or a lower "
                                   "optim.lr would do better")
         full = len(self.recent) == WINDOW
+        collapsed = False
         if full and all("implicit_acc" in m for m in self.recent) and self.first_loss:
             acc = sum(m["implicit_acc"] for m in self.recent) / WINDOW
             loss = sum(m["loss"] for m in self.recent) / WINDOW
-            if acc >= COLLAPSED_ACC and loss <= COLLAPSED_LOSS * abs(self.first_loss):
+            collapsed = acc >= COLLAPSED_ACC and loss <= COLLAPSED_LOSS * abs(self.first_loss)
+            if collapsed:
                 where = (f"training pairs at implicit accuracy {acc:.2f} and loss {loss:.4f} (from {self.first_loss:.4f})")
                 if self.last_held_out is None:
                     new += self._warn("collapsed", f"step {step}: {where}: the loss has collapsed; with no held-out "
@@ -110,14 +113,12 @@ class RunWatcher:
                 elif self.last_held_out < HELD_OUT_LOW:
                     new += self._warn("overfitting", f"step {step}: overfitting: {where}, but held-out pairs at "
                                       f"{self.last_held_out:.2f}; lower optim.lr or train.max_steps, or use more pairs")
-        if full and all("margin" in m and "implicit_acc" in m for m in self.recent):
+        if collapsed and all("margin" in m for m in self.recent):
             margin = sum(m["margin"] for m in self.recent) / WINDOW
-            acc = sum(m["implicit_acc"] for m in self.recent) / WINDOW
-            if margin > RUNAWAY_MARGIN and acc >= COLLAPSED_ACC:
+            if margin > RUNAWAY_MARGIN:
                 new += self._warn("margin", f"step {step}: the training margin is running away ({margin:.1f} > "
-                                  f"{RUNAWAY_MARGIN:.0f} with implicit accuracy {acc:.2f}, where the loss is flat): the "
-                                  "policy keeps moving from the reference with nothing left to learn; lower optim.lr "
-                                  "or objective.beta")
+                                  f"{RUNAWAY_MARGIN:.0f}, where the loss is flat): the policy keeps moving from the "
+                                  "reference with nothing left to learn; lower optim.lr or objective.beta")
         if "per_prompt_share" in logged:
             self.per_prompt_shares.append(float(logged["per_prompt_share"]))
             full_rounds = len(self.per_prompt_shares) == WINDOW
