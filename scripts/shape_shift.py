@@ -6,7 +6,7 @@ the mean cosine of each shift with the direction from the base image's shape to 
 distance from the centre before and after, and how often the aligned image is the nearer to the centre (the
 ``centredness`` win rate, ties counting half) in the half of the images whose base shape lies farther from the
 centre and in the other half. It reads what the win rate alone hides: whether a model moved the shapes a lot or a
-little, and towards where.
+little, and towards where. Images where either model drew no shape are left out (and counted).
 
     python scripts/shape_shift.py runs/generalise/centredness-seed0/dpo/eval [more eval folders]
 """
@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def centres(folder: Path, names: list[str]):
-    """[N, 2] shape centres in [0, 1] image units and the image size, for the PNGs ``names`` of ``folder``."""
+    """[N, 2] shape centres in [0, 1] image units, whether a shape was found [N], and the image size, for the PNGs
+    ``names`` of ``folder``."""
     import torch
     from PIL import Image
 
@@ -31,8 +32,8 @@ def centres(folder: Path, names: list[str]):
     from diffalign.testbed import differentiable_masks, shape_centroid
 
     images = to_tensor([Image.open(folder / n).convert("RGB") for n in names])
-    x, y, _ = shape_centroid(differentiable_masks(images).detach())
-    return torch.stack([x, y], dim=1).double(), images.shape[-1]
+    x, y, found = shape_centroid(differentiable_masks(images).detach())
+    return torch.stack([x, y], dim=1).double(), found, images.shape[-1]
 
 
 def summary(eval_dir: Path) -> str:
@@ -45,8 +46,10 @@ def summary(eval_dir: Path) -> str:
     if not names or missing:
         raise SystemExit(f"{eval_dir}: expected the same PNGs under images/base and images/adapter "
                          f"({len(names)} base images, {len(missing)} without an adapter image)")
-    base, size = centres(base_dir, names)
-    aligned, _ = centres(adapter_dir, names)
+    base, found_base, size = centres(base_dir, names)
+    aligned, found_aligned, _ = centres(adapter_dir, names)
+    both = found_base & found_aligned  # an image without a shape has no centre to compare
+    base, aligned, names = base[both], aligned[both], [n for n, keep in zip(names, both.tolist()) if keep]
     shift, to_centre = aligned - base, 0.5 - base
     before, after = to_centre.norm(dim=1), (0.5 - aligned).norm(dim=1)
     cosine = (shift * to_centre).sum(1) / (shift.norm(dim=1) * before).clamp(min=1e-12)
@@ -58,7 +61,7 @@ def summary(eval_dir: Path) -> str:
             f"{mean_shift[0]:+.2f}, {mean_shift[1]:+.2f}), cosine with the way to the centre {cosine.mean():+.2f}, "
             f"distance from the centre {before.mean() * size:.2f} -> {after.mean() * size:.2f} px, nearer the centre "
             f"{nearer.mean():.3f} (base far from it: {nearer[far].mean():.3f}, near it: {nearer[~far].mean():.3f}; "
-            f"{len(names)} images of {size} px)")
+            f"{len(names)} images of {size} px with a shape in both, {int((~both).sum())} left out)")
 
 
 def main(argv: list[str] | None = None) -> None:

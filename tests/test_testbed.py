@@ -185,6 +185,8 @@ def test_shape_shift_script_measures_known_moves(tmp_path):
     import importlib.util
     from pathlib import Path
 
+    from PIL import Image
+
     path = Path(__file__).resolve().parents[1] / "scripts" / "shape_shift.py"
     spec = importlib.util.spec_from_file_location("shape_shift", path)
     shape_shift = importlib.util.module_from_spec(spec)
@@ -199,6 +201,10 @@ def test_shape_shift_script_measures_known_moves(tmp_path):
     assert "moved 4.00 px" in line and "mean shift +2.67, -1.33" in line, line
     assert "cosine with the way to the centre +0.33" in line and "6.00 -> 4.67 px" in line, line
     assert "nearer the centre 0.667 (base far from it: 1.000, near it: 0.500" in line, line
+    tb.render(tb.Scene("square", "red", "gray", 3, cx=8, cy=8)).save(tmp_path / "images" / "base" / "p3.png")
+    Image.new("RGB", (32, 32), "gray").save(tmp_path / "images" / "adapter" / "p3.png")  # no shape drawn: no centre
+    line = shape_shift.summary(tmp_path)
+    assert "moved 4.00 px" in line and "3 images of 32 px with a shape in both, 1 left out" in line, line
     (tmp_path / "images" / "adapter" / "p2.png").unlink()
     with pytest.raises(SystemExit, match="1 without an adapter image"):
         shape_shift.summary(tmp_path)

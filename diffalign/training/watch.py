@@ -12,7 +12,7 @@ Warnings, each logged once per run (and kept in ``TrainResult.warnings``):
 - **margin running away**: the objective's mean training margin past 10, where ``-logsigmoid`` is flat
   (< 5e-5), with the training loss collapsed as above (implicit accuracy ≥ 0.97, loss under a tenth of its start):
   the pairs no longer teach anything and the policy keeps moving. A mean margin past 10 alone is not enough: with
-  ε errors and a large β (the shipped testbed DPO recipe) the margins spread wide, and a mean of 15-90 comes with
+  ε errors and a large β (the shipped testbed DPO recipe) the margins spread wide, and a mean of 14-90 comes with
   pairs still on the wrong side and a loss far from flat;
 - **held-out accuracy falling**: 0.15 or more below its best earlier measurement: the run is past its best step;
 - **per-prompt statistics inactive** (DDPO): under half of the last 10 rounds' advantages were normalised by their
