@@ -47,8 +47,8 @@ def main() -> None:
     parser.add_argument("--testbed", choices=("sd15", "sdxl"), default="sd15", help="the testbed model's architecture")
     parser.add_argument("--lr", default="3e-4,1e-3,3e-3", help="learning rates")
     parser.add_argument("--beta", default="20000,80000,320000",
-                        help="betas (around testbed-dpo's 80000 on ε errors; the README's sweep tables are of the "
-                             "earlier v-error recipe's grid, 1000,5000,20000)")
+                        help="betas (around testbed-dpo's 80000 on ε errors; the earlier v-error recipe's grid, "
+                             "in the README's older sweep tables, was 1000,5000,20000)")
     parser.add_argument("--max-steps", default="", help="training steps (default: the recipe's)")
     args = parser.parse_args()
     budget = dataclasses.replace(FULL, seed=args.seed, testbed=args.testbed)
