@@ -3,7 +3,7 @@
 Scenes are one flat shape on a flat background, e.g. "a red circle on a gray background" (32 px). The shape's
 size, position and saturation are random and not in the prompt, so the programmatic rewards ``shape_size``
 (larger is better), ``vividness`` (more saturated), ``left_position`` (further left), ``centredness`` (nearer the
-centre) and ``edge_sharpness`` (crisper edges) ask for something the base model does not already do, while the
+centre), ``middle_size`` (nearer a middling size) and ``edge_sharpness`` (crisper edges) ask for something the base model does not already do, while the
 checker measures what the prompt does ask for: shape colour, background colour, shape.
 
 The model itself (``diffalign/resources/testbed``) is trained from scratch on these scenes by ``scripts/make_testbed.py``.
@@ -42,7 +42,7 @@ MASK_THRESHOLD = 0.15  # RGB distance (in [0, 1] units) from the background that
 SAMPLING = Sampling(steps=20, guidance=5.0)
 # The alignment benchmark's reward sets (scripts/bench_alignment.py, bench_sweep.py): recipes are chosen on the
 # tuning rewards; the report rewards are never used to choose a setting, so they show whether the choice carries over.
-REWARD_SETS = {"tuning": ("shape_size", "vividness", "jpeg_compressibility"),
+REWARD_SETS = {"tuning": ("shape_size", "vividness", "jpeg_compressibility", "middle_size"),
                "report": ("left_position", "centredness", "edge_sharpness")}
 
 
@@ -250,6 +250,24 @@ class Vividness:
         mask = differentiable_masks(images)
         chroma = images.max(dim=1).values - images.min(dim=1).values
         return (chroma * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2)).clamp(min=1)
+
+
+MIDDLE_COVERAGE = 0.2  # about the median fraction of the frame a random scene's shape covers (0.19)
+
+
+class MiddleSize:
+    """How close the fraction of the image the shape covers is to :data:`MIDDLE_COVERAGE`: ``1 - |coverage - 0.2| /
+    0.8`` (scale: 0-1; 1 at the middling size, 0 when no shape is found). Not monotone: about half the base's shapes
+    should grow and half shrink, so the preferred direction depends on the image, as for ``centredness``.
+    Differentiable through :func:`differentiable_masks`."""
+
+    name, differentiable, higher_is_better = "middle_size", True, True
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
+        mask = differentiable_masks(images.float())
+        coverage = mask.mean(dim=(1, 2))
+        score = 1 - (coverage - MIDDLE_COVERAGE).abs() / max(MIDDLE_COVERAGE, 1 - MIDDLE_COVERAGE)
+        return torch.where(mask.detach().sum(dim=(1, 2)) >= 1, score, torch.zeros_like(score))
 
 
 def shape_centroid(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:

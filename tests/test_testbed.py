@@ -66,6 +66,16 @@ def test_rewards_rank_size_and_saturation():
     assert score(size, blank, [""]).item() == 0 and score(vividness, blank, [""]).item() == 0
 
 
+def test_middle_size_prefers_the_middling_shape_from_either_side():
+    # squares of half size 3, 7 and 12 cover 36, 196 and 576 of 1024 pixels: small, about 0.2, large
+    small, middling, large = (tb.Scene("square", "red", "gray", h) for h in (3, 7, 12))
+    s = score(load_reward("middle_size"), _tensor([tb.render(x) for x in (small, middling, large)]), [""] * 3)
+    expected = [1 - abs(area / 1024 - 0.2) / 0.8 for area in (36, 196, 576)]
+    assert s.tolist() == pytest.approx(expected, abs=0.01)
+    assert s[1] > s[0] and s[1] > s[2]  # not monotone: both smaller and larger lose
+    assert score(load_reward("middle_size"), torch.zeros(1, 3, 32, 32), [""]).item() == 0
+
+
 def test_position_rewards_read_where_the_shape_is():
     scenes = [tb.Scene("square", "red", "gray", 4, cx=8, cy=16), tb.Scene("square", "red", "gray", 4, cx=24, cy=16),
               tb.Scene("circle", "blue", "white", 5, cx=16, cy=16), tb.Scene("circle", "blue", "white", 5, cx=8, cy=8)]
@@ -98,7 +108,7 @@ def test_edge_sharpness_is_one_over_the_edge_width():
     assert rendered[0] > rendered[1] + 0.2
 
 
-@pytest.mark.parametrize("name", ["left_position", "centredness", "edge_sharpness"])
+@pytest.mark.parametrize("name", ["left_position", "centredness", "edge_sharpness", "middle_size"])
 def test_new_rewards_are_differentiable(name):
     images = _tensor([tb.render(tb.Scene("circle", "green", "black", 6, cx=12, cy=20))]).requires_grad_(True)
     head = load_reward(name)

@@ -35,6 +35,7 @@ BUILTIN_REWARDS = {
     "jpeg_incompressibility": "diffalign.rewards.simple:JpegIncompressibility",
     "shape_size": "diffalign.testbed:ShapeSize",
     "vividness": "diffalign.testbed:Vividness",
+    "middle_size": "diffalign.testbed:MiddleSize",
     "left_position": "diffalign.testbed:LeftPosition",
     "centredness": "diffalign.testbed:Centredness",
     "edge_sharpness": "diffalign.testbed:EdgeSharpness",
