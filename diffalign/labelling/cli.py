@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from ..console import HelpFormatter
 from .server import MODES, serve
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every option's help ends with its default, except where there is none to show (as the main parser's)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default is None or action.default is False or "(default" in text:
-            return text
-        return super()._get_help_string(action)
 
 
 def add_label_command(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``label DIR [--mode ...] [--annotator NAME] [--port N] [--host H] [--labels FILE]`` to ``sub``; its
     ``func`` serves the labelling page until Ctrl-C. Returns the subparser."""
     p = sub.add_parser(
-        "label", formatter_class=_Help,
+        "label", formatter_class=HelpFormatter,
         help="score images in a local web page (a `diffalign sample` or `diffalign make-pairs` folder)",
         description="Serve a labelling page over DIR on this machine: people rank, pick best/worst, thumb or\n"
                     "compare each prompt's images; every label is one line of DIR/labels.jsonl in D3PO's\n"
