@@ -3,8 +3,9 @@
 Scenes are one flat shape on a flat background, e.g. "a red circle on a gray background" (32 px). The shape's
 size, position and saturation are random and not in the prompt, so the programmatic rewards ``shape_size``
 (larger is better), ``vividness`` (more saturated), ``left_position`` (further left), ``centredness`` (nearer the
-centre), ``middle_size`` (nearer a middling size) and ``edge_sharpness`` (crisper edges) ask for something the base model does not already do, while the
-checker measures what the prompt does ask for: shape colour, background colour, shape.
+centre), ``middle_size`` (nearer a middling size) and ``edge_sharpness`` (crisper edges) ask for something the base
+model does not already do, while the checker measures what the prompt does ask for: shape colour, background
+colour, shape.
 
 The model itself (``diffalign/resources/testbed``) is trained from scratch on these scenes by ``scripts/make_testbed.py``.
 """
@@ -257,9 +258,10 @@ MIDDLE_COVERAGE = 0.2  # about the median fraction of the frame a random scene's
 
 class MiddleSize:
     """How close the fraction of the image the shape covers is to :data:`MIDDLE_COVERAGE`: ``1 - |coverage - 0.2| /
-    0.8`` (scale: 0-1; 1 at the middling size, 0 when no shape is found). Not monotone: about half the base's shapes
-    should grow and half shrink, so the preferred direction depends on the image, as for ``centredness``.
-    Differentiable through :func:`differentiable_masks`."""
+    0.8`` (scale: 0-1; 1 at the middling size, 0 when no shape is found). Not monotone: the preferred direction
+    depends on the image, as for ``centredness`` (half the training scenes' shapes should grow and half shrink; the
+    base model draws larger ones, three quarters of which should shrink). Differentiable through
+    :func:`differentiable_masks`."""
 
     name, differentiable, higher_is_better = "middle_size", True, True
 
