@@ -18,11 +18,11 @@ earlier table's).
 
 The recipes were chosen on the *tuning* rewards (``--rewards tuning``: shape_size, vividness,
 jpeg_compressibility and, from the round that added it, middle_size); the *report* rewards (``--rewards report``:
-left_position, centredness, edge_sharpness) were never used to choose a setting. Targets (issue: generalisation): mean win rate >= 0.70 over seeds, guard drop <= 5
-points, each run <= 15 CPU-minutes. Prints a table per reward and seed, then per objective and reward the mean win
-rate over seeds with its spread, and the Spearman rank correlation, over every run, of each held-out signal
-(what ``diffalign sweep`` picks by, no reward needed) with the win rate. Resumable: finished runs are read back from
-``results.json``; ``results.md`` holds the tables.
+left_position, centredness, edge_sharpness) were never used to choose a setting. Targets (issue: generalisation):
+mean win rate >= 0.70 over seeds, guard drop <= 5 points, each run <= 15 CPU-minutes. Prints a table per reward and
+seed, then per objective and reward the mean win rate over seeds with its spread, and the Spearman rank
+correlation, over every run, of each held-out signal (what ``diffalign sweep`` picks by, no reward needed) with the
+win rate. Resumable: finished runs are read back from ``results.json``; ``results.md`` holds the tables.
 """
 
 from __future__ import annotations
