@@ -22,6 +22,7 @@ from PIL import Image
 
 from . import testbed as tb
 from .config import load_config
+from .evaluation.report import prompt_bounds
 from .files import atomic_copy, atomic_write_text
 from .resources import builtin_recipes, recipe_path
 from .rewards import load_reward
@@ -182,7 +183,7 @@ def format_report(summary: dict) -> str:
         f"# diffalign demo: Diffusion-DPO on the {summary.get('testbed', 'sd15').upper()} testbed, reward "
         f"`{summary['reward']}`", "",
         f"- reward win rate of aligned vs base (held-out prompts x seeds): **{w['rate']:.3f}** "
-        f"(95% CI {w['low']:.3f}-{w['high']:.3f}, n={w['n']})",
+        "(95% CI over prompts {:.3f}-{:.3f}, n={})".format(*prompt_bounds(w), w["n"]),
         f"- mean reward: base {summary['mean_reward']['base']:.4f} -> aligned {summary['mean_reward']['aligned']:.4f}",
         f"- prompt following (both colours right): base {before['colour']:.3f} -> aligned {after['colour']:.3f}; "
         f"shape {before['shape']:.3f} -> {after['shape']:.3f}",

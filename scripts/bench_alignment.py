@@ -10,7 +10,7 @@ and, per reward and seed, the same reward-labelled pairs (``make-pairs``: 8 imag
 worst; thumbs of the same images for KTO), each objective trains its shipped ``testbed-*`` recipe (the online
 ones, D3PO, DDPO, GRPO and reward backprop, sample their own images and score them with the same reward) while
 measuring the held-out pairs (every ordered pair of the held-out prompts' 8 images), and is evaluated on the
-held-out prompts x 8 seeds: reward win rate vs base with a 95% Wilson interval, prompt following (both colours
+held-out prompts x 8 seeds: reward win rate vs base with a 95% interval over prompts, prompt following (both colours
 right, the testbed checker) before and after (the guard), implicit and ranking accuracy on the held-out pairs,
 steps, images sampled (online) and wall time (for the offline objectives including the time to make the pairs).
 A seed is of the whole pipeline: the pairs' images, ``train.seed`` and the evaluation's seeds (seed 0 is every
@@ -41,6 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffalign.demo import FULL, align_and_evaluate, is_online, make_testbed_pairs, objective_overrides  # noqa: E402
+from diffalign.evaluation.report import prompt_bounds  # noqa: E402
 from diffalign.sweep import PICKS, Trial, spearman  # noqa: E402
 from diffalign.testbed import rewards_of  # noqa: E402
 
@@ -61,7 +62,7 @@ def row(r: dict) -> str:
     images, m = r.get("images_sampled"), r["mean_reward"]
     gain = f"{1000 * (m['aligned'] - m['base']) / images:+.4f}" if images else "-"  # held-out gain per 1,000 sampled
     met = w["rate"] >= TARGET_WIN and before - after <= TARGET_DROP and r["seconds"] / 60 <= TARGET_MINUTES
-    return (f"| {r['objective']} | {w['rate']:.3f} [{w['low']:.2f}, {w['high']:.2f}] | "
+    return (f"| {r['objective']} | {w['rate']:.3f} " + "[{:.2f}, {:.2f}] | ".format(*prompt_bounds(w)) +
             f"{m['base']:.4f} -> {m['aligned']:.4f} | {before:.3f} -> {after:.3f} ({guard_change(r):+.1f}) | {accs} | "
             f"{r['steps']} | {images or '-'} | {gain} | {r['seconds'] / 60:.1f} | {'yes' if met else 'no'} |")
 
@@ -69,7 +70,8 @@ def row(r: dict) -> str:
 def table(results: list[dict], reward: str, seed: int) -> str:
     n = results[0]["win_rate"]["n"]
     head = (f"Reward `{reward}`, seed {seed}; win rate of aligned vs base over {n} held-out (prompt, seed) pairs, 95% "
-            "Wilson interval; prompt following = both colours right (points); accuracies on the held-out pairs.\n\n"
+            "interval over prompts (cluster-robust, no narrower than Wilson's); prompt following = both colours right "
+            "(points); accuracies on the held-out pairs.\n\n"
             "| objective | win rate [95% CI] | mean reward base -> aligned | prompt following base -> aligned | "
             "implicit / ranking acc. | steps | images sampled | reward gain per 1k images | minutes | target met |\n"
             "|---|---|---|---|---|---|---|---|---|---|\n")

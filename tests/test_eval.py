@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from diffalign.cli import main
-from diffalign.evaluation.metrics import wilson_interval, win_rate
+from diffalign.evaluation.metrics import prompt_interval, wilson_interval, win_rate
 from diffalign.sampling.settings import Sampling
 
 
@@ -31,6 +31,31 @@ def test_win_rate_counts_ties_as_half_and_respects_direction():
     assert (lower.wins, lower.rate) == (1, 0.375)
     with pytest.raises(ValueError, match="equally long"):
         win_rate([1.0], [1.0, 2.0])
+    assert lower.prompt_low is None and lower.prompts is None  # no prompt groups given, no interval over prompts
+
+
+def test_interval_over_prompts_by_hand():
+    # 3 prompts x 3 seeds winning 3, 2 and 1 times: p = 6/9; Σ (s_i - p·n_i)² = 1 + 0 + 1 = 2;
+    # SE² = 3/2 · 2 / 9² = 1/27; p ± 1.959964 · 0.19245 = [0.2895, 1.0439] -> [0.2895, 1]
+    groups = [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    w = win_rate([1, 1, 1, 1, 1, 0, 1, 0, 0], [0.5] * 9, groups=groups)
+    assert w.rate == pytest.approx(2 / 3) and w.prompts == 3
+    assert (w.prompt_low, w.prompt_high) == pytest.approx((2 / 3 - 1.959964 * (1 / 27) ** 0.5, 1.0), abs=1e-6)
+    assert w.prompt_low < w.low  # prompts that disagree widen the interval beyond Wilson's
+    # a tie is half a win in the prompt's sum too: 2.5 wins of 3 on prompt 0
+    tied = win_rate([1, 1, 0, 0, 0, 0], [1, 0, 1, 1, 1, 1], groups=[0, 0, 0, 1, 1, 1])
+    assert tied.ties == 1 and tied.rate == pytest.approx(1.5 / 6)
+    se = (2 / 1 * ((1.5 - 0.25 * 3) ** 2 + (0 - 0.25 * 3) ** 2)) ** 0.5 / 6
+    assert tied.prompt_high == pytest.approx(0.25 + 1.959964 * se)
+    with pytest.raises(ValueError, match="2 prompt groups"):
+        win_rate([1, 0, 1], [0, 0, 0], groups=[0, 1])
+
+
+def test_interval_over_prompts_is_never_narrower_than_wilson():
+    # every prompt wins the same share: the sandwich estimate is 0, so Wilson's interval stands
+    same = prompt_interval([1, 0, 1, 0, 1, 0, 1, 0], [0, 0, 1, 1, 2, 2, 3, 3])
+    assert same == pytest.approx(wilson_interval(0.5, 8))
+    assert prompt_interval([1, 1, 0], [0, 0, 0]) == pytest.approx(wilson_interval(2 / 3, 3))  # one prompt
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +89,7 @@ def test_report_json(evaluated, adapter):
     assert len(report["scores"]["aligned"]["brightness"]) == 4 == len(report["images"]["base"])
     w = report["win_rates"]["aligned"]["brightness"]
     assert 0 <= w["low"] <= w["rate"] <= w["high"] <= 1 and w["n"] == 4
+    assert w["prompt_low"] <= w["low"] and w["high"] <= w["prompt_high"] and w["prompts"] == len(report["prompts"])
     acc = report["pair_accuracy"]["aligned"]
     assert acc["pairs"] == 10 and 0 <= acc["ranking_accuracy"] <= 1 and 0 <= acc["implicit_accuracy"] <= 1
     card = (adapter / "README.md").read_text()
@@ -93,6 +119,7 @@ def test_eval_prints_the_numbers_then_the_paths(evaluated, capsys):
         w = report["win_rates"]["aligned"][head]
         row = next(line for line in lines if line.split()[:2] == ["aligned", head])
         assert f"{w['rate']:.3f}" in row and f"[{w['low']:.3f}, {w['high']:.3f}]" in row, row
+        assert f"[{w['prompt_low']:.3f}, {w['prompt_high']:.3f}]" in row, row
         assert f"{report['mean_scores']['base'][head]:.4g}" in row and f"{report['mean_scores']['aligned'][head]:.4g}" in row
     acc = report["pair_accuracy"]["aligned"]
     row = next(line for line in lines if line.split()[:1] == ["aligned"] and len(line.split()) == 4)

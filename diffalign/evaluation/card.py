@@ -8,6 +8,7 @@ import yaml
 
 from ..config import Config
 from ..files import atomic_copy, atomic_write_text
+from .report import prompt_bounds
 
 EVAL_START, EVAL_END = "<!-- diffalign-eval -->", "<!-- /diffalign-eval -->"
 
@@ -40,7 +41,7 @@ def update_card_with_eval(adapter_dir: Path, name: str, report: dict, grid: Path
     if not card.is_file() or EVAL_START not in (text := card.read_text()):
         return None
     rows = [f"| {h} | {report['mean_scores']['base'][h]:.4g} | {report['mean_scores'][name][h]:.4g} | "
-            f"{w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}] |" for h, w in report["win_rates"][name].items()]
+            "{:.3f} [{:.3f}, {:.3f}] |".format(w["rate"], *prompt_bounds(w)) for h, w in report["win_rates"][name].items()]
     acc = report["pair_accuracy"].get(name)
     extra = (f"\nHeld-out pairs ({acc['pairs']:.0f}): implicit accuracy {acc['implicit_accuracy']:.3f}, ranking "
              f"accuracy {acc['ranking_accuracy']:.3f}.\n") if acc else ""
@@ -49,8 +50,8 @@ def update_card_with_eval(adapter_dir: Path, name: str, report: dict, grid: Path
         atomic_copy(grid, adapter_dir / "eval_samples.png")
         picture = "\n![base (top) vs aligned (bottom), same seeds](eval_samples.png)\n"
     section = (f"{EVAL_START}\n## Evaluation\n\n{len(report['prompts'])} prompts × {report['seeds']} seeds, "
-               f"{report['steps']} steps, CFG {report['guidance']}; win rate vs the base model with a 95% Wilson "
-               f"interval.\n\n| head | base mean | aligned mean | win rate |\n|---|---|---|---|\n" + "\n".join(rows)
+               f"{report['steps']} steps, CFG {report['guidance']}; win rate vs the base model with a 95% interval "
+               f"over prompts.\n\n| head | base mean | aligned mean | win rate |\n|---|---|---|---|\n" + "\n".join(rows)
                + f"\n{extra}{picture}{EVAL_END}")
     before, rest = text.split(EVAL_START, 1)
     after = rest.split(EVAL_END, 1)[1] if EVAL_END in rest else ""

@@ -97,8 +97,9 @@ def evaluate(base: str, adapters: Sequence[str | Path], prompts_file: str | Path
               "models": {n: {"adapter": str(a) if a else None, "scale": s} for n, a, s in zip(names, sources, [1.0, *scales])},
               "mean_scores": {n: {h: sum(v) / len(v) for h, v in scores[n].items()} for n in names},
               "win_rates": {}, "pair_accuracy": {}}
+    groups = [i for i in range(len(prompts)) for _ in range(seeds)]  # each comparison's prompt
     for name in names[1:]:
-        report["win_rates"][name] = {h: vars(win_rate(scores[name][h], scores["base"][h], r.higher_is_better))
+        report["win_rates"][name] = {h: vars(win_rate(scores[name][h], scores["base"][h], r.higher_is_better, groups))
                                      for h, r in rewards.items()}
     if pairs:
         report["pair_accuracy"] = held_out_accuracies(base, dict(zip(names[1:], adapters)), pairs, device,

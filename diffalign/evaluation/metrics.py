@@ -1,5 +1,12 @@
 """Evaluation arithmetic: win rates with Wilson intervals, and implicit / ranking accuracy on held-out pairs.
 
+A win rate over P prompts x K seeds has two intervals. The Wilson interval treats the P·K comparisons as
+independent: right for "these prompts, other seeds". Comparisons of one prompt are alike (an adapter that wins on a
+prompt tends to win on all its seeds), so for "other prompts like these" the prompt interval is the one to read:
+the cluster-robust (sandwich) standard error of a proportion, ``SE² = P/(P-1) · Σ_i (s_i - p·n_i)² / N²`` over
+prompts i with s_i wins (ties half) out of n_i, N = Σ n_i, taken no narrower than the Wilson interval (with few
+prompts that agree by chance the sandwich estimate can come out below the binomial one, down to zero).
+
 Ranking accuracy (Chen et al., arXiv 2405.19534) asks whether the policy alone prefers the winner: with shared
 (t, ε) Monte Carlo over several t, ``mean_t e_θ^w < mean_t e_θ^l``. Implicit accuracy asks whether the policy
 moved towards the winner relative to the reference: ``mean_t [(e_ref^w - e_ref^l) - (e_θ^w - e_θ^l)] > 0``.
@@ -22,6 +29,9 @@ class WinRate:
     wins: int
     ties: int
     n: int
+    prompt_low: float | None = None  # 95% interval over prompts (see the module doc); None without prompt groups
+    prompt_high: float | None = None
+    prompts: int | None = None  # how many prompts the comparisons came from
 
 
 def wilson_interval(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -35,16 +45,39 @@ def wilson_interval(p: float, n: int, z: float = 1.959964) -> tuple[float, float
     return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
-def win_rate(candidate: Sequence[float], baseline: Sequence[float], higher_is_better: bool = True) -> WinRate:
-    """How often ``candidate[i]`` beats ``baseline[i]`` (same prompt and seed); a tie counts as half a win."""
+def prompt_interval(points: Sequence[float], groups: Sequence, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% interval over prompts of the mean of ``points`` (1 a win, 0.5 a tie, 0 a loss), ``groups[i]`` naming
+    the prompt of comparison i: the cluster-robust interval of the module doc, no narrower than Wilson's."""
+    n, p = len(points), sum(points) / len(points)
+    per_group: dict = {}
+    for x, g in zip(points, groups):
+        s, k = per_group.get(g, (0.0, 0))
+        per_group[g] = (s + x, k + 1)
+    m = len(per_group)
+    low, high = wilson_interval(p, n, z)
+    if m < 2:  # one prompt: nothing to say about other prompts beyond its own seeds
+        return low, high
+    se = math.sqrt(m / (m - 1) * sum((s - p * k) ** 2 for s, k in per_group.values())) / n
+    return max(0.0, min(low, p - z * se)), min(1.0, max(high, p + z * se))
+
+
+def win_rate(candidate: Sequence[float], baseline: Sequence[float], higher_is_better: bool = True,
+             groups: Sequence | None = None) -> WinRate:
+    """How often ``candidate[i]`` beats ``baseline[i]`` (same prompt and seed); a tie counts as half a win.
+    ``groups[i]`` (the prompt of comparison i) adds the interval over prompts (see the module doc)."""
     if len(candidate) != len(baseline) or not candidate:
         raise ValueError(f"win rate needs two equally long, non-empty score lists (got {len(candidate)} and {len(baseline)})")
+    if groups is not None and len(groups) != len(candidate):
+        raise ValueError(f"win rate: {len(candidate)} comparisons but {len(groups)} prompt groups")
     sign = 1 if higher_is_better else -1
-    wins = sum(sign * (c - b) > 0 for c, b in zip(candidate, baseline))
-    ties = sum(c == b for c, b in zip(candidate, baseline))
-    n = len(candidate)
-    rate = (wins + ties / 2) / n
-    return WinRate(rate, *wilson_interval(rate, n), wins, ties, n)
+    points = [1.0 if sign * (c - b) > 0 else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline)]
+    wins, ties, n = points.count(1.0), points.count(0.5), len(points)
+    rate = sum(points) / n
+    result = WinRate(rate, *wilson_interval(rate, n), wins, ties, n)
+    if groups is not None:
+        result.prompt_low, result.prompt_high = prompt_interval(points, groups)
+        result.prompts = len(set(groups))
+    return result
 
 
 HELD_OUT_BETA = 5000.0  # Diffusion-DPO's default β (our ½ convention), whatever the run's objective

@@ -49,13 +49,14 @@ def plots(out: Path, report: dict) -> list[str]:
             for head, w in per_head.items():
                 labels.append(f"{model}\n{head}")
                 rates.append(w["rate"])
-                low.append(w["rate"] - w["low"])
-                high.append(w["high"] - w["rate"])
+                bounds = prompt_bounds(w)
+                low.append(w["rate"] - bounds[0])
+                high.append(bounds[1] - w["rate"])
         ax.bar(range(len(rates)), rates, yerr=[low, high], capsize=4, color="#4c72b0")
         ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
         ax.set_xticks(range(len(rates)), labels, fontsize=8)
         ax.set_ylim(0, 1)
-        ax.set_title("win rate vs base (95% Wilson interval)")
+        ax.set_title("win rate vs base (95% interval over prompts)")
         fig.tight_layout()
         fig.savefig(out / "plots/win_rates.png", dpi=96)
         plt.close(fig)
@@ -80,9 +81,17 @@ def _columns(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
 
 
+def prompt_bounds(w: dict) -> tuple[float, float]:
+    """A win rate's 95% interval over prompts (see :mod:`diffalign.evaluation.metrics`); reports written before it
+    was measured have only the Wilson interval, which then stands in."""
+    return (w["prompt_low"], w["prompt_high"]) if w.get("prompt_low") is not None else (w["low"], w["high"])
+
+
 def _win_rows(report: dict) -> list[list[str]]:
-    """Per adapter and head: model, head, win rate, 95% interval, wins/ties/n (the page's and the printout's)."""
-    return [[m, h, f"{w['rate']:.3f}", f"[{w['low']:.3f}, {w['high']:.3f}]", f"{w['wins']}/{w['ties']}/{w['n']}"]
+    """Per adapter and head: model, head, win rate, 95% interval over prompts, Wilson's over comparisons,
+    wins/ties/n (the page's and the printout's)."""
+    return [[m, h, f"{w['rate']:.3f}", "[{:.3f}, {:.3f}]".format(*prompt_bounds(w)),
+             f"[{w['low']:.3f}, {w['high']:.3f}]", f"{w['wins']}/{w['ties']}/{w['n']}"]
             for m, per_head in report["win_rates"].items() for h, w in per_head.items()]
 
 
@@ -94,13 +103,15 @@ def _accuracy_rows(report: dict) -> list[list[str]]:
 
 def summary_text(report: dict) -> str:
     """The numbers of a ``diffalign eval`` report as plain text (what the command prints): per adapter and reward
-    head, the win rate vs base with its 95% interval, wins/ties/n and the mean scores of base and adapter; then
-    the held-out implicit and ranking accuracies when pairs were given."""
+    head, the win rate vs base with its 95% intervals (over prompts, and Wilson's over comparisons), wins/ties/n
+    and the mean scores of base and adapter; then the held-out implicit and ranking accuracies when pairs were
+    given."""
     base, images = report["mean_scores"]["base"], len(report["prompts"]) * report["seeds"]
     lines = [f"{len(report['prompts'])} prompts x {report['seeds']} seeds = {images} images per model; win rate: "
              "share of (prompt, seed) where the adapter's image scores better than base's (ties count 1/2)"]
     rows = [[*row, f"{base[row[1]]:.4g}", f"{report['mean_scores'][row[0]][row[1]]:.4g}"] for row in _win_rows(report)]
-    lines += _columns(["model", "head", "win rate", "95% CI", "wins/ties/n", "base mean", "aligned mean"], rows)
+    lines += _columns(["model", "head", "win rate", "95% CI, prompts", "95% CI, Wilson", "wins/ties/n", "base mean",
+                       "aligned mean"], rows)
     if report.get("pair_accuracy"):
         lines += ["", "held-out pairs", *_columns(["model", "implicit acc", "ranking acc", "pairs"],
                                                   _accuracy_rows(report))]
@@ -119,8 +130,9 @@ def write_html(out: Path, report: dict, higher_is_better: Mapping[str, bool]) ->
              _table(["model", *[f"{h} {arrow[h]}" for h in heads]],
                     [[m, *[f"{report['mean_scores'][m][h]:.4g}" for h in heads]] for m in models])]
     if report["win_rates"]:
-        parts += ["<h2>Win rate vs base</h2>", _table(["model", "head", "win rate", "95% interval", "wins/ties/n"],
-                                                      _win_rows(report))]
+        parts += ["<h2>Win rate vs base</h2>", _table(
+            ["model", "head", "win rate", "95% interval over prompts", "95% Wilson interval", "wins/ties/n"],
+            _win_rows(report))]
     if report["pair_accuracy"]:
         parts += ["<h2>Held-out pairs</h2>", _table(["model", "implicit accuracy", "ranking accuracy", "pairs"],
                                                     _accuracy_rows(report))]
