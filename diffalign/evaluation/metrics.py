@@ -1,4 +1,5 @@
-"""Evaluation arithmetic: win rates with Wilson intervals, and implicit / ranking accuracy on held-out pairs.
+"""Evaluation arithmetic: win rates with Wilson intervals and intervals over prompts, and implicit / ranking accuracy
+on held-out pairs.
 
 A win rate over P prompts x K seeds has two intervals. The Wilson interval treats the P·K comparisons as
 independent: right for "these prompts, other seeds". Comparisons of one prompt are alike (an adapter that wins on a
