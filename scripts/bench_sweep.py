@@ -2,8 +2,9 @@
 pairs (``bench_alignment``'s, reused when that script made them in the same ``--out``), one sweep of a shipped
 recipe over learning rate x beta (x steps) with the dense held-out pairs. Every trial is judged by its win rate on
 the held-out prompts x 8 seeds (the test, which no pick sees). ``diffalign sweep --reward`` picks by the win rate on
-*validation* prompts: 16 of the training prompts (every 8th) x 8 fresh seeds, as a user would validate on prompts of
-their own that are not the test's.
+*validation* prompts: 32 of the training prompts (every 4th) x 8 fresh seeds, as a user would validate on prompts of
+their own that are not the test's (16, every 8th, before a later round measured how much of a win rate's noise is
+which prompts; a folder made then holds trials judged on those 16: give a new ``--out``).
 
     python scripts/bench_sweep.py --out runs/generalise                        # DPO, the report rewards, seed 0
     python scripts/bench_sweep.py --objective mapo --lr 1e-4,3e-4,1e-3 --beta 1000,5000 --rewards centredness
@@ -35,6 +36,9 @@ from diffalign.files import atomic_write_text  # noqa: E402
 from diffalign.sweep import DEFAULT_PICK, PICKS, choose, run_sweep, spearman, sweep_table, win_rate_vs_base  # noqa: E402
 
 TARGET_GAP = 0.05
+# Validation prompts (every 4th training prompt): a win rate's noise is mostly which prompts (README, "How precise
+# one win rate is"), so the pick gets more prompts than the 16 held-out ones, not more seeds.
+VALIDATION_PROMPTS = 32
 
 
 def main() -> None:
@@ -65,7 +69,7 @@ def main() -> None:
         train_pairs, held_pairs = make_testbed_pairs(shared / "shared", reward, budget)
         _, held_prompts = write_prompt_files(shared / "shared" / "prompts", budget)
         validation = shared / "shared" / "prompts" / "validation_prompts.txt"
-        atomic_write_text(validation, "\n".join(tb.split_prompts()[0][::8][: budget.held_out_prompts]) + "\n")
+        atomic_write_text(validation, "\n".join(tb.split_prompts()[0][::4][:VALIDATION_PROMPTS]) + "\n")
         overrides = [f"model.pretrained={base}", f"data.dataset={train_pairs}",
                      f"cache.dir={shared / 'sweep-cache'}", "log.to=none", f"train.seed={args.seed}",
                      "train.heldout_every=0"]  # the pick reads only the final held-out measurement
