@@ -97,14 +97,16 @@ def test_a_rigged_grid_picks_the_right_labels_and_resumes(testbed_pairs, monkeyp
         run_sweep("testbed-dpo", {"data.dataset": [str(good), str(flipped)]}, str(held_out), out / "s", _common(out))
 
 
-def test_with_a_reward_the_rigged_grid_is_picked_by_its_win_rate_on_validation_prompts(testbed_pairs):
+def test_with_a_reward_the_rigged_grid_is_picked_by_its_win_rate_on_validation_prompts(testbed_pairs, caplog):
     good, flipped, held_out, out = testbed_pairs
     from diffalign.sampling.settings import Sampling
 
     axes = {"data.dataset": [str(flipped), str(good)]}
-    trials, best = run_sweep("testbed-dpo", axes, str(held_out), out / "r", _common(out), reward="shape_size",
-                             prompts=str(out / "train.txt"), seeds=2,
-                             sampling=Sampling(steps=8, guidance=5.0, seed=123, seed_policy="shared"))
+    with caplog.at_level("WARNING", logger="diffalign.sweep"):
+        trials, best = run_sweep("testbed-dpo", axes, str(held_out), out / "r", _common(out), reward="shape_size",
+                                 prompts=str(out / "train.txt"), seeds=2,
+                                 sampling=Sampling(steps=8, guidance=5.0, seed=123, seed_policy="shared"))
+    assert "16 validation prompts" in caplog.text and "give 32 or more" in caplog.text  # too few to pick by
     by_name = {t.values["data.dataset"]: t for t in trials}
     assert best.values["data.dataset"] == str(good), sweep_table(trials, best)
     assert by_name[str(good)].win_rate > by_name[str(flipped)].win_rate
