@@ -33,12 +33,18 @@ from diffalign import testbed as tb  # noqa: E402
 from diffalign.demo import FULL, make_testbed_pairs, testbed_recipe, write_prompt_files  # noqa: E402
 from diffalign.evaluation.metrics import wilson_interval  # noqa: E402
 from diffalign.files import atomic_write_text  # noqa: E402
-from diffalign.sweep import DEFAULT_PICK, PICKS, choose, run_sweep, spearman, sweep_table, win_rate_vs_base  # noqa: E402
+from diffalign.sweep import (  # noqa: E402
+    DEFAULT_PICK,
+    MIN_VALIDATION_PROMPTS,
+    PICKS,
+    choose,
+    run_sweep,
+    spearman,
+    sweep_table,
+    win_rate_vs_base,
+)
 
 TARGET_GAP = 0.05
-# Validation prompts (every 4th training prompt): a win rate's noise is mostly which prompts (README, "How precise
-# one win rate is"), so the pick gets more prompts than the 16 held-out ones, not more seeds.
-VALIDATION_PROMPTS = 32
 
 
 def main() -> None:
@@ -69,7 +75,8 @@ def main() -> None:
         train_pairs, held_pairs = make_testbed_pairs(shared / "shared", reward, budget)
         _, held_prompts = write_prompt_files(shared / "shared" / "prompts", budget)
         validation = shared / "shared" / "prompts" / "validation_prompts.txt"
-        atomic_write_text(validation, "\n".join(tb.split_prompts()[0][::4][:VALIDATION_PROMPTS]) + "\n")
+        # every 4th training prompt: a win rate's noise is mostly which prompts, so more prompts than the test's 16
+        atomic_write_text(validation, "\n".join(tb.split_prompts()[0][::4][:MIN_VALIDATION_PROMPTS]) + "\n")
         overrides = [f"model.pretrained={base}", f"data.dataset={train_pairs}",
                      f"cache.dir={shared / 'sweep-cache'}", "log.to=none", f"train.seed={args.seed}",
                      "train.heldout_every=0"]  # the pick reads only the final held-out measurement
