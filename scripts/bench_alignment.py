@@ -22,8 +22,8 @@ left_position, centredness, edge_sharpness) were never used to choose a setting.
 mean win rate >= 0.70 over seeds, guard drop <= 5 points, each run <= 15 CPU-minutes. Prints a table per reward and
 seed, then per objective and reward the mean win rate over seeds with its spread and the seeds' comparisons
 pooled into one win rate with its 95% interval over prompts (does a miss of 0.70 show beyond noise?), and the
-Spearman rank correlation, over every run, of each held-out signal (what ``diffalign sweep`` picks by, no reward needed) with the
-win rate. Resumable: finished runs are read back from ``results.json``; ``results.md`` holds the tables.
+Spearman rank correlation, over every run, of each held-out signal (what ``diffalign sweep`` picks by, no reward
+needed) with the win rate. Resumable: finished runs are read back from ``results.json``; ``results.md`` holds the tables.
 """
 
 from __future__ import annotations
