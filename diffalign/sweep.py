@@ -155,8 +155,8 @@ def run_sweep(recipe: str | None, axes: dict[str, list], eval_pairs: str, out: s
         raise ConfigError("sweep: --reward and --prompts go together (the win rate needs both)")
     if prompts and (count := len(read_prompts(prompts))) < MIN_VALIDATION_PROMPTS:
         log.warning("sweep: %d validation prompts in %s; the win rate that picks the trial varies mostly with which "
-                    "prompts are drawn (on the testbed the pick came within 0.05 of the grid's best on 2 of 3 rewards "
-                    "with 16 prompts, 3 of 3 with 32): give %d or more", count, prompts, MIN_VALIDATION_PROMPTS)
+                    "prompts are drawn (on the testbed one over 16 prompts x 8 seeds is off by ~0.07, not Wilson's "
+                    "~0.04): give %d or more", count, prompts, MIN_VALIDATION_PROMPTS)
     axes = {SHORT.get(k, k): v for k, v in axes.items()}
     if "train.error_space" in axes and len(axes["train.error_space"]) > 1 and not reward:
         # each trial's held-out errors are measured in its own space: their signals do not compare across spaces
