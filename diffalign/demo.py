@@ -178,12 +178,13 @@ def align_and_evaluate(out: Path, objective: str, reward: str, budget: Budget, p
 def format_report(summary: dict) -> str:
     """A short markdown report of a demo run (``summary["seconds"]`` is the whole run, pairs included)."""
     w, before, after = summary["win_rate"], summary["prompt_following"]["base"], summary["prompt_following"]["aligned"]
+    low, high = prompt_bounds(w)
     acc = summary["pair_accuracy"]
     lines = [
         f"# diffalign demo: Diffusion-DPO on the {summary.get('testbed', 'sd15').upper()} testbed, reward "
         f"`{summary['reward']}`", "",
         f"- reward win rate of aligned vs base (held-out prompts x seeds): **{w['rate']:.3f}** "
-        "(95% CI over prompts {:.3f}-{:.3f}, n={})".format(*prompt_bounds(w), w["n"]),
+        f"(95% CI over prompts {low:.3f}-{high:.3f}, n={w['n']})",
         f"- mean reward: base {summary['mean_reward']['base']:.4f} -> aligned {summary['mean_reward']['aligned']:.4f}",
         f"- prompt following (both colours right): base {before['colour']:.3f} -> aligned {after['colour']:.3f}; "
         f"shape {before['shape']:.3f} -> {after['shape']:.3f}",

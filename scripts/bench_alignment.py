@@ -65,8 +65,9 @@ def row(r: dict) -> str:
     images, m = r.get("images_sampled"), r["mean_reward"]
     gain = f"{1000 * (m['aligned'] - m['base']) / images:+.4f}" if images else "-"  # held-out gain per 1,000 sampled
     met = w["rate"] >= TARGET_WIN and before - after <= TARGET_DROP and r["seconds"] / 60 <= TARGET_MINUTES
-    return (f"| {r['objective']} | {w['rate']:.3f} " + "[{:.2f}, {:.2f}] | ".format(*prompt_bounds(w)) +
-            f"{m['base']:.4f} -> {m['aligned']:.4f} | {before:.3f} -> {after:.3f} ({guard_change(r):+.1f}) | {accs} | "
+    low, high = prompt_bounds(w)
+    return (f"| {r['objective']} | {w['rate']:.3f} [{low:.2f}, {high:.2f}] | {m['base']:.4f} -> {m['aligned']:.4f} | "
+            f"{before:.3f} -> {after:.3f} ({guard_change(r):+.1f}) | {accs} | "
             f"{r['steps']} | {images or '-'} | {gain} | {r['seconds'] / 60:.1f} | {'yes' if met else 'no'} |")
 
 

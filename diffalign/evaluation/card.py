@@ -41,7 +41,8 @@ def update_card_with_eval(adapter_dir: Path, name: str, report: dict, grid: Path
     if not card.is_file() or EVAL_START not in (text := card.read_text()):
         return None
     rows = [f"| {h} | {report['mean_scores']['base'][h]:.4g} | {report['mean_scores'][name][h]:.4g} | "
-            "{:.3f} [{:.3f}, {:.3f}] |".format(w["rate"], *prompt_bounds(w)) for h, w in report["win_rates"][name].items()]
+            "{:.3f} [{:.3f}, {:.3f}] |".format(w["rate"], *prompt_bounds(w))
+            for h, w in report["win_rates"][name].items()]
     acc = report["pair_accuracy"].get(name)
     extra = (f"\nHeld-out pairs ({acc['pairs']:.0f}): implicit accuracy {acc['implicit_accuracy']:.3f}, ranking "
              f"accuracy {acc['ranking_accuracy']:.3f}.\n") if acc else ""
