@@ -202,6 +202,7 @@ class Trainer:
                         bar.close()
                         log.warning("stopped by %s at step %d; checkpoint-%d written. Resume with --set "
                                     "train.resume=latest", signals.requested or "a signal", step, step)
+                        self._close()
                         return TrainResult(self.output_dir, None, step, history, interrupted=True,
                                            warnings=self.watcher.warnings)
                     if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
@@ -292,8 +293,15 @@ class Trainer:
 
             write_model_card(self.output_dir, self.cfg, self.backbone.kind, step, everything,
                              getattr(self.objective.options, "beta", None))
-        acc.end_training()
+        self._close()
         return TrainResult(self.output_dir, adapter, step, history, warnings=self.watcher.warnings)
+
+    def _close(self) -> None:
+        """Trackers finished and the process group destroyed, by every process together: one that destroyed it
+        and exited while the main process was still writing aborted once under gloo ("terminate called without an
+        active exception")."""
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
 
     # ----- validation images -----
     def validate(self, step: int) -> Path | None:
