@@ -9,7 +9,13 @@ import subprocess
 import pytest
 
 from diffalign.cli import main
-from diffalign.evaluation.metrics import prompt_interval, wilson_interval, win_rate
+from diffalign.evaluation.metrics import (
+    outcomes,
+    paired_difference,
+    prompt_interval,
+    wilson_interval,
+    win_rate,
+)
 from diffalign.sampling.settings import Sampling
 
 
@@ -57,6 +63,31 @@ def test_interval_over_prompts_is_never_narrower_than_wilson():
     assert same == pytest.approx(wilson_interval(0.5, 8))
     assert prompt_interval([1, 1, 0], [0, 0, 0]) == pytest.approx(wilson_interval(2 / 3, 3))  # one prompt
 
+
+
+def test_paired_difference_by_hand():
+    # two adapters' outcomes against one base on 2 prompts x 3 seeds: differences [0, 1, 1 | 0, 0, 0.5], mean 5/12;
+    # per-prompt sums 2 and 0.5 against 5/12 · 3 = 1.25: Σ (s_i - mean·n_i)² = 2 · 0.75² = 1.125;
+    # SE² = 2/1 · 1.125 / 6² = 1/16
+    a, b, groups = [1, 1, 1, 1, 0, 0.5], [1, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 1]
+    assert paired_difference(a, b, groups) == pytest.approx((5 / 12, 5 / 12 - 1.959964 / 4, 5 / 12 + 1.959964 / 4))
+    assert paired_difference(b, b, groups) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="got 6, 6 and 5"):
+        paired_difference(a, b, groups[:5])
+
+
+def test_pairing_takes_out_which_prompts_are_easy():
+    # both adapters win every seed of the even prompts and lose the odd ones; a also wins one more seed of each odd
+    # prompt. Each win rate alone is uncertain across prompts; their difference (+1/4 on every odd prompt, 0 on the
+    # even ones: 1/8) is known far better
+    groups = [g for g in range(8) for _ in range(4)]
+    b = [1.0 if g % 2 == 0 else 0.0 for g in groups]
+    a = [1.0 if g % 2 == 0 or i % 4 == 0 else 0.0 for i, g in enumerate(groups)]
+    diff, low, high = paired_difference(a, b, groups)
+    alone_low, alone_high = prompt_interval(a, groups)
+    assert diff == pytest.approx(1 / 8) and low > 0
+    assert high - low < (alone_high - alone_low) / 2
+    assert outcomes([3, 2, 1], [1, 2, 4]) == [1.0, 0.5, 0.0] and outcomes([3], [1], higher_is_better=False) == [0.0]
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, tiny_sd15, pickapic):

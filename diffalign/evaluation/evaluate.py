@@ -25,7 +25,7 @@ from ..pipelines.grids import labelled_grid
 from ..rewards import RewardModel
 from ..sampling.settings import Sampling
 from .card import update_card_with_eval
-from .metrics import pair_accuracies, win_rate
+from .metrics import pair_accuracies, prompt_groups, win_rate
 from .report import write_html
 from .scoring import score_images
 
@@ -97,7 +97,7 @@ def evaluate(base: str, adapters: Sequence[str | Path], prompts_file: str | Path
               "models": {n: {"adapter": str(a) if a else None, "scale": s} for n, a, s in zip(names, sources, [1.0, *scales])},
               "mean_scores": {n: {h: sum(v) / len(v) for h, v in scores[n].items()} for n in names},
               "win_rates": {}, "pair_accuracy": {}}
-    groups = [i for i in range(len(prompts)) for _ in range(seeds)]  # each comparison's prompt
+    groups = prompt_groups(len(prompts), seeds)
     for name in names[1:]:
         report["win_rates"][name] = {h: vars(win_rate(scores[name][h], scores["base"][h], r.higher_is_better, groups))
                                      for h, r in rewards.items()}

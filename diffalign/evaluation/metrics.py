@@ -46,32 +46,51 @@ def wilson_interval(p: float, n: int, z: float = 1.959964) -> tuple[float, float
     return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
-def prompt_interval(points: Sequence[float], groups: Sequence, z: float = 1.959964) -> tuple[float, float]:
-    """The 95% interval over prompts of the mean of ``points`` (1 a win, 0.5 a tie, 0 a loss), ``groups[i]`` naming
-    the prompt of comparison i: the cluster-robust interval of the module doc, no narrower than Wilson's."""
-    n, p = len(points), sum(points) / len(points)
+def prompt_groups(prompts: int, seeds: int) -> list[int]:
+    """The prompt of each comparison in ``diffalign eval``'s order (every seed of prompt 0, then of prompt 1, ...)."""
+    return [p for p in range(prompts) for _ in range(seeds)]
+
+
+def cluster_standard_error(points: Sequence[float], groups: Sequence) -> float:
+    """The cluster-robust (sandwich) standard error of the mean of ``points``, ``groups[i]`` naming the prompt of
+    point i: ``sqrt(P/(P-1) · Σ_i (s_i - mean·n_i)²) / N`` over the P prompts (module doc); 0 with one prompt."""
+    n, mean = len(points), sum(points) / len(points)
     per_group: dict = {}
     for x, g in zip(points, groups):
         s, k = per_group.get(g, (0.0, 0))
         per_group[g] = (s + x, k + 1)
     m = len(per_group)
-    low, high = wilson_interval(p, n, z)
-    if m < 2:  # one prompt: nothing to say about other prompts beyond its own seeds
+    if m < 2:
+        return 0.0
+    return math.sqrt(m / (m - 1) * sum((s - mean * k) ** 2 for s, k in per_group.values())) / n
+
+
+def prompt_interval(points: Sequence[float], groups: Sequence, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% interval over prompts of the mean of ``points`` (1 a win, 0.5 a tie, 0 a loss), ``groups[i]`` naming
+    the prompt of comparison i: the cluster-robust interval of the module doc, no narrower than Wilson's."""
+    p = sum(points) / len(points)
+    low, high = wilson_interval(p, len(points), z)
+    if len(set(groups)) < 2:  # one prompt: nothing to say about other prompts beyond its own seeds
         return low, high
-    se = math.sqrt(m / (m - 1) * sum((s - p * k) ** 2 for s, k in per_group.values())) / n
+    se = cluster_standard_error(points, groups)
     return max(0.0, min(low, p - z * se)), min(1.0, max(high, p + z * se))
+
+
+def outcomes(candidate: Sequence[float], baseline: Sequence[float], higher_is_better: bool = True) -> list[float]:
+    """Each comparison's outcome for ``candidate[i]`` against ``baseline[i]``: 1 a win, 0.5 a tie, 0 a loss."""
+    if len(candidate) != len(baseline) or not candidate:
+        raise ValueError(f"win rate needs two equally long, non-empty score lists (got {len(candidate)} and {len(baseline)})")
+    sign = 1 if higher_is_better else -1
+    return [1.0 if sign * (c - b) > 0 else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline)]
 
 
 def win_rate(candidate: Sequence[float], baseline: Sequence[float], higher_is_better: bool = True,
              groups: Sequence | None = None) -> WinRate:
     """How often ``candidate[i]`` beats ``baseline[i]`` (same prompt and seed); a tie counts as half a win.
     ``groups[i]`` (the prompt of comparison i) adds the interval over prompts (see the module doc)."""
-    if len(candidate) != len(baseline) or not candidate:
-        raise ValueError(f"win rate needs two equally long, non-empty score lists (got {len(candidate)} and {len(baseline)})")
-    if groups is not None and len(groups) != len(candidate):
-        raise ValueError(f"win rate: {len(candidate)} comparisons but {len(groups)} prompt groups")
-    sign = 1 if higher_is_better else -1
-    points = [1.0 if sign * (c - b) > 0 else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline)]
+    points = outcomes(candidate, baseline, higher_is_better)
+    if groups is not None and len(groups) != len(points):
+        raise ValueError(f"win rate: {len(points)} comparisons but {len(groups)} prompt groups")
     wins, ties, n = points.count(1.0), points.count(0.5), len(points)
     rate = sum(points) / n
     result = WinRate(rate, *wilson_interval(rate, n), wins, ties, n)
@@ -79,6 +98,20 @@ def win_rate(candidate: Sequence[float], baseline: Sequence[float], higher_is_be
         result.prompt_low, result.prompt_high = prompt_interval(points, groups)
         result.prompts = len(set(groups))
     return result
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], groups: Sequence,
+                      z: float = 1.959964) -> tuple[float, float, float]:
+    """How much higher the win rate of outcomes ``a`` is than of ``b`` (:func:`outcomes` of two adapters against the
+    same base on the same comparisons, ``groups[i]`` the prompt of comparison i), with its 95% interval over
+    prompts: ``(difference, low, high)``. Pairing takes out what the two share (which prompts are easy), so the
+    difference is known better than either win rate; an interval holding 0 is "not measurably different"."""
+    if not len(a) == len(b) == len(groups) or not a:
+        raise ValueError(f"paired difference needs equally long, non-empty outcomes and groups (got {len(a)}, "
+                         f"{len(b)} and {len(groups)})")
+    diffs = [x - y for x, y in zip(a, b)]
+    mean, se = sum(diffs) / len(diffs), cluster_standard_error(diffs, groups)
+    return mean, mean - z * se, mean + z * se
 
 
 HELD_OUT_BETA = 5000.0  # Diffusion-DPO's default β (our ½ convention), whatever the run's objective
