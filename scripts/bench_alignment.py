@@ -42,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffalign.demo import FULL, align_and_evaluate, is_online, make_testbed_pairs, objective_overrides  # noqa: E402
-from diffalign.evaluation.metrics import win_rate  # noqa: E402
+from diffalign.evaluation.metrics import prompt_groups, win_rate  # noqa: E402
 from diffalign.evaluation.report import prompt_bounds  # noqa: E402
 from diffalign.rewards import load_reward  # noqa: E402
 from diffalign.sweep import PICKS, Trial, spearman  # noqa: E402
@@ -94,7 +94,7 @@ def pooled(out: Path, runs: list[dict]) -> str:
         aligned = next(name for name in report["scores"] if name != "base")
         candidate += report["scores"][aligned][r["reward"]]
         baseline += report["scores"]["base"][r["reward"]]
-        groups += [p for p in range(len(report["prompts"])) for _ in range(report["seeds"])]
+        groups += prompt_groups(len(report["prompts"]), report["seeds"])
     w = win_rate(candidate, baseline, load_reward(runs[0]["reward"]).higher_is_better, groups)
     return f"{w.rate:.3f} [{w.prompt_low:.2f}, {w.prompt_high:.2f}]"
 

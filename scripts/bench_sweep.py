@@ -13,7 +13,8 @@ which prompts; a folder made then holds trials judged on those 16: give a new ``
 Prints each sweep's table (its win rate column: validation), then per reward the grid's best test win rate and the
 test win rate of what each pick would have chosen: the reward pick (validation win rate) and each reward-free pick
 (``diffalign.sweep.PICKS``), bold where within 0.05 of the best (the issue's target), and how many rewards each pick
-got within 0.05 and inside the best trial's 95% Wilson interval (not measurably worse).
+got within 0.05 and not measurably worse than the best trial (the 95% interval over prompts of the paired
+difference in test win rate, on the same comparisons, holds 0).
 Resumable (``diffalign sweep`` reads finished trials back). A folder made before the reward pick moved to the
 validation prompts holds test-prompt win rates in its trials: give a new ``--out``.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -31,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffalign import testbed as tb  # noqa: E402
 from diffalign.demo import FULL, make_testbed_pairs, testbed_recipe, write_prompt_files  # noqa: E402
-from diffalign.evaluation.metrics import wilson_interval  # noqa: E402
+from diffalign.evaluation.metrics import outcomes, paired_difference, prompt_groups  # noqa: E402
 from diffalign.files import atomic_write_text  # noqa: E402
+from diffalign.rewards import load_reward  # noqa: E402
 from diffalign.sweep import (  # noqa: E402
     DEFAULT_PICK,
     MIN_VALIDATION_PROMPTS,
@@ -45,6 +48,16 @@ from diffalign.sweep import (  # noqa: E402
 )
 
 TARGET_GAP = 0.05
+
+
+def test_outcomes(folder: Path, reward: str) -> tuple[list[float], list[int]]:
+    """The outcome of each test comparison of the adapter evaluated into ``folder`` against the base, with its
+    prompt."""
+    report = json.loads((folder / "report.json").read_text())
+    aligned = next(name for name in report["scores"] if name != "base")
+    points = outcomes(report["scores"][aligned][reward], report["scores"]["base"][reward],
+                      load_reward(reward).higher_is_better)
+    return points, prompt_groups(len(report["prompts"]), report["seeds"])
 
 
 def main() -> None:
@@ -66,8 +79,8 @@ def main() -> None:
     if args.max_steps:
         axes["train.max_steps"] = [int(v) for v in args.max_steps.split(",")]
     picks = ("reward", *PICKS)  # "reward": `sweep --reward` on the validation prompts
-    lines = ["| reward | trials | best test win rate | " + " | ".join(f"{p} pick" for p in picks) + " | validation-test Spearman |",
-             "|---|---|---|" + "---|" * (len(picks) + 1)]
+    lines = ["| reward | trials | best test win rate | " + " | ".join(f"{p} pick" for p in picks) + " | reward pick - best [95%] |"
+             " validation-test Spearman |", "|---|---|---|" + "---|" * (len(picks) + 2)]
     within, tied = dict.fromkeys(picks, 0), dict.fromkeys(picks, 0)
     base = str(tb.testbed_path(budget.testbed))
     for reward in tb.rewards_of(args.rewards):
@@ -92,23 +105,26 @@ def main() -> None:
                 for t in trials}
         top_trial = max(trials, key=lambda t: test[t.name])
         top = test[top_trial.name]
-        won = {"reward": test[best.name],
-               **{pick: test[choose(trials, by_reward=False, pick=pick).name] for pick in PICKS}}
+        picked = {"reward": best.name, **{pick: choose(trials, by_reward=False, pick=pick).name for pick in PICKS}}
+        won = {pick: test[name] for pick, name in picked.items()}
         close = {pick for pick in picks if top - won[pick] <= TARGET_GAP}
         within.update({pick: within[pick] + 1 for pick in close})
-        # the grid's best is the largest of several noisy estimates: a pick inside its 95% interval is not
-        # measurably worse at this many evaluation pairs
-        low, _ = wilson_interval(top, budget.held_out_prompts * budget.eval_seeds)
-        tied.update({pick: tied[pick] + 1 for pick in picks if won[pick] >= low})
+        # the grid's best is the largest of several noisy estimates on the same test comparisons: a pick whose
+        # paired difference from it holds 0 in its 95% interval over prompts is not measurably worse
+        best_points, groups = test_outcomes(folder / top_trial.name / "test", reward)
+        gaps = {pick: paired_difference(test_outcomes(folder / name / "test", reward)[0], best_points, groups)
+                for pick, name in picked.items()}
+        tied.update({pick: tied[pick] + 1 for pick, (_, _, high) in gaps.items() if high >= 0})
+        gap, low, high = gaps["reward"]
         rho = spearman([t.win_rate for t in trials], [test[t.name] for t in trials])
         lines.append(f"| {reward} | {len(trials)} | {top:.3f} ({top_trial.values}) | "
                      + " | ".join(f"**{won[p]:.3f}**" if p in close else f"{won[p]:.3f}" for p in picks)
-                     + f" | {rho:+.2f} |")
+                     + f" | {gap:+.3f} [{low:+.2f}, {high:+.2f}] | {rho:+.2f} |")
     n = len(lines) - 2
     text = "\n".join(lines) + f"\n\nTest win rate of each pick's trial. Bold: within {TARGET_GAP} of the grid's best. " \
         f"Within {TARGET_GAP}, of {n}: " + ", ".join(
             f"{p} {within[p]}" + (" (the default without a reward)" if p == DEFAULT_PICK else "") for p in picks) + \
-        ". Inside the best's 95% Wilson interval: " + ", ".join(f"{p} {tied[p]}" for p in picks) + "\n"
+        ". Not measurably worse than the best (its paired difference's 95% interval over prompts holds 0): " + ", ".join(f"{p} {tied[p]}" for p in picks) + "\n"
     (Path(args.out) / f"sweep-{args.objective}-seed{args.seed}-{args.rewards.replace(',', '+')}.md").write_text(text)
     print("\n" + text)
 
