@@ -158,6 +158,29 @@ def test_eval_prints_the_numbers_then_the_paths(evaluated, capsys):
     assert any("held-out pairs" in line for line in lines)
 
 
+
+def test_two_adapters_are_compared_on_the_same_comparisons(tiny_sd15, adapter, tmp_path, capsys):
+    """The second adapter at scale 0 draws the base's images (every comparison a tie), so the first's lead over it
+    is exactly its win rate minus 1/2, and the interval is the paired one over the report's own outcomes."""
+    (tmp_path / "prompts.txt").write_text("a red square\na blue circle\na green triangle\n")
+    a, b = shutil.copytree(adapter, tmp_path / "a"), shutil.copytree(adapter, tmp_path / "b")
+    out = tmp_path / "out"
+    assert main(["eval", "--base", str(tiny_sd15), "--adapter", str(a), "--adapter", str(b), "--scale", "1",
+                 "--scale", "0", "--prompts", str(tmp_path / "prompts.txt"), "--reward", "brightness", "--seeds", "3",
+                 "--steps", "2", "--height", "32", "--width", "32", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    [d] = report["differences"]
+    assert (d["a"], d["b"], d["head"]) == ("a", "b", "brightness")
+    assert report["win_rates"]["b"]["brightness"]["rate"] == 0.5  # scale 0: the base's images
+    assert d["difference"] == pytest.approx(report["win_rates"]["a"]["brightness"]["rate"] - 0.5)
+    points = outcomes(report["scores"]["a"]["brightness"], report["scores"]["base"]["brightness"])
+    assert (d["difference"], d["low"], d["high"]) == pytest.approx(
+        paired_difference(points, [0.5] * 9, [0, 0, 0, 1, 1, 1, 2, 2, 2]))
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if line.split()[:3] == ["a", "b", "brightness"])
+    assert f"{d['difference']:+.3f}" in row and f"[{d['low']:+.3f}, {d['high']:+.3f}]" in row
+    assert "Adapter vs adapter" in (out / "report.html").read_text()
+
 def test_a_seed_drawn_alone_equals_the_same_seed_drawn_with_others(evaluated, tiny_sd15, tmp_path):
     """eval draws all seeds of a prompt in one call; a regenerated single image must be the same picture."""
     import numpy as np

@@ -25,7 +25,7 @@ from ..pipelines.grids import labelled_grid
 from ..rewards import RewardModel
 from ..sampling.settings import Sampling
 from .card import update_card_with_eval
-from .metrics import pair_accuracies, prompt_groups, win_rate
+from .metrics import outcomes, pair_accuracies, paired_difference, prompt_groups, win_rate
 from .report import write_html
 from .scoring import score_images
 
@@ -39,6 +39,22 @@ def model_names(adapters: Sequence[str | Path]) -> list[str]:
             name += "_"
         names.append(name)
     return names
+
+
+def adapter_differences(adapters: Sequence[str], scores: Mapping[str, Mapping[str, list[float]]],
+                        rewards: Mapping[str, RewardModel], groups: Sequence[int]) -> list[dict]:
+    """Every pair of ``adapters`` (each earlier one as ``a``) under every head: how much higher ``a``'s win rate
+    against the base is than ``b``'s on the same (prompt, seed) comparisons, with its 95% interval over prompts
+    (:func:`~diffalign.evaluation.metrics.paired_difference`): whether one adapter is measurably better."""
+    rows = []
+    for i, a in enumerate(adapters):
+        for b in adapters[i + 1:]:
+            for head, reward in rewards.items():
+                base = scores["base"][head]
+                diff, low, high = paired_difference(outcomes(scores[a][head], base, reward.higher_is_better),
+                                                    outcomes(scores[b][head], base, reward.higher_is_better), groups)
+                rows.append({"a": a, "b": b, "head": head, "difference": diff, "low": low, "high": high})
+    return rows
 
 
 def generate(base: str, adapter: str | None, scale: float, prompts: list[str], seeds: int, folder: Path,
@@ -101,6 +117,7 @@ def evaluate(base: str, adapters: Sequence[str | Path], prompts_file: str | Path
     for name in names[1:]:
         report["win_rates"][name] = {h: vars(win_rate(scores[name][h], scores["base"][h], r.higher_is_better, groups))
                                      for h, r in rewards.items()}
+    report["differences"] = adapter_differences(names[1:], scores, rewards, groups)
     if pairs:
         report["pair_accuracy"] = held_out_accuracies(base, dict(zip(names[1:], adapters)), pairs, device,
                                                       sampling.height)

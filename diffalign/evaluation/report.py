@@ -81,6 +81,9 @@ def _columns(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
 
 
+DIFFERENCE_HEADER = ["a", "b", "head", "a - b", "95% CI, prompts", "verdict"]
+
+
 def prompt_bounds(w: dict) -> tuple[float, float]:
     """A win rate's 95% interval over prompts (see :mod:`diffalign.evaluation.metrics`); reports written before it
     was measured have only the Wilson interval, which then stands in."""
@@ -95,6 +98,15 @@ def _win_rows(report: dict) -> list[list[str]]:
             for m, per_head in report["win_rates"].items() for h, w in per_head.items()]
 
 
+def _difference_rows(report: dict) -> list[list[str]]:
+    """Per pair of adapters and head: a, b, head, a's win rate minus b's, its 95% interval over prompts, the
+    verdict (reports of one adapter, or written before it was measured, have none)."""
+    def verdict(d: dict) -> str:
+        return f"{d['a']} better" if d["low"] > 0 else f"{d['b']} better" if d["high"] < 0 else "not measurably"
+    return [[d["a"], d["b"], d["head"], f"{d['difference']:+.3f}", f"[{d['low']:+.3f}, {d['high']:+.3f}]", verdict(d)]
+            for d in report.get("differences") or []]
+
+
 def _accuracy_rows(report: dict) -> list[list[str]]:
     """Per adapter: model, held-out implicit accuracy, ranking accuracy, pairs."""
     return [[m, f"{a['implicit_accuracy']:.3f}", f"{a['ranking_accuracy']:.3f}", f"{a['pairs']:.0f}"]
@@ -104,14 +116,17 @@ def _accuracy_rows(report: dict) -> list[list[str]]:
 def summary_text(report: dict) -> str:
     """The numbers of a ``diffalign eval`` report as plain text (what the command prints): per adapter and reward
     head, the win rate vs base with its 95% intervals (over prompts, and Wilson's over comparisons), wins/ties/n
-    and the mean scores of base and adapter; then the held-out implicit and ranking accuracies when pairs were
-    given."""
+    and the mean scores of base and adapter; with several adapters, each pair's difference in win rate with its
+    interval; then the held-out implicit and ranking accuracies when pairs were given."""
     base, images = report["mean_scores"]["base"], len(report["prompts"]) * report["seeds"]
     lines = [f"{len(report['prompts'])} prompts x {report['seeds']} seeds = {images} images per model; win rate: "
              "share of (prompt, seed) where the adapter's image scores better than base's (ties count 1/2)"]
     rows = [[*row, f"{base[row[1]]:.4g}", f"{report['mean_scores'][row[0]][row[1]]:.4g}"] for row in _win_rows(report)]
     lines += _columns(["model", "head", "win rate", "95% CI, prompts", "95% CI, Wilson", "wins/ties/n", "base mean",
                        "aligned mean"], rows)
+    if report.get("differences"):
+        lines += ["", "adapter vs adapter: win rate of a minus b's, on the same comparisons",
+                  *_columns(DIFFERENCE_HEADER, _difference_rows(report))]
     if report.get("pair_accuracy"):
         lines += ["", "held-out pairs", *_columns(["model", "implicit acc", "ranking acc", "pairs"],
                                                   _accuracy_rows(report))]
@@ -133,6 +148,9 @@ def write_html(out: Path, report: dict, higher_is_better: Mapping[str, bool]) ->
         parts += ["<h2>Win rate vs base</h2>", _table(
             ["model", "head", "win rate", "95% interval over prompts", "95% Wilson interval", "wins/ties/n"],
             _win_rows(report))]
+    if report.get("differences"):
+        parts += ["<h2>Adapter vs adapter</h2><p>win rate of a minus b's, on the same (prompt, seed) comparisons</p>",
+                  _table(DIFFERENCE_HEADER, _difference_rows(report))]
     if report["pair_accuracy"]:
         parts += ["<h2>Held-out pairs</h2>", _table(["model", "implicit accuracy", "ranking accuracy", "pairs"],
                                                     _accuracy_rows(report))]
