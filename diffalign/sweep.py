@@ -64,6 +64,9 @@ class Trial:
     win_rate: float | None = None
     minutes: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    # with a reward: this trial's validation win rate minus the chosen trial's on the same comparisons, with its 95%
+    # interval over prompts (difference, low, high); an interval holding 0 is "not measurably worse"
+    vs_chosen: list[float] | None = None
 
     @property
     def name(self) -> str:
@@ -186,6 +189,8 @@ def run_sweep(recipe: str | None, axes: dict[str, list], eval_pairs: str, out: s
         atomic_write_text(record, json.dumps(trial.__dict__, indent=1) + "\n")
         trials.append(trial)
     best = choose(trials, by_reward=bool(reward), pick=pick)
+    if reward:
+        _compare_with_chosen(trials, best, out, reward)
     chosen = load_config(out / best.name / "run" / "config.yaml")
     chosen.train.resume, chosen.train.overwrite = "", False  # a fresh run of the chosen setting
     chosen.train.output_dir = str(out / "best")
@@ -193,6 +198,24 @@ def run_sweep(recipe: str | None, axes: dict[str, list], eval_pairs: str, out: s
     atomic_write_text(out / "sweep.json", json.dumps({"axes": axes, "best": best.name,
                                                       "trials": [t.__dict__ for t in trials]}, indent=1) + "\n")
     return trials, best
+
+
+def _compare_with_chosen(trials: list[Trial], best: Trial, out: Path, reward: str) -> None:
+    """Each trial's ``vs_chosen``: its validation comparisons against the chosen trial's, paired (the same prompts,
+    seeds and base images), so a pick that is only noise shows as intervals holding 0."""
+    from .evaluation.metrics import paired_difference
+    from .evaluation.report import comparisons
+    from .rewards import load_reward
+
+    higher = load_reward(reward).higher_is_better
+
+    def points(trial: Trial) -> tuple[list[float], list[int]]:
+        report = json.loads((out / trial.name / "eval" / "report.json").read_text())
+        return comparisons(report, next(m for m in report["scores"] if m != "base"), reward, higher)
+
+    chosen, groups = points(best)
+    for t in trials:
+        t.vs_chosen = list(paired_difference(points(t)[0], chosen, groups))
 
 
 def win_rate_vs_base(base: str, adapter: Path, reward: str, prompts: str, seeds: int, sampling, base_images: Path,
@@ -215,23 +238,33 @@ def win_rate_vs_base(base: str, adapter: Path, reward: str, prompts: str, seeds:
 
 
 def sweep_table(trials: list[Trial], best: Trial) -> str:
-    """The sweep as a markdown table, the chosen row marked; with a reward, how well each held-out signal ranks
-    the trials (Spearman with the win rate) and what its pick would have won."""
+    """The sweep as a markdown table, the chosen row marked; with a reward, each trial's win rate minus the chosen
+    one's with its interval, how many are not measurably worse, how well each held-out signal ranks the trials
+    (Spearman with the win rate) and what its pick would have won."""
     keys = list(trials[0].values)
     with_reward = any(t.win_rate is not None for t in trials)
+    paired = with_reward and all(t.vs_chosen for t in trials)
     head = [*keys, "held-out loss", "implicit acc", "margin", "winner gain", "drift", *(["win rate"] if with_reward else []),
-            "minutes", "warnings", ""]
+            *(["vs chosen [95%]"] if paired else []), "minutes", "warnings", ""]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     nan = float("nan")
     for t in trials:
-        h = t.heldout
+        h, versus = t.heldout, []
+        if paired:
+            diff, low, high = t.vs_chosen
+            versus = [f"{diff:+.3f} [{low:+.2f}, {high:+.2f}]"]
         cells = [*(str(t.values[k]) for k in keys), f"{h.get('heldout_loss', nan):.4f}",
                  f"{h.get('heldout_implicit_acc', nan):.3f}", f"{h.get('heldout_margin', nan):+.3f}",
                  f"{h.get('heldout_winner_gain', nan):+.3f}",
-                 f"{h.get('heldout_drift', nan):.3f}", *([f"{t.win_rate:.3f}"] if with_reward else []),
+                 f"{h.get('heldout_drift', nan):.3f}", *([f"{t.win_rate:.3f}"] if with_reward else []), *versus,
                  f"{t.minutes:.1f}", str(len(t.warnings)), "**chosen**" if t is best else ""]
         rows.append("| " + " | ".join(cells) + " |")
     text = "\n".join(rows) + "\n"
+    if paired and len(trials) > 1:
+        tied = sum(t.vs_chosen[2] >= 0 for t in trials if t is not best)
+        text += (f"\n{tied} of the {len(trials) - 1} other trials are not measurably worse than the chosen one on these "
+                 "validation prompts (their paired difference's 95% interval over prompts holds 0)"
+                 + (": among those the pick is noise; more validation prompts narrow it\n" if tied else "\n"))
     if with_reward and len(trials) >= 3:
         text += "\n"
         for pick in PICKS:

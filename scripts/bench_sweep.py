@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffalign import testbed as tb  # noqa: E402
 from diffalign.demo import FULL, make_testbed_pairs, testbed_recipe, write_prompt_files  # noqa: E402
-from diffalign.evaluation.metrics import outcomes, paired_difference, prompt_groups  # noqa: E402
+from diffalign.evaluation.metrics import paired_difference  # noqa: E402
+from diffalign.evaluation.report import comparisons  # noqa: E402
 from diffalign.files import atomic_write_text  # noqa: E402
 from diffalign.rewards import load_reward  # noqa: E402
 from diffalign.sweep import (  # noqa: E402
@@ -51,13 +52,11 @@ TARGET_GAP = 0.05
 
 
 def test_outcomes(folder: Path, reward: str) -> tuple[list[float], list[int]]:
-    """The outcome of each test comparison of the adapter evaluated into ``folder`` against the base, with its
+    """The outcome of each test comparison of the adapter evaluated into ``folder`` against the base, and its
     prompt."""
     report = json.loads((folder / "report.json").read_text())
     aligned = next(name for name in report["scores"] if name != "base")
-    points = outcomes(report["scores"][aligned][reward], report["scores"]["base"][reward],
-                      load_reward(reward).higher_is_better)
-    return points, prompt_groups(len(report["prompts"]), report["seeds"])
+    return comparisons(report, aligned, reward, load_reward(reward).higher_is_better)
 
 
 def main() -> None:

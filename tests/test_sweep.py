@@ -110,6 +110,21 @@ def test_with_a_reward_the_rigged_grid_is_picked_by_its_win_rate_on_validation_p
     by_name = {t.values["data.dataset"]: t for t in trials}
     assert best.values["data.dataset"] == str(good), sweep_table(trials, best)
     assert by_name[str(good)].win_rate > by_name[str(flipped)].win_rate
+    # each trial against the chosen one on the same validation comparisons: the chosen itself 0, the other its
+    # win rate's difference, with the paired interval of the two evaluations' outcomes
+    from diffalign.evaluation.metrics import outcomes, paired_difference, prompt_groups
+
+    assert best.vs_chosen == [0.0, 0.0, 0.0]
+    other = by_name[str(flipped)]
+    scores = [json.loads((out / "r" / t.name / "eval" / "report.json").read_text())["scores"] for t in (other, best)]
+    [a, b] = [outcomes(next(v for k, v in sc.items() if k != "base")["shape_size"], sc["base"]["shape_size"])
+              for sc in scores]
+    assert other.vs_chosen == pytest.approx(list(paired_difference(a, b, prompt_groups(16, 2))))
+    assert other.vs_chosen[0] == pytest.approx(other.win_rate - best.win_rate)
+    table = sweep_table(trials, best)
+    assert "vs chosen [95%]" in table and "of the 1 other trials are not measurably worse" in table
+    saved = json.loads((out / "r" / "sweep.json").read_text())["trials"]
+    assert [t["vs_chosen"] for t in saved] == [t.vs_chosen for t in trials]
     # the base's images are drawn once and shared: both trials compare against the very same files
     base = sorted(p.name for p in (out / "r" / "base_images").iterdir())
     assert len(base) == 16 * 2

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..files import atomic_write_text
+from .metrics import outcomes, prompt_groups
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}
@@ -82,6 +83,13 @@ def _columns(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 DIFFERENCE_HEADER = ["a", "b", "head", "a - b", "95% CI, prompts", "verdict"]
+
+
+def comparisons(report: dict, model: str, head: str, higher_is_better: bool = True) -> tuple[list[float], list[int]]:
+    """The outcome of each of ``model``'s comparisons with the base under ``head`` in a ``diffalign eval`` report
+    (1 a win, 0.5 a tie, 0 a loss) and the prompt of each: what a paired difference of two reports reads."""
+    points = outcomes(report["scores"][model][head], report["scores"]["base"][head], higher_is_better)
+    return points, prompt_groups(len(report["prompts"]), report["seeds"])
 
 
 def prompt_bounds(w: dict) -> tuple[float, float]:
