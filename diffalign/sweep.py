@@ -9,9 +9,11 @@ held-out loss came within 0.05 of the grid's best win rate on 2 of 3 rewards, th
 on 1; within one sweep over step sizes the margin and accuracy grow with the step while the images get worse, and
 the winner gain mostly turns negative there (not always: on jpeg_compressibility the best trial's was negative
 too). With a reward (``reward`` + ``prompts``): the highest win rate against the base on those prompts
-(``diffalign eval``'s), and the table also gives each signal's rank correlation with it over the grid. Give
-validation prompts, not the ones you will report on: picked on 16 training prompts x 8 fresh seeds, it came within
-0.05 of the grid's best test win rate on 2 of 3 report rewards (``scripts/bench_sweep.py``).
+(``diffalign eval``'s), and the table also gives each signal's rank correlation with it over the grid and each
+trial's win rate minus the chosen one's on the same comparisons, with its interval over prompts. Give validation
+prompts, not the ones you will report on, at least 32: picked on 32 training prompts x 8 fresh seeds, it came
+within 0.05 of the grid's best test win rate on 6 of 9 report rewards x seeds and was not measurably worse than the
+best on 8 of 9 (``scripts/bench_sweep.py``).
 
 Resumable: a finished trial's ``trial.json`` is read back (the grid point must match); an interrupted one resumes
 from its last checkpoint. Writes ``sweep.json`` (every trial), ``best.yaml`` (the chosen trial's config, which
