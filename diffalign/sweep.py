@@ -264,8 +264,8 @@ def sweep_table(trials: list[Trial], best: Trial) -> str:
     text = "\n".join(rows) + "\n"
     if paired and len(trials) > 1:
         tied = sum(t.vs_chosen[2] >= 0 for t in trials if t is not best)
-        text += (f"\n{tied} of the {len(trials) - 1} other trials are not measurably worse than the chosen one on these "
-                 "validation prompts (their paired difference's 95% interval over prompts holds 0)"
+        text += (f"\n{tied} of the {len(trials) - 1} other trials are not measurably worse than the chosen one on "
+                 "these validation prompts (their paired difference's 95% interval over prompts holds 0)"
                  + (": among those the pick is noise; more validation prompts narrow it\n" if tied else "\n"))
     if with_reward and len(trials) >= 3:
         text += "\n"

@@ -51,7 +51,7 @@ from diffalign.sweep import (  # noqa: E402
 TARGET_GAP = 0.05
 
 
-def test_outcomes(folder: Path, reward: str) -> tuple[list[float], list[int]]:
+def outcomes_in(folder: Path, reward: str) -> tuple[list[float], list[int]]:
     """The outcome of each test comparison of the adapter evaluated into ``folder`` against the base, and its
     prompt."""
     report = json.loads((folder / "report.json").read_text())
@@ -78,8 +78,8 @@ def main() -> None:
     if args.max_steps:
         axes["train.max_steps"] = [int(v) for v in args.max_steps.split(",")]
     picks = ("reward", *PICKS)  # "reward": `sweep --reward` on the validation prompts
-    lines = ["| reward | trials | best test win rate | " + " | ".join(f"{p} pick" for p in picks) + " | reward pick - best [95%] |"
-             " validation-test Spearman |", "|---|---|---|" + "---|" * (len(picks) + 2)]
+    lines = ["| reward | trials | best test win rate | " + " | ".join(f"{p} pick" for p in picks)
+             + " | reward pick - best [95%] | validation-test Spearman |", "|---|---|---|" + "---|" * (len(picks) + 2)]
     within, tied = dict.fromkeys(picks, 0), dict.fromkeys(picks, 0)
     base = str(tb.testbed_path(budget.testbed))
     for reward in tb.rewards_of(args.rewards):
@@ -110,8 +110,8 @@ def main() -> None:
         within.update({pick: within[pick] + 1 for pick in close})
         # the grid's best is the largest of several noisy estimates on the same test comparisons: a pick whose
         # paired difference from it holds 0 in its 95% interval over prompts is not measurably worse
-        best_points, groups = test_outcomes(folder / top_trial.name / "test", reward)
-        gaps = {pick: paired_difference(test_outcomes(folder / name / "test", reward)[0], best_points, groups)
+        best_points, groups = outcomes_in(folder / top_trial.name / "test", reward)
+        gaps = {pick: paired_difference(outcomes_in(folder / name / "test", reward)[0], best_points, groups)
                 for pick, name in picked.items()}
         tied.update({pick: tied[pick] + 1 for pick, (_, _, high) in gaps.items() if high >= 0})
         gap, low, high = gaps["reward"]
@@ -123,7 +123,8 @@ def main() -> None:
     text = "\n".join(lines) + f"\n\nTest win rate of each pick's trial. Bold: within {TARGET_GAP} of the grid's best. " \
         f"Within {TARGET_GAP}, of {n}: " + ", ".join(
             f"{p} {within[p]}" + (" (the default without a reward)" if p == DEFAULT_PICK else "") for p in picks) + \
-        ". Not measurably worse than the best (its paired difference's 95% interval over prompts holds 0): " + ", ".join(f"{p} {tied[p]}" for p in picks) + "\n"
+        ". Not measurably worse than the best (its paired difference's 95% interval over prompts holds 0): " + \
+        ", ".join(f"{p} {tied[p]}" for p in picks) + "\n"
     (Path(args.out) / f"sweep-{args.objective}-seed{args.seed}-{args.rewards.replace(',', '+')}.md").write_text(text)
     print("\n" + text)
 

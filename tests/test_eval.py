@@ -64,7 +64,6 @@ def test_interval_over_prompts_is_never_narrower_than_wilson():
     assert prompt_interval([1, 1, 0], [0, 0, 0]) == pytest.approx(wilson_interval(2 / 3, 3))  # one prompt
 
 
-
 def test_paired_difference_by_hand():
     # two adapters' outcomes against one base on 2 prompts x 3 seeds: differences [0, 1, 1 | 0, 0, 0.5], mean 5/12;
     # per-prompt sums 2 and 0.5 against 5/12 · 3 = 1.25: Σ (s_i - mean·n_i)² = 2 · 0.75² = 1.125;
@@ -88,6 +87,7 @@ def test_pairing_takes_out_which_prompts_are_easy():
     assert diff == pytest.approx(1 / 8) and low > 0
     assert high - low < (alone_high - alone_low) / 2
     assert outcomes([3, 2, 1], [1, 2, 4]) == [1.0, 0.5, 0.0] and outcomes([3], [1], higher_is_better=False) == [0.0]
+
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, tiny_sd15, pickapic):
@@ -158,7 +158,6 @@ def test_eval_prints_the_numbers_then_the_paths(evaluated, capsys):
     assert any("held-out pairs" in line for line in lines)
 
 
-
 def test_two_adapters_are_compared_on_the_same_comparisons(tiny_sd15, adapter, tmp_path, capsys):
     """The second adapter at scale 0 draws the base's images (every comparison a tie), so the first's lead over it
     is exactly its win rate minus 1/2, and the interval is the paired one over the report's own outcomes."""
@@ -180,6 +179,7 @@ def test_two_adapters_are_compared_on_the_same_comparisons(tiny_sd15, adapter, t
     row = next(line for line in printed.splitlines() if line.split()[:3] == ["a", "b", "brightness"])
     assert f"{d['difference']:+.3f}" in row and f"[{d['low']:+.3f}, {d['high']:+.3f}]" in row
     assert "Adapter vs adapter" in (out / "report.html").read_text()
+
 
 def test_a_seed_drawn_alone_equals_the_same_seed_drawn_with_others(evaluated, tiny_sd15, tmp_path):
     """eval draws all seeds of a prompt in one call; a regenerated single image must be the same picture."""

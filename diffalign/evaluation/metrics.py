@@ -79,7 +79,8 @@ def prompt_interval(points: Sequence[float], groups: Sequence, z: float = 1.9599
 def outcomes(candidate: Sequence[float], baseline: Sequence[float], higher_is_better: bool = True) -> list[float]:
     """Each comparison's outcome for ``candidate[i]`` against ``baseline[i]``: 1 a win, 0.5 a tie, 0 a loss."""
     if len(candidate) != len(baseline) or not candidate:
-        raise ValueError(f"win rate needs two equally long, non-empty score lists (got {len(candidate)} and {len(baseline)})")
+        raise ValueError(f"win rate needs two equally long, non-empty score lists (got {len(candidate)} and "
+                         f"{len(baseline)})")
     sign = 1 if higher_is_better else -1
     return [1.0 if sign * (c - b) > 0 else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline)]
 
