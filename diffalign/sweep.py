@@ -212,8 +212,7 @@ def _compare_with_chosen(trials: list[Trial], best: Trial, out: Path, reward: st
     higher = load_reward(reward).higher_is_better
 
     def points(trial: Trial) -> tuple[list[float], list[int]]:
-        report = json.loads((out / trial.name / "eval" / "report.json").read_text())
-        return comparisons(report, next(m for m in report["scores"] if m != "base"), reward, higher)
+        return comparisons(json.loads((out / trial.name / "eval" / "report.json").read_text()), reward, higher)
 
     chosen, groups = points(best)
     for t in trials:

@@ -42,8 +42,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffalign.demo import FULL, align_and_evaluate, is_online, make_testbed_pairs, objective_overrides  # noqa: E402
-from diffalign.evaluation.metrics import prompt_groups, win_rate  # noqa: E402
-from diffalign.evaluation.report import prompt_bounds  # noqa: E402
+from diffalign.evaluation.metrics import prompt_interval  # noqa: E402
+from diffalign.evaluation.report import comparisons, prompt_bounds  # noqa: E402
 from diffalign.rewards import load_reward  # noqa: E402
 from diffalign.sweep import PICKS, Trial, spearman  # noqa: E402
 from diffalign.testbed import rewards_of  # noqa: E402
@@ -85,18 +85,16 @@ def table(results: list[dict], reward: str, seed: int) -> str:
 def pooled(out: Path, runs: list[dict]) -> str:
     """The runs' comparisons pooled over their seeds, as one win rate with its 95% interval over prompts (the held-out
     prompts are the same in every seed, so more seeds do not narrow the prompts' part); "-" if an evaluation is gone."""
-    candidate, baseline, groups = [], [], []
+    points, groups = [], []
+    higher = load_reward(runs[0]["reward"]).higher_is_better
     for r in runs:
         file = out / f"{r['reward']}-seed{r['seed']}" / r["objective"] / "eval" / "report.json"
         if not file.is_file():
             return "-"
-        report = json.loads(file.read_text())
-        aligned = next(name for name in report["scores"] if name != "base")
-        candidate += report["scores"][aligned][r["reward"]]
-        baseline += report["scores"]["base"][r["reward"]]
-        groups += prompt_groups(len(report["prompts"]), report["seeds"])
-    w = win_rate(candidate, baseline, load_reward(runs[0]["reward"]).higher_is_better, groups)
-    return f"{w.rate:.3f} [{w.prompt_low:.2f}, {w.prompt_high:.2f}]"
+        run_points, run_groups = comparisons(json.loads(file.read_text()), r["reward"], higher)
+        points, groups = points + run_points, groups + run_groups
+    low, high = prompt_interval(points, groups)
+    return f"{sum(points) / len(points):.3f} [{low:.2f}, {high:.2f}]"
 
 
 def summarise(results: list[dict], out: Path) -> str:

@@ -54,9 +54,7 @@ TARGET_GAP = 0.05
 def outcomes_in(folder: Path, reward: str) -> tuple[list[float], list[int]]:
     """The outcome of each test comparison of the adapter evaluated into ``folder`` against the base, and its
     prompt."""
-    report = json.loads((folder / "report.json").read_text())
-    aligned = next(name for name in report["scores"] if name != "base")
-    return comparisons(report, aligned, reward, load_reward(reward).higher_is_better)
+    return comparisons(json.loads((folder / "report.json").read_text()), reward, load_reward(reward).higher_is_better)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from diffalign.evaluation.metrics import (
     wilson_interval,
     win_rate,
 )
+from diffalign.evaluation.report import comparisons
 from diffalign.sampling.settings import Sampling
 
 
@@ -173,6 +174,9 @@ def test_two_adapters_are_compared_on_the_same_comparisons(tiny_sd15, adapter, t
     assert report["win_rates"]["b"]["brightness"]["rate"] == 0.5  # scale 0: the base's images
     assert d["difference"] == pytest.approx(report["win_rates"]["a"]["brightness"]["rate"] - 0.5)
     points = outcomes(report["scores"]["a"]["brightness"], report["scores"]["base"]["brightness"])
+    assert comparisons(report, "brightness", model="a") == (points, [0, 0, 0, 1, 1, 1, 2, 2, 2])
+    with pytest.raises(ValueError, match=r"adapters \['a', 'b'\]: name the model"):
+        comparisons(report, "brightness")  # two adapters: which one is not guessed
     assert (d["difference"], d["low"], d["high"]) == pytest.approx(
         paired_difference(points, [0.5] * 9, [0, 0, 0, 1, 1, 1, 2, 2, 2]))
     printed = capsys.readouterr().out

@@ -85,9 +85,16 @@ def _columns(header: list[str], rows: list[list[str]]) -> list[str]:
 DIFFERENCE_HEADER = ["a", "b", "head", "a - b", "95% CI, prompts", "verdict"]
 
 
-def comparisons(report: dict, model: str, head: str, higher_is_better: bool = True) -> tuple[list[float], list[int]]:
+def comparisons(report: dict, head: str, higher_is_better: bool = True,
+                model: str | None = None) -> tuple[list[float], list[int]]:
     """The outcome of each of ``model``'s comparisons with the base under ``head`` in a ``diffalign eval`` report
-    (1 a win, 0.5 a tie, 0 a loss) and the prompt of each: what a paired difference of two reports reads."""
+    (1 a win, 0.5 a tie, 0 a loss) and the prompt of each: what a paired difference of two reports reads.
+    ``model`` defaults to the report's one adapter."""
+    if model is None:
+        adapters = [m for m in report["scores"] if m != "base"]
+        if len(adapters) != 1:
+            raise ValueError(f"the report holds adapters {adapters}: name the model to read")
+        model = adapters[0]
     points = outcomes(report["scores"][model][head], report["scores"]["base"][head], higher_is_better)
     return points, prompt_groups(len(report["prompts"]), report["seeds"])
 
