@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -57,6 +58,12 @@ def outcomes_in(folder: Path, reward: str) -> tuple[list[float], list[int]]:
     return comparisons(json.loads((folder / "report.json").read_text()), reward, load_reward(reward).higher_is_better)
 
 
+def reuse(source: Path, target: Path) -> None:
+    """Copy the images under ``source`` into ``target`` (an evaluation resumes on the files it finds)."""
+    if source.is_dir() and not target.exists():
+        shutil.copytree(source, target)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/generalise", help="output folder (bench_alignment's, to reuse its pairs)")
@@ -70,6 +77,9 @@ def main() -> None:
                         help="betas (around testbed-dpo's 80000 on ε errors; the earlier v-error recipe's grid, "
                              "in the README's older sweep tables, was 1000,5000,20000)")
     parser.add_argument("--max-steps", default="", help="training steps (default: the recipe's)")
+    parser.add_argument("--test-seeds", type=int, default=FULL.eval_seeds,
+                        help="seeds per held-out test prompt (more: the grid's win rates on these prompts known "
+                             "better; the first 8 are the default test's, whose images are reused)")
     args = parser.parse_args()
     budget = dataclasses.replace(FULL, seed=args.seed, testbed=args.testbed)
     axes = {"optim.lr": [float(v) for v in args.lr.split(",")], "objective.beta": [float(v) for v in args.beta.split(",")]}
@@ -77,8 +87,11 @@ def main() -> None:
         axes["train.max_steps"] = [int(v) for v in args.max_steps.split(",")]
     picks = ("reward", *PICKS)  # "reward": `sweep --reward` on the validation prompts
     lines = ["| reward | trials | best test win rate | " + " | ".join(f"{p} pick" for p in picks)
-             + " | reward pick - best [95%] | validation-test Spearman |", "|---|---|---|" + "---|" * (len(picks) + 2)]
-    within, tied = dict.fromkeys(picks, 0), dict.fromkeys(picks, 0)
+             + " | reward pick - best [95% over prompts] [95% over seeds] | validation-test Spearman |",
+             "|---|---|---|" + "---|" * (len(picks) + 2)]
+    within = dict.fromkeys(picks, 0)
+    tied = {over: dict.fromkeys(picks, 0) for over in ("prompts", "seeds")}
+    test_name = "test" if args.test_seeds == FULL.eval_seeds else f"test{args.test_seeds}"
     base = str(tb.testbed_path(budget.testbed))
     for reward in tb.rewards_of(args.rewards):
         shared = Path(args.out) / f"{reward}-seed{args.seed}"
@@ -96,9 +109,13 @@ def main() -> None:
                                  sampling=budget.sampling(20_000, seed_policy="shared"))
         print(f"\n## {args.objective} on {reward}, seed {args.seed}, {args.testbed} testbed (win rate: validation)\n\n"
               f"{sweep_table(trials, best)}", flush=True)
-        test = {t.name: win_rate_vs_base(base, folder / t.name / "run", reward, str(held_prompts), budget.eval_seeds,
-                                         budget.sampling(seed_policy="shared"), folder / "test_base_images",
-                                         folder / t.name / "test")
+        if test_name != "test":  # the default test's images are this test's first seeds: drawn once
+            reuse(folder / "test_base_images", folder / trials[0].name / test_name / "images" / "base")
+            for t in trials:
+                reuse(folder / t.name / "test" / "images", folder / t.name / test_name / "images")
+        test = {t.name: win_rate_vs_base(base, folder / t.name / "run", reward, str(held_prompts), args.test_seeds,
+                                         budget.sampling(seed_policy="shared"), folder / f"{test_name}_base_images",
+                                         folder / t.name / test_name)
                 for t in trials}
         top_trial = max(trials, key=lambda t: test[t.name])
         top = test[top_trial.name]
@@ -108,22 +125,26 @@ def main() -> None:
         within.update({pick: within[pick] + 1 for pick in close})
         # the grid's best is the largest of several noisy estimates on the same test comparisons: a pick whose
         # paired difference from it holds 0 in its 95% interval over prompts is not measurably worse
-        best_points, groups = outcomes_in(folder / top_trial.name / "test", reward)
-        gaps = {pick: paired_difference(outcomes_in(folder / name / "test", reward)[0], best_points, groups)
-                for pick, name in picked.items()}
-        tied.update({pick: tied[pick] + 1 for pick, (_, _, high) in gaps.items() if high >= 0})
-        gap, low, high = gaps["reward"]
+        # (over prompts: for other prompts like these; over seeds: for these 16, all the testbed holds out)
+        best_points, groups = outcomes_in(folder / top_trial.name / test_name, reward)
+        gaps = {over: {pick: paired_difference(outcomes_in(folder / name / test_name, reward)[0], best_points, groups,
+                                               over=over) for pick, name in picked.items()} for over in tied}
+        for over, counts in tied.items():
+            counts.update({pick: counts[pick] + 1 for pick, (_, _, high) in gaps[over].items() if high >= 0})
+        gap, low, high = gaps["prompts"]["reward"]
+        _, seed_low, seed_high = gaps["seeds"]["reward"]
         rho = spearman([t.win_rate for t in trials], [test[t.name] for t in trials])
         lines.append(f"| {reward} | {len(trials)} | {top:.3f} ({top_trial.values}) | "
                      + " | ".join(f"**{won[p]:.3f}**" if p in close else f"{won[p]:.3f}" for p in picks)
-                     + f" | {gap:+.3f} [{low:+.2f}, {high:+.2f}] | {rho:+.2f} |")
+                     + f" | {gap:+.3f} [{low:+.2f}, {high:+.2f}] [{seed_low:+.2f}, {seed_high:+.2f}] | {rho:+.2f} |")
     n = len(lines) - 2
-    text = "\n".join(lines) + f"\n\nTest win rate of each pick's trial. Bold: within {TARGET_GAP} of the grid's best. " \
-        f"Within {TARGET_GAP}, of {n}: " + ", ".join(
+    text = "\n".join(lines) + f"\n\nTest win rate ({args.test_seeds} seeds per held-out prompt) of each pick's " \
+        f"trial. Bold: within {TARGET_GAP} of the grid's best. Within {TARGET_GAP}, of {n}: " + ", ".join(
             f"{p} {within[p]}" + (" (the default without a reward)" if p == DEFAULT_PICK else "") for p in picks) + \
-        ". Not measurably worse than the best (its paired difference's 95% interval over prompts holds 0): " + \
-        ", ".join(f"{p} {tied[p]}" for p in picks) + "\n"
-    (Path(args.out) / f"sweep-{args.objective}-seed{args.seed}-{args.rewards.replace(',', '+')}.md").write_text(text)
+        "".join(f". Not measurably worse than the best (its paired difference's 95% interval over {over} holds 0): "
+                + ", ".join(f"{p} {tied[over][p]}" for p in picks) for over in tied) + "\n"
+    suffix = "" if test_name == "test" else f"-{test_name}"
+    (Path(args.out) / f"sweep-{args.objective}-seed{args.seed}-{args.rewards.replace(',', '+')}{suffix}.md").write_text(text)
     print("\n" + text)
 
 

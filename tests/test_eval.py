@@ -13,6 +13,7 @@ from diffalign.evaluation.metrics import (
     outcomes,
     paired_difference,
     prompt_interval,
+    stratified_standard_error,
     wilson_interval,
     win_rate,
 )
@@ -74,6 +75,18 @@ def test_paired_difference_by_hand():
     assert paired_difference(b, b, groups) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="got 6, 6 and 5"):
         paired_difference(a, b, groups[:5])
+
+
+def test_paired_difference_on_these_prompts_by_hand():
+    # the same differences [0, 1, 1 | 0, 0, 0.5], now for these 2 prompts (other seeds): within-prompt sample
+    # variances 1/3 and 1/12; Var(mean) = Σ n_i · s_i² / N² = 3 · (1/3 + 1/12) / 36 = 5/144
+    a, b, groups = [1, 1, 1, 1, 0, 0.5], [1, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 1]
+    half = 1.959964 * (5 / 144) ** 0.5
+    assert paired_difference(a, b, groups, over="seeds") == pytest.approx((5 / 12, 5 / 12 - half, 5 / 12 + half))
+    # a prompt with one comparison has no spread of its own to measure: it adds nothing
+    assert stratified_standard_error([1.0, 0.0, 1.0], [0, 0, 1]) == pytest.approx((2 * 0.5 / 9) ** 0.5)
+    with pytest.raises(ValueError, match="over='everything'"):
+        paired_difference(a, b, groups, over="everything")
 
 
 def test_pairing_takes_out_which_prompts_are_easy():

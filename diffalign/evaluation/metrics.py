@@ -65,6 +65,22 @@ def cluster_standard_error(points: Sequence[float], groups: Sequence) -> float:
     return math.sqrt(m / (m - 1) * sum((s - mean * k) ** 2 for s, k in per_group.values())) / n
 
 
+def stratified_standard_error(points: Sequence[float], groups: Sequence) -> float:
+    """The standard error of the mean of ``points`` for *these* prompts (``groups[i]`` the prompt of point i), other
+    seeds: from the spread within each prompt, ``sqrt(Σ_i n_i · s_i²) / N`` with s_i² prompt i's sample variance
+    (a prompt with one point adds nothing). Right when the prompts are the whole population asked about, as the
+    testbed's 16 held-out combinations are all it has; :func:`cluster_standard_error` is for other prompts."""
+    per_group: dict = {}
+    for x, g in zip(points, groups):
+        per_group.setdefault(g, []).append(x)
+    total = 0.0
+    for values in per_group.values():
+        if len(values) > 1:
+            mean = sum(values) / len(values)
+            total += sum((x - mean) ** 2 for x in values) * len(values) / (len(values) - 1)
+    return math.sqrt(total) / len(points)
+
+
 def prompt_interval(points: Sequence[float], groups: Sequence, z: float = 1.959964) -> tuple[float, float]:
     """The 95% interval over prompts of the mean of ``points`` (1 a win, 0.5 a tie, 0 a loss), ``groups[i]`` naming
     the prompt of comparison i: the cluster-robust interval of the module doc, no narrower than Wilson's."""
@@ -99,18 +115,23 @@ def win_rate(candidate: Sequence[float], baseline: Sequence[float], higher_is_be
     return result
 
 
-def paired_difference(a: Sequence[float], b: Sequence[float], groups: Sequence,
-                      z: float = 1.959964) -> tuple[float, float, float]:
+def paired_difference(a: Sequence[float], b: Sequence[float], groups: Sequence, z: float = 1.959964,
+                      over: str = "prompts") -> tuple[float, float, float]:
     """How much higher the win rate of outcomes ``a`` is than of ``b`` (:func:`outcomes` of two adapters against the
-    same base on the same comparisons, ``groups[i]`` the prompt of comparison i), with its 95% interval over
-    prompts: ``(difference, low, high)``. Pairing takes out what the two share (which prompts are easy), so the
-    difference is known better than from two separate evaluations (on the testbed its standard error was about 3/4
-    of theirs); an interval holding 0 is "not measurably different"."""
+    same base on the same comparisons, ``groups[i]`` the prompt of comparison i), with its 95% interval:
+    ``(difference, low, high)``. ``over="prompts"`` (default): for other prompts like these
+    (:func:`cluster_standard_error`); ``over="seeds"``: for these prompts, other seeds
+    (:func:`stratified_standard_error`). Pairing takes out what the two share (which prompts are easy), so the
+    difference is known better than from two separate evaluations (on the testbed its standard error over prompts
+    was about 3/4 of theirs); an interval holding 0 is "not measurably different"."""
     if not len(a) == len(b) == len(groups) or not a:
         raise ValueError(f"paired difference needs equally long, non-empty outcomes and groups (got {len(a)}, "
                          f"{len(b)} and {len(groups)})")
+    errors = {"prompts": cluster_standard_error, "seeds": stratified_standard_error}
+    if over not in errors:
+        raise ValueError(f"paired difference: over={over!r}; expected one of {list(errors)}")
     diffs = [x - y for x, y in zip(a, b)]
-    mean, se = sum(diffs) / len(diffs), cluster_standard_error(diffs, groups)
+    mean, se = sum(diffs) / len(diffs), errors[over](diffs, groups)
     return mean, mean - z * se, mean + z * se
 
 
