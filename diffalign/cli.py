@@ -112,7 +112,8 @@ def _make_pairs(args: argparse.Namespace) -> None:
 
     weights, rewards = _weights(args), _rewards(args)
     print(make_pairs(args.base, args.prompts, rewards, args.out, per_prompt=args.per_prompt, adapter=args.adapter,
-                     pairing=args.pairing, margin=args.margin, weights=weights, sampling=args.sampling))
+                     pairing=args.pairing, margin=args.margin, weights=weights, sampling=args.sampling,
+                     same_start=args.same_start))
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -267,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "distance from the prompt's median below which an "
                                                                "image gets no label)")
     add_sampling_arguments(p, helps={"seed": "image k of prompt i uses seed + i*K + k (with --seed-policy per_image)"})
+    p.add_argument("--same-start", action="store_true",
+                   help="a prompt's K images start from one x_T (image 0's) and differ only by the sampler's noise "
+                        "(needs --eta > 0; drawn with DDIM where the model's scheduler has no eta): each pair then "
+                        "shows which way to go from the same start")
     p.add_argument("--out", required=True, help="output folder (rerun with the same settings to resume)")
     p.set_defaults(func=_make_pairs)
 

@@ -42,6 +42,7 @@ class Budget:
     train_steps: int | None = None  # None: the recipe's train.max_steps
     seed: int = 0  # of the whole pipeline: the pairs' images, training (train.seed) and the evaluation's seeds
     testbed: str = "sd15"  # which testbed model: the SD1.5 or the SDXL architecture (same scenes, same checker)
+    same_start: bool = False  # training pairs: a prompt's images from one x_T, differing by η = 1 noise (make-pairs)
 
     def sampling(self, offset: int = 0, **changes) -> Sampling:
         """The testbed's sampling at this budget's steps, seeded ``offset`` past this budget's seed (seed 0: the
@@ -88,7 +89,8 @@ def make_testbed_pairs(out: Path, reward: str, budget: Budget, adapter: str | No
 
     train_prompts, held_prompts = write_prompt_files(out / "prompts", budget)
     heads = {reward: load_reward(reward)}
-    kwargs = dict(per_prompt=budget.per_prompt, adapter=adapter, sampling=budget.sampling())
+    kwargs = dict(per_prompt=budget.per_prompt, adapter=adapter, same_start=budget.same_start,
+                  sampling=budget.sampling(eta=1.0) if budget.same_start else budget.sampling())
     model = str(tb.testbed_path(budget.testbed))
     make_pairs(model, train_prompts, heads, out / "pairs", pairing="thumbs", **kwargs)
     train = make_pairs(model, train_prompts, heads, out / "pairs", **kwargs)  # the same images
@@ -133,19 +135,21 @@ def train_on_testbed(out: Path, objective: str, pairs: str, budget: Budget, rewa
     return train(load_config(testbed_recipe(objective, budget.testbed), base + list(overrides)))
 
 
-def evaluate_on_testbed(out: Path, adapter: Path, reward: str, budget: Budget, held_pairs: str) -> dict:
-    """Base vs aligned on the held-out prompts: ``diffalign eval``'s report plus prompt following before and
-    after (the guard)."""
+def evaluate_on_testbed(out: Path, adapter: Path, reward: str, budget: Budget, held_pairs: str | None,
+                        folder: str = "eval") -> dict:
+    """Base vs aligned on the held-out prompts x ``budget.eval_seeds``, into ``out / folder``: ``diffalign eval``'s
+    report plus prompt following before and after (the guard)."""
     from .evaluation.evaluate import evaluate
     from .evaluation.scoring import to_tensor
 
     _, held_prompts = write_prompt_files(out / "prompts", budget)
-    report = evaluate(str(tb.testbed_path(budget.testbed)), [adapter], held_prompts, {reward: load_reward(reward)}, out / "eval",
-                      seeds=budget.eval_seeds, pairs=held_pairs, sampling=budget.sampling(seed_policy="shared"))
+    report = evaluate(str(tb.testbed_path(budget.testbed)), [adapter], held_prompts, {reward: load_reward(reward)},
+                      out / folder, seeds=budget.eval_seeds, pairs=held_pairs,
+                      sampling=budget.sampling(seed_policy="shared"))
     texts = [p for p in report["prompts"] for _ in range(report["seeds"])]
     following = {}
     for name, files in report["images"].items():
-        images = to_tensor([Image.open(out / "eval" / f).convert("RGB") for f in files])
+        images = to_tensor([Image.open(out / folder / f).convert("RGB") for f in files])
         following[name] = tb.prompt_following(images, texts)
     aligned = next(n for n in report["images"] if n != "base")
     win = report["win_rates"][aligned][reward]
@@ -153,8 +157,8 @@ def evaluate_on_testbed(out: Path, adapter: Path, reward: str, budget: Budget, h
     return {"reward": reward, "win_rate": win,
             "mean_reward": {"base": means["base"][reward], "aligned": means[aligned][reward]},
             "prompt_following": {"base": following["base"], "aligned": following[aligned]},
-            "pair_accuracy": report["pair_accuracy"].get(aligned, {}), "grid": str(out / "eval" / "plots" / f"samples_{aligned}.png"),
-            "eval_report": str(out / "eval" / "report.html")}
+            "pair_accuracy": report["pair_accuracy"].get(aligned, {}),
+            "grid": str(out / folder / "plots" / f"samples_{aligned}.png"), "eval_report": str(out / folder / "report.html")}
 
 
 def align_and_evaluate(out: Path, objective: str, reward: str, budget: Budget, pairs: tuple[str, str],

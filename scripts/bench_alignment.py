@@ -24,6 +24,8 @@ seed, then per objective and reward the mean win rate over seeds with its spread
 pooled into one win rate with its 95% interval over prompts (does a miss of 0.70 show beyond noise?), and the
 Spearman rank correlation, over every run, of each held-out signal (what ``diffalign sweep`` picks by, no reward
 needed) with the win rate. Resumable: finished runs are read back from ``results.json``; ``results.md`` holds the tables.
+``--eval-seeds 32`` also judges every run on 32 seeds of the held-out prompts (its first 8 reused, nothing retrained)
+into ``results-eval32.json`` / ``.md``: a win rate on these prompts known to about +-0.04 instead of +-0.08.
 """
 
 from __future__ import annotations
@@ -41,7 +43,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffalign.demo import FULL, align_and_evaluate, is_online, make_testbed_pairs, objective_overrides  # noqa: E402
+from diffalign.demo import (  # noqa: E402
+    FULL,
+    align_and_evaluate,
+    evaluate_on_testbed,
+    is_online,
+    make_testbed_pairs,
+    objective_overrides,
+)
 from diffalign.evaluation.metrics import prompt_interval  # noqa: E402
 from diffalign.evaluation.report import comparisons, prompt_bounds  # noqa: E402
 from diffalign.rewards import load_reward  # noqa: E402
@@ -82,13 +91,18 @@ def table(results: list[dict], reward: str, seed: int) -> str:
     return head + "\n".join(row(r) for r in results) + "\n"
 
 
-def pooled(out: Path, runs: list[dict]) -> str:
+def eval_folder(seeds: int) -> str:
+    """Where a run's evaluation on the held-out prompts x ``seeds`` goes (``eval`` at the default 8)."""
+    return "eval" if seeds == FULL.eval_seeds else f"eval{seeds}"
+
+
+def pooled(out: Path, runs: list[dict], seeds: int = FULL.eval_seeds) -> str:
     """The runs' comparisons pooled over their seeds, as one win rate with its 95% interval over prompts (the held-out
     prompts are the same in every seed, so more seeds do not narrow the prompts' part); "-" if an evaluation is gone."""
     points, groups = [], []
     higher = load_reward(runs[0]["reward"]).higher_is_better
     for r in runs:
-        file = out / f"{r['reward']}-seed{r['seed']}" / r["objective"] / "eval" / "report.json"
+        file = out / f"{r['reward']}-seed{r['seed']}" / r["objective"] / eval_folder(seeds) / "report.json"
         if not file.is_file():
             return "-"
         run_points, run_groups = comparisons(json.loads(file.read_text()), r["reward"], higher)
@@ -97,7 +111,7 @@ def pooled(out: Path, runs: list[dict]) -> str:
     return f"{sum(points) / len(points):.3f} [{low:.2f}, {high:.2f}]"
 
 
-def summarise(results: list[dict], out: Path) -> str:
+def summarise(results: list[dict], out: Path, seeds: int = FULL.eval_seeds) -> str:
     """Per objective and reward: the mean win rate over seeds (min-max), the pooled win rate with its interval over
     prompts, guard, minutes; the signals' correlations."""
     lines = ["| objective | reward | seeds | mean win rate (min-max) | pooled [95% over prompts] | guard change, points "
@@ -113,7 +127,7 @@ def summarise(results: list[dict], out: Path) -> str:
         met = statistics.fmean(wins) >= TARGET_WIN and statistics.fmean(drops) >= -100 * TARGET_DROP \
             and max(minutes) <= TARGET_MINUTES
         lines.append(f"| {name} | {reward} | {len(runs)} | {statistics.fmean(wins):.3f} ({min(wins):.2f}-{max(wins):.2f}) "
-                     f"| {pooled(out, runs)} | {statistics.fmean(drops):+.1f} | {statistics.fmean(minutes):.1f} | {'yes' if met else 'no'} |")
+                     f"| {pooled(out, runs, seeds)} | {statistics.fmean(drops):+.1f} | {statistics.fmean(minutes):.1f} | {'yes' if met else 'no'} |")
     lines.append("")
     measured = [r for r in results if r.get("heldout")]
     for pick in PICKS if len(measured) >= 3 else ():  # what each reward-free pick of `diffalign sweep` maximises
@@ -122,6 +136,24 @@ def summarise(results: list[dict], out: Path) -> str:
         lines.append(f"Spearman rank correlation of the held-out {pick} signal with the win rate over "
                      f"{len(measured)} runs: {rho:+.2f}")
     return "\n".join(lines) + "\n"
+
+
+def reevaluate(out: Path, r: dict, seeds: int) -> dict:
+    """Run ``r`` (a ``results.json`` entry) evaluated again on the held-out prompts x ``seeds`` into its
+    ``eval<seeds>`` folder, nothing retrained: the default evaluation's images are its first seeds and are reused,
+    and the base's are drawn once per reward and seed. Training fields (time, steps, held-out signals) are ``r``'s."""
+    budget = dataclasses.replace(FULL, seed=r["seed"], testbed=r.get("testbed", "sd15"), eval_seeds=seeds)
+    shared, run = out / f"{r['reward']}-seed{r['seed']}" / "shared", out / f"{r['reward']}-seed{r['seed']}" / r["objective"]
+    folder = eval_folder(seeds)
+    base_images = shared / f"base_{folder}_images"
+    if not (run / folder).exists() and (run / "eval" / "images").is_dir():
+        shutil.copytree(run / "eval" / "images", run / folder / "images")
+    if base_images.is_dir():
+        shutil.copytree(base_images, run / folder / "images" / "base", dirs_exist_ok=True)
+    summary = evaluate_on_testbed(run, Path(r["adapter"]), r["reward"], budget, None, folder)  # pairs: measured once
+    if not base_images.is_dir():
+        shutil.copytree(run / folder / "images" / "base", base_images)
+    return {**r, **{k: summary[k] for k in ("win_rate", "mean_reward", "prompt_following", "grid", "eval_report")}}
 
 
 def main() -> None:
@@ -134,8 +166,14 @@ def main() -> None:
     parser.add_argument("--testbed", choices=("sd15", "sdxl"), default="sd15", help="the testbed model's architecture")
     parser.add_argument("--per-prompt", type=int, default=FULL.per_prompt,
                         help="images per training prompt that make-pairs draws and pairs best vs worst (use a new --out)")
+    parser.add_argument("--same-start", action="store_true",
+                        help="training pairs from images of one prompt that share x_T and differ by η = 1 noise "
+                             "(make-pairs --same-start; use a new --out)")
     parser.add_argument("--set", action="append", default=[], metavar="OBJECTIVE:KEY=VALUE",
                         help="config override for one objective, e.g. dpo:optim.lr=1e-4 (repeatable)")
+    parser.add_argument("--eval-seeds", type=int, default=FULL.eval_seeds,
+                        help="seeds per held-out prompt: above 8, every run (trained as usual, evaluated on 8) is "
+                             "evaluated again on this many, its first 8 reused, into results-eval<N>.json/.md")
     args = parser.parse_args()
     overrides = objective_overrides(args.set)
     out = Path(args.out)
@@ -144,7 +182,8 @@ def main() -> None:
     done = {(r["objective"], r["reward"], r["seed"]) for r in results}
     for seed in map(int, args.seeds.split(",")):
         for reward in rewards_of(args.rewards):
-            budget = dataclasses.replace(FULL, seed=seed, testbed=args.testbed, per_prompt=args.per_prompt)
+            budget = dataclasses.replace(FULL, seed=seed, testbed=args.testbed, per_prompt=args.per_prompt,
+                                         same_start=args.same_start)
             folder = out / f"{reward}-seed{seed}"
             start = time.time()
             pairs = make_testbed_pairs(folder / "shared", reward, budget)  # read back when made earlier
@@ -167,11 +206,23 @@ def main() -> None:
                 results.append(r)
                 record.write_text(json.dumps(results, indent=1) + "\n")
                 print(row(r), flush=True)
+    name = "results"
+    if args.eval_seeds != FULL.eval_seeds:  # the same runs, each judged on more seeds of the held-out prompts
+        name = f"results-{eval_folder(args.eval_seeds)}"
+        more = json.loads((out / f"{name}.json").read_text()) if (out / f"{name}.json").is_file() else []
+        again = {(r["objective"], r["reward"], r["seed"]) for r in more}
+        for r in results:
+            if (r["objective"], r["reward"], r["seed"]) not in again and r["objective"] in args.objectives.split(",") \
+                    and r["reward"] in rewards_of(args.rewards) and str(r["seed"]) in args.seeds.split(","):
+                more.append(reevaluate(out, r, args.eval_seeds))
+                (out / f"{name}.json").write_text(json.dumps(more, indent=1) + "\n")
+                print(row(more[-1]), flush=True)
+        results = more
     tables = []
     for reward, seed in sorted({(r["reward"], r["seed"]) for r in results}):
         tables.append(table([r for r in results if r["reward"] == reward and r["seed"] == seed], reward, seed))
-    text = "\n".join(tables) + "\n" + summarise(results, out)
-    (out / "results.md").write_text(text)
+    text = "\n".join(tables) + "\n" + summarise(results, out, args.eval_seeds)
+    (out / f"{name}.md").write_text(text)
     print("\n" + text)
 
 

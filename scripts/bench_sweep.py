@@ -14,7 +14,10 @@ Prints each sweep's table (its win rate column: validation), then per reward the
 test win rate of what each pick would have chosen: the reward pick (validation win rate) and each reward-free pick
 (``diffalign.sweep.PICKS``), bold where within 0.05 of the best (the issue's target), and how many rewards each pick
 got within 0.05 and not measurably worse than the best trial (the 95% interval over prompts of the paired
-difference in test win rate, on the same comparisons, holds 0).
+difference in test win rate, on the same comparisons, holds 0), with that interval taken over prompts (other prompts
+like these) and over seeds (these 16 prompts, all the held-out combinations the testbed has).
+``--test-seeds 32`` judges every trial on 32 seeds of the held-out prompts instead of 8 (the first 8 reused): the
+grid's win rates on these prompts known well enough to tell 0.05 apart; the picks do not change.
 Resumable (``diffalign sweep`` reads finished trials back). A folder made before the reward pick moved to the
 validation prompts holds test-prompt win rates in its trials: give a new ``--out``.
 """

@@ -192,9 +192,12 @@ def test_two_adapters_are_compared_on_the_same_comparisons(tiny_sd15, adapter, t
         comparisons(report, "brightness")  # two adapters: which one is not guessed
     assert (d["difference"], d["low"], d["high"]) == pytest.approx(
         paired_difference(points, [0.5] * 9, [0, 0, 0, 1, 1, 1, 2, 2, 2]))
+    assert (d["difference"], d["seed_low"], d["seed_high"]) == pytest.approx(
+        paired_difference(points, [0.5] * 9, [0, 0, 0, 1, 1, 1, 2, 2, 2], over="seeds"))
     printed = capsys.readouterr().out
     row = next(line for line in printed.splitlines() if line.split()[:3] == ["a", "b", "brightness"])
     assert f"{d['difference']:+.3f}" in row and f"[{d['low']:+.3f}, {d['high']:+.3f}]" in row
+    assert f"[{d['seed_low']:+.3f}, {d['seed_high']:+.3f}]" in row
     assert "Adapter vs adapter" in (out / "report.html").read_text()
 
 

@@ -5,6 +5,7 @@ import json
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -177,3 +178,34 @@ def test_make_pairs_with_an_import_path_reward_and_all_pairs(tmp_path, tiny_sd15
     rows = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     assert len(rows) == 3  # three distinct scores: every ordered pair once
     assert all(r["chosen_my_rewards:redness"] > r["rejected_my_rewards:redness"] for r in rows)
+
+
+@pytest.mark.parametrize("kind", ["tiny_sd15", "tiny_sdxl"])
+def test_make_pairs_from_the_same_start(tmp_path, kind, request, capsys):
+    """--same-start: a prompt's images share image 0's x_T and keep their own step noise, so (SD1.5's DDIM) image 0
+    is the image it is without it, and with almost no step noise (η tiny) every image of a prompt is almost the same.
+    The tiny SDXL, like SDXL, ships Euler, which has no η: it draws with DDIM, so its images still differ."""
+    base = request.getfixturevalue(kind)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+
+    def images(name: str, eta: str, *extra: str) -> list[np.ndarray]:
+        out = tmp_path / name
+        assert main(["make-pairs", "--base", str(base), "--prompts", str(prompts), "--per-prompt", "3", "--reward",
+                     "brightness", "--steps", "3", "--height", "32", "--width", "32", "--eta", eta, *extra,
+                     "--out", str(out)]) == 0
+        return [np.asarray(Image.open(p), dtype=np.float64) for p in sorted((out / "images").iterdir())]
+
+    own, same = images("own", "1"), images("same", "1", "--same-start")
+    if kind == "tiny_sd15":  # the model's own DDIM: only the start changed
+        assert np.array_equal(own[0], same[0]) and np.array_equal(own[3], same[3])  # image 0 of each prompt
+        assert all(np.abs(own[i] - same[i]).max() > 10 for i in (1, 2, 4, 5))  # a new start: another image
+    assert all(np.abs(same[first] - same[first + k]).max() > 10 for first in (0, 3) for k in (1, 2))
+    quiet_own, quiet_same = images("quiet-own", "1e-4"), images("quiet-same", "1e-4", "--same-start")
+    for first in (0, 3):
+        assert all(np.abs(quiet_same[first] - quiet_same[first + k]).max() <= 2 for k in (1, 2))
+        assert np.abs(quiet_own[first] - quiet_own[first + 1]).max() > 10
+    capsys.readouterr()
+    assert main(["make-pairs", "--base", str(base), "--prompts", str(prompts), "--reward", "brightness", "--steps",
+                 "2", "--same-start", "--out", str(tmp_path / "bad")]) == 2
+    assert "--same-start with --eta None" in capsys.readouterr().err

@@ -45,15 +45,19 @@ def adapter_differences(adapters: Sequence[str], scores: Mapping[str, Mapping[st
                         rewards: Mapping[str, RewardModel], groups: Sequence[int]) -> list[dict]:
     """Every pair of ``adapters`` (each earlier one as ``a``) under every head: how much higher ``a``'s win rate
     against the base is than ``b``'s on the same (prompt, seed) comparisons, with its 95% interval over prompts
-    (:func:`~diffalign.evaluation.metrics.paired_difference`): whether one adapter is measurably better."""
+    (:func:`~diffalign.evaluation.metrics.paired_difference`): whether one adapter is measurably better; and, as
+    ``seed_low``/``seed_high``, the interval for these prompts on other seeds."""
     rows = []
     for i, a in enumerate(adapters):
         for b in adapters[i + 1:]:
             for head, reward in rewards.items():
                 base = scores["base"][head]
-                diff, low, high = paired_difference(outcomes(scores[a][head], base, reward.higher_is_better),
-                                                    outcomes(scores[b][head], base, reward.higher_is_better), groups)
-                rows.append({"a": a, "b": b, "head": head, "difference": diff, "low": low, "high": high})
+                pair = (outcomes(scores[a][head], base, reward.higher_is_better),
+                        outcomes(scores[b][head], base, reward.higher_is_better), groups)
+                diff, low, high = paired_difference(*pair)
+                _, seed_low, seed_high = paired_difference(*pair, over="seeds")
+                rows.append({"a": a, "b": b, "head": head, "difference": diff, "low": low, "high": high,
+                             "seed_low": seed_low, "seed_high": seed_high})
     return rows
 
 

@@ -82,7 +82,7 @@ def _columns(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
 
 
-DIFFERENCE_HEADER = ["a", "b", "head", "a - b", "95% CI, prompts", "verdict"]
+DIFFERENCE_HEADER = ["a", "b", "head", "a - b", "95% CI, prompts", "95% CI, these prompts", "verdict"]
 
 
 def comparisons(report: dict, head: str, higher_is_better: bool = True,
@@ -114,12 +114,16 @@ def _win_rows(report: dict) -> list[list[str]]:
 
 
 def _difference_rows(report: dict) -> list[list[str]]:
-    """Per pair of adapters and head: a, b, head, a's win rate minus b's, its 95% interval over prompts, the
-    verdict (reports of one adapter, or written before it was measured, have none)."""
+    """Per pair of adapters and head: a, b, head, a's win rate minus b's, its 95% intervals over prompts and for
+    these prompts (other seeds; "-" in reports written before it was measured), the verdict, read on the interval
+    over prompts (reports of one adapter, or written before differences were measured, have none)."""
     def verdict(d: dict) -> str:
         return f"{d['a']} better" if d["low"] > 0 else f"{d['b']} better" if d["high"] < 0 else "not measurably"
-    return [[d["a"], d["b"], d["head"], f"{d['difference']:+.3f}", f"[{d['low']:+.3f}, {d['high']:+.3f}]", verdict(d)]
-            for d in report.get("differences") or []]
+
+    def these_prompts(d: dict) -> str:
+        return f"[{d['seed_low']:+.3f}, {d['seed_high']:+.3f}]" if "seed_low" in d else "-"
+    return [[d["a"], d["b"], d["head"], f"{d['difference']:+.3f}", f"[{d['low']:+.3f}, {d['high']:+.3f}]",
+             these_prompts(d), verdict(d)] for d in report.get("differences") or []]
 
 
 def _accuracy_rows(report: dict) -> list[list[str]]:

@@ -17,6 +17,7 @@ files a hard kill left behind and regenerates every prompt without a line (same 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Mapping
@@ -96,11 +97,27 @@ def _check_settings(out: Path, settings: dict) -> None:
         atomic_write_text(file, json.dumps(settings, indent=2) + "\n")
 
 
+def shared_start(pipe, generators: list[torch.Generator], sampling: Sampling) -> torch.Tensor:
+    """The x_T of a prompt's images when they all start from one: each image's generator first draws an x_T, as the
+    pipeline would from it, and every image takes the first one's. So image 0 is the image it would be with its own
+    start, and image k's step noise is what image k's would be: only the start is shared."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    height, width = sampling.size(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    starts = [randn_tensor(shape, generator=g, dtype=pipe.unet.dtype) for g in generators]
+    return starts[0].repeat(len(generators), 1, 1, 1)
+
+
 def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, RewardModel], out: str | Path,
                per_prompt: int = 4, adapter: str | None = None, pairing: str = "best-worst", margin: float = 0.0,
-               weights: list[float] | None = None, sampling: Sampling | None = None, device: str | None = None) -> Path:
+               weights: list[float] | None = None, sampling: Sampling | None = None, device: str | None = None,
+               same_start: bool = False) -> Path:
     """Generate (as ``sampling`` says; default :class:`Sampling`), score and pair; returns the path of
-    ``pairs.jsonl`` (``unpaired.jsonl`` with ``pairing="thumbs"``). Resumable: finished prompts are skipped."""
+    ``pairs.jsonl`` (``unpaired.jsonl`` with ``pairing="thumbs"``). Resumable: finished prompts are skipped.
+    ``same_start``: a prompt's images start from one x_T (:func:`shared_start`) and differ only by the sampler's η
+    noise, so a pair shows which way to go *from the same start* (needs η > 0; a model whose scheduler has no η,
+    as SDXL's Euler, draws with DDIM)."""
     from ..pipelines import load_aligned_pipeline
 
     if per_prompt < 2:
@@ -108,8 +125,13 @@ def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, Reward
     if pairing not in PAIRINGS:
         raise DataError(f"pairing {pairing!r}: choose one of {', '.join(PAIRINGS)}")
     out, prompts, sampling = Path(out), read_prompts(prompts_file), sampling or Sampling()
+    if same_start and not sampling.eta:
+        raise DataError(f"--same-start with --eta {sampling.eta}: from one x_T a deterministic sampler draws the same "
+                        "image every time; give --eta > 0 (1: as stochastic as DDPM) and a scheduler that reads it "
+                        "(DDIM)")
     settings = {"base": str(base), "adapter": str(adapter) if adapter else None, "prompts": prompts,
-                "per_prompt": per_prompt, "rewards": list(rewards), "weights": weights, **sampling.as_dict()}
+                "per_prompt": per_prompt, "rewards": list(rewards), "weights": weights, **sampling.as_dict(),
+                **({"same_start": True} if same_start else {})}  # absent when off: older folders still resume
     _check_settings(out, settings)
     done = _finished(out, prompts)
     todo = [i for i in range(len(prompts)) if i not in done]
@@ -118,11 +140,18 @@ def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, Reward
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = load_aligned_pipeline(base, [adapter] if adapter else [], device=device)
         pipe.set_progress_bar_config(disable=True)
+        if same_start and "eta" not in inspect.signature(pipe.scheduler.step).parameters:
+            from diffusers import DDIMScheduler
+
+            # SDXL ships Euler, which has no η: from one start it would draw one image K times
+            log.info("make-pairs --same-start: %s has no η; drawing with DDIM", type(pipe.scheduler).__name__)
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         (out / "images").mkdir(exist_ok=True)
         for pid in tqdm(todo, desc="prompts", unit="prompt", initial=len(done), total=len(prompts)):
             seeds = [sampling.seed_of(pid, k, per_prompt) for k in range(per_prompt)]
-            images = pipe(prompts[pid], num_images_per_prompt=per_prompt,
-                          generator=sampling.generators(pid, range(per_prompt), per_prompt),
+            generators = sampling.generators(pid, range(per_prompt), per_prompt)
+            start = shared_start(pipe, generators, sampling).to(pipe.device) if same_start else None
+            images = pipe(prompts[pid], num_images_per_prompt=per_prompt, generator=generators, latents=start,
                           **sampling.pipeline_kwargs()).images
             files = [f"images/p{pid:05d}_{k}.png" for k in range(per_prompt)]
             scores = score_images(rewards, images, [prompts[pid]] * per_prompt)  # a failing head writes nothing
