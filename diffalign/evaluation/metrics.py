@@ -6,7 +6,9 @@ independent: right for "these prompts, other seeds". Comparisons of one prompt a
 prompt tends to win on all its seeds), so for "other prompts like these" the prompt interval is the one to read:
 the cluster-robust (sandwich) standard error of a proportion, ``SE² = P/(P-1) · Σ_i (s_i - p·n_i)² / N²`` over
 prompts i with s_i wins (ties half) out of n_i, N = Σ n_i, taken no narrower than the Wilson interval (with few
-prompts that agree by chance the sandwich estimate can come out below the binomial one, down to zero).
+prompts that agree by chance the sandwich estimate can come out below the binomial one, down to zero). A paired
+difference of two adapters (:func:`paired_difference`) has the same two readings: over prompts (cluster-robust) and
+for these prompts (:func:`stratified_standard_error`, the spread within each prompt).
 
 Ranking accuracy (Chen et al., arXiv 2405.19534) asks whether the policy alone prefers the winner: with shared
 (t, ε) Monte Carlo over several t, ``mean_t e_θ^w < mean_t e_θ^l``. Implicit accuracy asks whether the policy
