@@ -2,9 +2,9 @@
 pairs (``bench_alignment``'s, reused when that script made them in the same ``--out``), one sweep of a shipped
 recipe over learning rate x beta (x steps) with the dense held-out pairs. Every trial is judged by its win rate on
 the held-out prompts x 8 seeds (the test, which no pick sees). ``diffalign sweep --reward`` picks by the win rate on
-*validation* prompts: 32 of the training prompts (every 4th) x 8 fresh seeds, as a user would validate on prompts of
-their own that are not the test's (16, every 8th, before a later round measured how much of a win rate's noise is
-which prompts; a folder made then holds trials judged on those 16: give a new ``--out``).
+*validation* prompts: 64 of the training prompts (every 2nd) x 8 fresh seeds, as a user would validate on prompts of
+their own that are not the test's (earlier rounds: 32, every 4th; before them 16, every 8th, whose folders hold
+trials judged on those 16: give a new ``--out``).
 
     python scripts/bench_sweep.py --out runs/generalise                        # DPO, the report rewards, seed 0
     python scripts/bench_sweep.py --objective mapo --lr 1e-4,3e-4,1e-3 --beta 1000,5000 --rewards centredness
@@ -18,6 +18,9 @@ difference in test win rate, on the same comparisons, holds 0), with that interv
 like these) and over seeds (these 16 prompts, all the held-out combinations the testbed has).
 ``--test-seeds 32`` judges every trial on 32 seeds of the held-out prompts instead of 8 (the first 8 reused): the
 grid's win rates on these prompts known well enough to tell 0.05 apart; the picks do not change.
+The reward pick reads 64 validation prompts (every 2nd training prompt; ``--validation-prompts 32`` for the
+earlier 32, every 4th): each trial is validated on the 32 first, as its record holds, then on the 64 (the 32's images
+reused); the report's file name says which.
 Resumable (``diffalign sweep`` reads finished trials back). A folder made before the reward pick moved to the
 validation prompts holds test-prompt win rates in its trials: give a new ``--out``.
 """
@@ -45,6 +48,7 @@ from diffalign.sweep import (  # noqa: E402
     DEFAULT_PICK,
     MIN_VALIDATION_PROMPTS,
     PICKS,
+    Trial,
     choose,
     run_sweep,
     spearman,
@@ -53,6 +57,10 @@ from diffalign.sweep import (  # noqa: E402
 )
 
 TARGET_GAP = 0.05
+# The reward pick's validation prompts (every 2nd training prompt). Each trial is first validated on the 32 of
+# `diffalign sweep`'s floor (every 4th, its trial record), then on these: 64 brought the pick within 0.05 of the
+# grid's best 32-seed test win rate on 7 of 9 (reward, seed) cases against 6 of 9 (README, "64 validation prompts").
+PICK_VALIDATION_PROMPTS = 64
 
 
 def outcomes_in(folder: Path, reward: str) -> tuple[list[float], list[int]]:
@@ -65,6 +73,40 @@ def reuse(source: Path, target: Path) -> None:
     """Copy the images under ``source`` into ``target`` (an evaluation resumes on the files it finds)."""
     if source.is_dir() and not target.exists():
         shutil.copytree(source, target)
+
+
+def validation_prompts(n: int) -> list[str]:
+    """``n`` training prompts spread over the list (every 128/n-th): the default 32 are every 4th, so the 32 are
+    among the 64."""
+    train = tb.split_prompts()[0]
+    return train[:: max(1, len(train) // n)][:n]
+
+
+def revalidate(folder: Path, trials: list[Trial], base: str, reward: str, n: int, budget) -> list[Trial]:
+    """The trials with their win rates on ``n`` validation prompts, what the reward pick then reads: every trial
+    evaluated on them into ``val<n>`` (the images of the prompts it shares with the default validation copied over
+    under their new prompt index, same seeds)."""
+    prompts, default = validation_prompts(n), validation_prompts(MIN_VALIDATION_PROMPTS)
+    file = folder / f"validation{n}_prompts.txt"
+    atomic_write_text(file, "\n".join(prompts) + "\n")
+    moved = {old: prompts.index(p) for old, p in enumerate(default) if p in prompts}
+    base_images = folder / f"val{n}_base_images"  # written by the first trial's evaluation, read by the others
+    copies = {folder / "base_images": folder / trials[0].name / f"val{n}" / "images" / "base",
+              **{folder / t.name / "eval" / "images" / "run": folder / t.name / f"val{n}" / "images" / "run"
+                 for t in trials}}
+    for source, target in copies.items():
+        if target.exists() or not source.is_dir() or (target.name == "base" and base_images.exists()):
+            continue
+        target.mkdir(parents=True)
+        for image in source.glob("p*_s*.png"):  # p0003_s1.png: prompt 3 of the default validation, seed index 1
+            prompt, seed = image.stem[1:].split("_s")
+            if int(prompt) in moved:
+                shutil.copy2(image, target / f"p{moved[int(prompt)]:04d}_s{seed}.png")
+    return [dataclasses.replace(t, win_rate=win_rate_vs_base(base, folder / t.name / "run", reward, str(file),
+                                                             budget.eval_seeds,
+                                                             budget.sampling(20_000, seed_policy="shared"),
+                                                             base_images, folder / t.name / f"val{n}"))
+            for t in trials]
 
 
 def main() -> None:
@@ -80,6 +122,9 @@ def main() -> None:
                         help="betas (around testbed-dpo's 80000 on ε errors; the earlier v-error recipe's grid, "
                              "in the README's older sweep tables, was 1000,5000,20000)")
     parser.add_argument("--max-steps", default="", help="training steps (default: the recipe's)")
+    parser.add_argument("--validation-prompts", type=int, default=PICK_VALIDATION_PROMPTS,
+                        help="training prompts the reward pick validates on (every 128/N-th); more than 32: each trial "
+                             "is validated again on them, the 32's images reused, and the pick reads those")
     parser.add_argument("--test-seeds", type=int, default=FULL.eval_seeds,
                         help="seeds per held-out test prompt (more: the grid's win rates on these prompts known "
                              "better; the first 8 are the default test's, whose images are reused)")
@@ -102,7 +147,7 @@ def main() -> None:
         _, held_prompts = write_prompt_files(shared / "shared" / "prompts", budget)
         validation = shared / "shared" / "prompts" / "validation_prompts.txt"
         # every 4th training prompt: a win rate's noise is mostly which prompts, so more prompts than the test's 16
-        atomic_write_text(validation, "\n".join(tb.split_prompts()[0][::4][:MIN_VALIDATION_PROMPTS]) + "\n")
+        atomic_write_text(validation, "\n".join(validation_prompts(MIN_VALIDATION_PROMPTS)) + "\n")
         overrides = [f"model.pretrained={base}", f"data.dataset={train_pairs}",
                      f"cache.dir={shared / 'sweep-cache'}", "log.to=none", f"train.seed={args.seed}",
                      "train.heldout_every=0"]  # the pick reads only the final held-out measurement
@@ -120,6 +165,9 @@ def main() -> None:
                                          budget.sampling(seed_policy="shared"), folder / f"{test_name}_base_images",
                                          folder / t.name / test_name)
                 for t in trials}
+        if args.validation_prompts != MIN_VALIDATION_PROMPTS:
+            trials = revalidate(folder, trials, base, reward, args.validation_prompts, budget)
+            best = choose(trials, by_reward=True)
         top_trial = max(trials, key=lambda t: test[t.name])
         top = test[top_trial.name]
         picked = {"reward": best.name, **{pick: choose(trials, by_reward=False, pick=pick).name for pick in PICKS}}
@@ -146,7 +194,8 @@ def main() -> None:
             f"{p} {within[p]}" + (" (the default without a reward)" if p == DEFAULT_PICK else "") for p in picks) + \
         "".join(f". Not measurably worse than the best (its paired difference's 95% interval over {over} holds 0): "
                 + ", ".join(f"{p} {tied[over][p]}" for p in picks) for over in tied) + "\n"
-    suffix = "" if test_name == "test" else f"-{test_name}"
+    suffix = (f"-val{args.validation_prompts}" if args.validation_prompts != MIN_VALIDATION_PROMPTS else "") + \
+        (f"-{test_name}" if test_name != "test" else "")
     (Path(args.out) / f"sweep-{args.objective}-seed{args.seed}-{args.rewards.replace(',', '+')}{suffix}.md").write_text(text)
     print("\n" + text)
 
