@@ -11,9 +11,9 @@ the winner gain mostly turns negative there (not always: on jpeg_compressibility
 too). With a reward (``reward`` + ``prompts``): the highest win rate against the base on those prompts
 (``diffalign eval``'s), and the table also gives each signal's rank correlation with it over the grid and each
 trial's win rate minus the chosen one's on the same comparisons, with its interval over prompts. Give validation
-prompts, not the ones you will report on, at least 32: picked on 32 training prompts x 8 fresh seeds, it came
-within 0.05 of the grid's best test win rate on 6 of 9 report rewards x seeds and was not measurably worse than the
-best on 8 of 9 (``scripts/bench_sweep.py``).
+prompts, not the ones you will report on, 64 or more (a warning under 32): picked on 64 training prompts x 8 fresh
+seeds, it came within 0.05 of the grid's best test win rate (32 seeds of the held-out prompts) on 7 of 9 report
+rewards x seeds, on 32 prompts 6 of 9 (``scripts/bench_sweep.py``).
 
 Resumable: a finished trial's ``trial.json`` is read back (the grid point must match); an interrupted one resumes
 from its last checkpoint. Writes ``sweep.json`` (every trial), ``best.yaml`` (the chosen trial's config, which
@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -224,16 +223,13 @@ def win_rate_vs_base(base: str, adapter: Path, reward: str, prompts: str, seeds:
     """The adapter's win rate against the ``base`` model under ``reward`` on ``prompts`` x ``seeds``, evaluated into
     ``folder`` (``diffalign eval``'s layout, so a rerun reuses its images). The base's images are drawn once into
     ``base_images`` and copied into every later evaluation that shares that folder."""
-    from .evaluation.evaluate import evaluate
+    from .evaluation.evaluate import evaluate, shared_base_images
     from .rewards import load_reward
     from .sampling.settings import Sampling
 
-    if base_images.is_dir():
-        shutil.copytree(base_images, folder / "images" / "base", dirs_exist_ok=True)
-    report = evaluate(base, [adapter], prompts, {reward: load_reward(reward)}, folder,
-                      seeds=seeds, sampling=sampling or Sampling(seed_policy="shared"))
-    if not base_images.is_dir():
-        shutil.copytree(folder / "images" / "base", base_images)
+    with shared_base_images(base_images, folder):
+        report = evaluate(base, [adapter], prompts, {reward: load_reward(reward)}, folder,
+                          seeds=seeds, sampling=sampling or Sampling(seed_policy="shared"))
     aligned = next(name for name in report["images"] if name != "base")
     return report["win_rates"][aligned][reward]["rate"]
 

@@ -51,6 +51,7 @@ from diffalign.demo import (  # noqa: E402
     make_testbed_pairs,
     objective_overrides,
 )
+from diffalign.evaluation.evaluate import reuse_images, shared_base_images  # noqa: E402
 from diffalign.evaluation.metrics import prompt_interval  # noqa: E402
 from diffalign.evaluation.report import comparisons, prompt_bounds  # noqa: E402
 from diffalign.rewards import load_reward  # noqa: E402
@@ -143,16 +144,11 @@ def reevaluate(out: Path, r: dict, seeds: int) -> dict:
     ``eval<seeds>`` folder, nothing retrained: the default evaluation's images are its first seeds and are reused,
     and the base's are drawn once per reward and seed. Training fields (time, steps, held-out signals) are ``r``'s."""
     budget = dataclasses.replace(FULL, seed=r["seed"], testbed=r.get("testbed", "sd15"), eval_seeds=seeds)
-    shared, run = out / f"{r['reward']}-seed{r['seed']}" / "shared", out / f"{r['reward']}-seed{r['seed']}" / r["objective"]
-    folder = eval_folder(seeds)
-    base_images = shared / f"base_{folder}_images"
-    if not (run / folder).exists() and (run / "eval" / "images").is_dir():
-        shutil.copytree(run / "eval" / "images", run / folder / "images")
-    if base_images.is_dir():
-        shutil.copytree(base_images, run / folder / "images" / "base", dirs_exist_ok=True)
-    summary = evaluate_on_testbed(run, Path(r["adapter"]), r["reward"], budget, None, folder)  # pairs: measured once
-    if not base_images.is_dir():
-        shutil.copytree(run / folder / "images" / "base", base_images)
+    cell, folder = out / f"{r['reward']}-seed{r['seed']}", eval_folder(seeds)
+    run = cell / r["objective"]
+    reuse_images(run / "eval", run / folder)
+    with shared_base_images(cell / "shared" / f"base_{folder}_images", run / folder):
+        summary = evaluate_on_testbed(run, Path(r["adapter"]), r["reward"], budget, None, folder)  # pairs: once
     return {**r, **{k: summary[k] for k in ("win_rate", "mean_reward", "prompt_following", "grid", "eval_report")}}
 
 
@@ -195,13 +191,10 @@ def main() -> None:
                 run = folder / name
                 for stale in ("adapter", "eval"):  # a rerun must not reuse the previous adapter's evaluation images
                     shutil.rmtree(run / stale, ignore_errors=True)
-                if base_images.is_dir():
-                    shutil.copytree(base_images, run / "eval" / "images" / "base", dirs_exist_ok=True)
-                r = align_and_evaluate(run, name, reward, budget, pairs, overrides.get(name, []))
+                with shared_base_images(base_images, run / "eval"):
+                    r = align_and_evaluate(run, name, reward, budget, pairs, overrides.get(name, []))
                 if not is_online(name):  # making the pairs is part of an offline run (online ones sample)
                     r["seconds"] += pair_seconds
-                if not base_images.is_dir():
-                    shutil.copytree(run / "eval" / "images" / "base", base_images)
                 r["seed"] = seed
                 results.append(r)
                 record.write_text(json.dumps(results, indent=1) + "\n")

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffalign import testbed as tb  # noqa: E402
 from diffalign.demo import FULL, make_testbed_pairs, testbed_recipe, write_prompt_files  # noqa: E402
+from diffalign.evaluation.evaluate import reuse_images  # noqa: E402
 from diffalign.evaluation.metrics import paired_difference  # noqa: E402
 from diffalign.evaluation.report import comparisons  # noqa: E402
 from diffalign.files import atomic_write_text  # noqa: E402
@@ -67,12 +68,6 @@ def outcomes_in(folder: Path, reward: str) -> tuple[list[float], list[int]]:
     """The outcome of each test comparison of the adapter evaluated into ``folder`` against the base, and its
     prompt."""
     return comparisons(json.loads((folder / "report.json").read_text()), reward, load_reward(reward).higher_is_better)
-
-
-def reuse(source: Path, target: Path) -> None:
-    """Copy the images under ``source`` into ``target`` (an evaluation resumes on the files it finds)."""
-    if source.is_dir() and not target.exists():
-        shutil.copytree(source, target)
 
 
 def validation_prompts(n: int) -> list[str]:
@@ -158,9 +153,8 @@ def main() -> None:
         print(f"\n## {args.objective} on {reward}, seed {args.seed}, {args.testbed} testbed (win rate: validation)\n\n"
               f"{sweep_table(trials, best)}", flush=True)
         if test_name != "test":  # the default test's images are this test's first seeds: drawn once
-            reuse(folder / "test_base_images", folder / trials[0].name / test_name / "images" / "base")
             for t in trials:
-                reuse(folder / t.name / "test" / "images", folder / t.name / test_name / "images")
+                reuse_images(folder / t.name / "test", folder / t.name / test_name)
         test = {t.name: win_rate_vs_base(base, folder / t.name / "run", reward, str(held_prompts), args.test_seeds,
                                          budget.sampling(seed_policy="shared"), folder / f"{test_name}_base_images",
                                          folder / t.name / test_name)

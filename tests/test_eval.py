@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from diffalign.cli import main
+from diffalign.evaluation.evaluate import reuse_images, shared_base_images
 from diffalign.evaluation.metrics import (
     outcomes,
     paired_difference,
@@ -101,6 +102,23 @@ def test_pairing_takes_out_which_prompts_are_easy():
     assert diff == pytest.approx(1 / 8) and low > 0
     assert high - low < (alone_high - alone_low) / 2
     assert outcomes([3, 2, 1], [1, 2, 4]) == [1.0, 0.5, 0.0] and outcomes([3], [1], higher_is_better=False) == [0.0]
+
+
+def test_base_images_are_drawn_once_and_earlier_seeds_reused(tmp_path):
+    cache, first, second = tmp_path / "cache", tmp_path / "first", tmp_path / "second"
+    with shared_base_images(cache, first):  # no cache yet: the evaluation draws them
+        assert not (first / "images" / "base").exists()
+        (first / "images" / "base").mkdir(parents=True)
+        (first / "images" / "base" / "p0000_s0.png").write_bytes(b"drawn")
+    assert (cache / "p0000_s0.png").read_bytes() == b"drawn"
+    with shared_base_images(cache, second):  # the next one finds them before it draws
+        assert (second / "images" / "base" / "p0000_s0.png").read_bytes() == b"drawn"
+    more = tmp_path / "more_seeds"
+    reuse_images(first, more)
+    assert (more / "images" / "base" / "p0000_s0.png").read_bytes() == b"drawn"
+    (first / "images" / "base" / "p0000_s1.png").write_bytes(b"later")
+    reuse_images(first, more)  # an evaluation already started there is left as it is
+    assert not (more / "images" / "base" / "p0000_s1.png").exists()
 
 
 @pytest.fixture(scope="module")

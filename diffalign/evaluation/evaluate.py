@@ -11,7 +11,9 @@ Output folder::
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -59,6 +61,26 @@ def adapter_differences(adapters: Sequence[str], scores: Mapping[str, Mapping[st
                 rows.append({"a": a, "b": b, "head": head, "difference": diff, "low": low, "high": high,
                              "seed_low": seed_low, "seed_high": seed_high})
     return rows
+
+
+@contextmanager
+def shared_base_images(cache: Path, out: Path) -> Iterator[None]:
+    """Around an evaluation into ``out`` whose base images other evaluations share (same base, prompts, seeds and
+    sampling): they are copied in from ``cache`` when it exists, so ``generate`` draws none of them, and the first
+    evaluation's are kept in ``cache`` for the next."""
+    if cache.is_dir():
+        shutil.copytree(cache, out / "images" / "base", dirs_exist_ok=True)
+    yield
+    if not cache.is_dir():
+        shutil.copytree(out / "images" / "base", cache)
+
+
+def reuse_images(earlier: Path, out: Path) -> None:
+    """Before evaluating into a new folder ``out``: copy in the images of an ``earlier`` evaluation of the same models
+    on the same prompts and seeds, so evaluating on more seeds draws only the new ones (``generate`` keeps the files
+    it finds)."""
+    if (earlier / "images").is_dir() and not out.exists():
+        shutil.copytree(earlier / "images", out / "images")
 
 
 def generate(base: str, adapter: str | None, scale: float, prompts: list[str], seeds: int, folder: Path,
