@@ -11,9 +11,10 @@ the winner gain mostly turns negative there (not always: on jpeg_compressibility
 too). With a reward (``reward`` + ``prompts``): the highest win rate against the base on those prompts
 (``diffalign eval``'s), and the table also gives each signal's rank correlation with it over the grid and each
 trial's win rate minus the chosen one's on the same comparisons, with its interval over prompts. Give validation
-prompts, not the ones you will report on, 64 or more (a warning under 32): picked on 64 training prompts x 8 fresh
-seeds, it came within 0.05 of the grid's best test win rate (32 seeds of the held-out prompts) on 7 of 9 report
-rewards x seeds, on 32 prompts 6 of 9 (``scripts/bench_sweep.py``).
+prompts, not the ones you will report on, as many as you have (a warning under 32; your training prompts with fresh
+seeds will do): picked on all 128 training prompts x 8 fresh seeds, it came within 0.05 of the grid's best test win
+rate (32 seeds of the held-out prompts) on 8 of 9 report rewards x seeds, on 64 prompts 7 and on 32 prompts 6 of 9
+(``scripts/bench_sweep.py``).
 
 Resumable: a finished trial's ``trial.json`` is read back (the grid point must match); an interrupted one resumes
 from its last checkpoint. Writes ``sweep.json`` (every trial), ``best.yaml`` (the chosen trial's config, which

@@ -2,8 +2,8 @@
 pairs (``bench_alignment``'s, reused when that script made them in the same ``--out``), one sweep of a shipped
 recipe over learning rate x beta (x steps) with the dense held-out pairs. Every trial is judged by its win rate on
 the held-out prompts x 8 seeds (the test, which no pick sees). ``diffalign sweep --reward`` picks by the win rate on
-*validation* prompts: 64 of the training prompts (every 2nd) x 8 fresh seeds, as a user would validate on prompts of
-their own that are not the test's (earlier rounds: 32, every 4th; before them 16, every 8th, whose folders hold
+*validation* prompts: all 128 training prompts x 8 fresh seeds, as a user would validate on prompts of their own
+that are not the test's (earlier rounds: 64, every 2nd; 32, every 4th; before them 16, every 8th, whose folders hold
 trials judged on those 16: give a new ``--out``).
 
     python scripts/bench_sweep.py --out runs/generalise                        # DPO, the report rewards, seed 0
@@ -18,9 +18,9 @@ difference in test win rate, on the same comparisons, holds 0), with that interv
 like these) and over seeds (these 16 prompts, all the held-out combinations the testbed has).
 ``--test-seeds 32`` judges every trial on 32 seeds of the held-out prompts instead of 8 (the first 8 reused): the
 grid's win rates on these prompts known well enough to tell 0.05 apart; the picks do not change.
-The reward pick reads 64 validation prompts (every 2nd training prompt; ``--validation-prompts 32`` for the
-earlier 32, every 4th): each trial is validated on the 32 first, as its record holds, then on the 64 (the 32's images
-reused); the report's file name says which.
+The reward pick reads 128 validation prompts (every training prompt; ``--validation-prompts 64`` or ``32`` for the
+earlier every 2nd or 4th): each trial is validated on the 32 first, as its record holds, then on the N (the largest
+earlier validation's images reused); the report's file name says which.
 Resumable (``diffalign sweep`` reads finished trials back). A folder made before the reward pick moved to the
 validation prompts holds test-prompt win rates in its trials: give a new ``--out``.
 """
@@ -58,10 +58,11 @@ from diffalign.sweep import (  # noqa: E402
 )
 
 TARGET_GAP = 0.05
-# The reward pick's validation prompts (every 2nd training prompt). Each trial is first validated on the 32 of
-# `diffalign sweep`'s floor (every 4th, its trial record), then on these: 64 brought the pick within 0.05 of the
-# grid's best 32-seed test win rate on 7 of 9 (reward, seed) cases against 6 of 9 (README, "64 validation prompts").
-PICK_VALIDATION_PROMPTS = 64
+# The reward pick's validation prompts (every training prompt). Each trial is first validated on the 32 of
+# `diffalign sweep`'s floor (every 4th, its trial record), then on these: 128 brought the pick within 0.05 of the
+# grid's best 32-seed test win rate on 8 of 9 (reward, seed) cases, 64 on 7 and 32 on 6 (README, "128 validation
+# prompts").
+PICK_VALIDATION_PROMPTS = 128
 
 
 def outcomes_in(folder: Path, reward: str) -> tuple[list[float], list[int]]:
@@ -132,7 +133,8 @@ def main() -> None:
     parser.add_argument("--max-steps", default="", help="training steps (default: the recipe's)")
     parser.add_argument("--validation-prompts", type=int, default=PICK_VALIDATION_PROMPTS,
                         help="training prompts the reward pick validates on (every 128/N-th); more than 32: each trial "
-                             "is validated again on them, the 32's images reused, and the pick reads those")
+                             "is validated again on them, the largest earlier validation's images reused, and the pick "
+                             "reads those")
     parser.add_argument("--test-seeds", type=int, default=FULL.eval_seeds,
                         help="seeds per held-out test prompt (more: the grid's win rates on these prompts known "
                              "better; the first 8 are the default test's, whose images are reused)")
