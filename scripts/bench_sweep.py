@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -78,43 +77,32 @@ def validation_prompts(n: int) -> list[str]:
     return train[:: max(1, len(train) // n)][:n]
 
 
-def earlier_validation(folder: Path, trials: list[Trial], n: int) -> tuple[list[str], Path, str]:
-    """The largest validation these trials already have whose prompts are all among the ``n``: its prompts, the
-    base's images and the trial subfolder its evaluation is in (the 32 of the trial record, or an earlier ``val<m>``
-    whose every trial was evaluated)."""
-    found = (validation_prompts(MIN_VALIDATION_PROMPTS), folder / "base_images", "eval")
+def earlier_validation(folder: Path, trials: list[Trial], n: int) -> tuple[list[str], str]:
+    """The largest validation every one of these trials already has whose prompts are all among the ``n``: its
+    prompts and the trial subfolder its evaluation is in (the 32 of the trial record, or an earlier ``val<m>``)."""
+    found = (validation_prompts(MIN_VALIDATION_PROMPTS), "eval")
     for m in range(MIN_VALIDATION_PROMPTS + 1, n):
-        if (folder / f"val{m}_base_images").is_dir() and set(validation_prompts(m)) <= set(validation_prompts(n)) \
+        if set(validation_prompts(m)) <= set(validation_prompts(n)) \
                 and all((folder / t.name / f"val{m}" / "report.json").is_file() for t in trials):
-            found = (validation_prompts(m), folder / f"val{m}_base_images", f"val{m}")
+            found = (validation_prompts(m), f"val{m}")
     return found
 
 
 def revalidate(folder: Path, trials: list[Trial], base: str, reward: str, n: int, budget) -> list[Trial]:
     """The trials with their win rates on ``n`` validation prompts, what the reward pick then reads: every trial
-    evaluated on them into ``val<n>`` (the images of the prompts it shares with the largest earlier validation copied
-    over under their new prompt index, same seeds)."""
+    evaluated on them into ``val<n>``, the images (its own and the base's) of the prompts it shares with the largest
+    earlier validation copied over under their new prompt index (same seeds)."""
     prompts = validation_prompts(n)
-    earlier, earlier_base, earlier_name = earlier_validation(folder, trials, n)
+    earlier, earlier_name = earlier_validation(folder, trials, n)
     file = folder / f"validation{n}_prompts.txt"
     atomic_write_text(file, "\n".join(prompts) + "\n")
     moved = {old: prompts.index(p) for old, p in enumerate(earlier) if p in prompts}
-    base_images = folder / f"val{n}_base_images"  # written by the first trial's evaluation, read by the others
-    copies = {earlier_base: folder / trials[0].name / f"val{n}" / "images" / "base",
-              **{folder / t.name / earlier_name / "images" / "run": folder / t.name / f"val{n}" / "images" / "run"
-                 for t in trials}}
-    for source, target in copies.items():
-        if target.exists() or not source.is_dir() or (target.name == "base" and base_images.exists()):
-            continue
-        target.mkdir(parents=True)
-        for image in source.glob("p*_s*.png"):  # p0003_s1.png: prompt 3 of the earlier validation, seed index 1
-            prompt, seed = image.stem[1:].split("_s")
-            if int(prompt) in moved:
-                shutil.copy2(image, target / f"p{moved[int(prompt)]:04d}_s{seed}.png")
+    for t in trials:
+        reuse_images(folder / t.name / earlier_name, folder / t.name / f"val{n}", moved)
     return [dataclasses.replace(t, win_rate=win_rate_vs_base(base, folder / t.name / "run", reward, str(file),
                                                              budget.eval_seeds,
                                                              budget.sampling(20_000, seed_policy="shared"),
-                                                             base_images, folder / t.name / f"val{n}"))
+                                                             folder / f"val{n}_base_images", folder / t.name / f"val{n}"))
             for t in trials]
 
 

@@ -119,6 +119,12 @@ def test_base_images_are_drawn_once_and_earlier_seeds_reused(tmp_path):
     (first / "images" / "base" / "p0000_s1.png").write_bytes(b"later")
     reuse_images(first, more)  # an evaluation already started there is left as it is
     assert not (more / "images" / "base" / "p0000_s1.png").exists()
+    wider = tmp_path / "more_prompts"  # the earlier evaluation's prompt 0 is prompt 2 here; its prompt 1 is not here
+    (first / "images" / "run").mkdir()
+    (first / "images" / "run" / "p0001_s0.png").write_bytes(b"not here")
+    reuse_images(first, wider, {0: 2})
+    assert (wider / "images" / "base" / "p0002_s1.png").read_bytes() == b"later"
+    assert sorted(p.name for p in wider.rglob("*.png")) == ["p0002_s0.png", "p0002_s1.png"]
 
 
 @pytest.fixture(scope="module")

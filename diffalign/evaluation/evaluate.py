@@ -75,12 +75,22 @@ def shared_base_images(cache: Path, out: Path) -> Iterator[None]:
         shutil.copytree(out / "images" / "base", cache)
 
 
-def reuse_images(earlier: Path, out: Path) -> None:
+def reuse_images(earlier: Path, out: Path, moved: Mapping[int, int] | None = None) -> None:
     """Before evaluating into a new folder ``out``: copy in the images of an ``earlier`` evaluation of the same models
     on the same prompts and seeds, so evaluating on more seeds draws only the new ones (``generate`` keeps the files
-    it finds)."""
-    if (earlier / "images").is_dir() and not out.exists():
+    it finds). With ``moved`` the earlier evaluation was on other prompts, with the same seeds: its prompt ``i`` is
+    ``out``'s prompt ``moved[i]``, and prompts not in ``moved`` are left out."""
+    if not (earlier / "images").is_dir() or out.exists():
+        return
+    if moved is None:
         shutil.copytree(earlier / "images", out / "images")
+        return
+    for image in (earlier / "images").glob("*/p*_s*.png"):  # images/<model>/p0003_s1.png: prompt 3, seed index 1
+        prompt, seed = image.stem[1:].split("_s")
+        if int(prompt) in moved:
+            target = out / "images" / image.parent.name / f"p{moved[int(prompt)]:04d}_s{seed}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(image, target)
 
 
 def generate(base: str, adapter: str | None, scale: float, prompts: list[str], seeds: int, folder: Path,
