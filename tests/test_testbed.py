@@ -218,3 +218,23 @@ def test_shape_shift_script_measures_known_moves(tmp_path):
     (tmp_path / "images" / "adapter" / "p2.png").unlink()
     with pytest.raises(SystemExit, match="1 without an adapter image"):
         shape_shift.summary(tmp_path)
+
+
+def test_position_probe_scores_a_linear_code_and_noise():
+    """scripts/position_probe.py's held-out R²: features that hold the targets linearly (plus a little noise) score
+    about 1 per target column, features unrelated to them about 0 or below."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "position_probe.py"
+    spec = importlib.util.spec_from_file_location("position_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    rng = np.random.default_rng(0)
+    targets = rng.uniform(0, 7, size=(400, 2))
+    mixing = rng.standard_normal((2, 16))
+    features = targets @ mixing + 0.01 * rng.standard_normal((400, 16))
+    assert np.all(probe.ridge_r2(features, targets, 200) > 0.99)
+    assert np.all(probe.ridge_r2(rng.standard_normal((400, 16)), targets, 200) < 0.1)
