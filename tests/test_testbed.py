@@ -189,18 +189,23 @@ def test_demo_quick(kind, tmp_path, capsys):
     assert len(rows) == 12 and all(r["chosen_shape_size"] >= r["rejected_shape_size"] for r in rows)
 
 
-def test_shape_shift_script_measures_known_moves(tmp_path):
-    """scripts/shape_shift.py on an eval folder of hand-made scenes: two shapes moved 4 px towards the centre (from
-    8 and 6 px away), one 4 px away from it (from 4 px)."""
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (the scripts are not a package)."""
     import importlib.util
     from pathlib import Path
 
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shape_shift_script_measures_known_moves(tmp_path):
+    """scripts/shape_shift.py on an eval folder of hand-made scenes: two shapes moved 4 px towards the centre (from
+    8 and 6 px away), one 4 px away from it (from 4 px)."""
     from PIL import Image
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "shape_shift.py"
-    spec = importlib.util.spec_from_file_location("shape_shift", path)
-    shape_shift = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(shape_shift)
+    shape_shift = load_script("shape_shift")
     moves = [((8, 16), (12, 16)), ((16, 22), (16, 18)), ((20, 16), (24, 16))]
     for folder, index in (("base", 0), ("adapter", 1)):
         (tmp_path / "images" / folder).mkdir(parents=True)
@@ -223,15 +228,9 @@ def test_shape_shift_script_measures_known_moves(tmp_path):
 def test_position_probe_scores_a_linear_code_and_noise():
     """scripts/position_probe.py's held-out R²: features that hold the targets linearly (plus a little noise) score
     about 1 per target column, features unrelated to them about 0 or below."""
-    import importlib.util
-    from pathlib import Path
-
     import numpy as np
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "position_probe.py"
-    spec = importlib.util.spec_from_file_location("position_probe", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_script("position_probe")
     rng = np.random.default_rng(0)
     targets = rng.uniform(0, 7, size=(400, 2))
     mixing = rng.standard_normal((2, 16))

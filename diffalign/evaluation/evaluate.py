@@ -85,19 +85,24 @@ def reuse_images(earlier: Path, out: Path, moved: Mapping[int, int] | None = Non
     if moved is None:
         shutil.copytree(earlier / "images", out / "images")
         return
-    for image in (earlier / "images").glob("*/p*_s*.png"):  # images/<model>/p0003_s1.png: prompt 3, seed index 1
+    for image in (earlier / "images").glob("*/p*_s*.png"):
         prompt, seed = image.stem[1:].split("_s")
         if int(prompt) in moved:
-            target = out / "images" / image.parent.name / f"p{moved[int(prompt)]:04d}_s{seed}.png"
+            target = out / "images" / image.parent.name / image_name(moved[int(prompt)], int(seed))
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(image, target)
+
+
+def image_name(prompt: int, seed: int) -> str:
+    """The file name of a model's image of prompt index ``prompt`` at seed index ``seed`` (``p0003_s1.png``)."""
+    return f"p{prompt:04d}_s{seed}.png"
 
 
 def generate(base: str, adapter: str | None, scale: float, prompts: list[str], seeds: int, folder: Path,
              sampling: Sampling, device: str) -> list[Path]:
     """Images of one model for every (prompt, seed), in that order, drawn as ``sampling`` says; existing files
     are reused."""
-    paths = [folder / f"p{i:04d}_s{s}.png" for i in range(len(prompts)) for s in range(seeds)]
+    paths = [folder / image_name(i, s) for i in range(len(prompts)) for s in range(seeds)]
     todo = [k for k, p in enumerate(paths) if not p.is_file()]
     if todo:
         from ..pipelines import load_aligned_pipeline
