@@ -213,7 +213,9 @@ def test_shape_shift_script_measures_known_moves(tmp_path):
             cx, cy = move[index]
             tb.render(tb.Scene("square", "red", "gray", 3, cx=cx, cy=cy)).save(tmp_path / "images" / folder / f"p{k}.png")
     line = shape_shift.summary(tmp_path)
-    assert "moved 4.00 px" in line and "mean shift +2.67, -1.33" in line, line
+    assert "moved 4.00 px" in line and "mean shift +2.67, -1.33;" in line, line
+    # x offsets -8, 0, +4 px with shifts +4, 0, +4: slope -4/56 (by hand); y offsets 0, +6, 0 with 0, -4, 0: -2/3
+    assert "contraction x -0.07, y -0.67)" in line, line
     assert "cosine with the way to the centre +0.33" in line and "6.00 -> 4.67 px" in line, line
     assert "nearer the centre 0.667 (base far from it: 1.000, near it: 0.500" in line, line
     tb.render(tb.Scene("square", "red", "gray", 3, cx=8, cy=8)).save(tmp_path / "images" / "base" / "p3.png")
