@@ -218,6 +218,9 @@ def test_shape_shift_script_measures_known_moves(tmp_path):
     assert "contraction x -0.07, y -0.67)" in line, line
     assert "cosine with the way to the centre +0.33" in line and "6.00 -> 4.67 px" in line, line
     assert "nearer the centre 0.667 (base far from it: 1.000, near it: 0.500" in line, line
+    # each base offset moved by the mean shift (+8/3, -4/3) px: (-16/3, -4/3) and (8/3, 14/3) come nearer, (20/3, -4/3)
+    # does not
+    assert "by the mean shift alone: 0.667;" in line, line
     tb.render(tb.Scene("square", "red", "gray", 3, cx=8, cy=8)).save(tmp_path / "images" / "base" / "p3.png")
     Image.new("RGB", (32, 32), "gray").save(tmp_path / "images" / "adapter" / "p3.png")  # no shape drawn: no centre
     line = shape_shift.summary(tmp_path)
