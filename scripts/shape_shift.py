@@ -5,10 +5,10 @@ For each folder: the mean distance the shape's centre of mass moved (pixels), th
 the mean cosine of each shift with the direction from the base image's shape to the image centre, the shape's mean
 distance from the centre before and after, and how often the aligned image is the nearer to the centre (the
 ``centredness`` win rate, ties counting half) in the half of the images whose base shape lies farther from the
-centre and in the other half, and the contraction: per axis, the slope of the shift on the base shape's offset
-from the centre (-1 would put every shape at the centre, 0 moves them all alike, whatever the mean shift), and how
-often moving every base shape by the mean shift alone would bring it nearer (what a uniform move explains). It reads what the win rate alone hides: whether a model moved the shapes a lot or a
-little, and towards where. Images where either model drew no shape are left out (and counted).
+centre and in the other half. Also the contraction: per axis, the slope of the shift on the base shape's offset
+from the centre (-1 would put every shape at the centre, 0 moves them all alike, whatever the mean shift); and how
+often moving every base shape by the mean shift alone would bring it nearer (what a uniform move explains). It reads
+what the win rate alone hides: whether a model moved the shapes a lot or a little, and towards where. Images where either model drew no shape are left out (and counted).
 
     python scripts/shape_shift.py runs/generalise/centredness-seed0/dpo/eval [more eval folders]
 """
@@ -61,8 +61,8 @@ def summary(eval_dir: Path) -> str:
     far = torch.zeros_like(before, dtype=torch.bool)
     far[before.argsort(descending=True)[: len(names) // 2]] = True  # the half farther from the centre, ties by rank
     mean_shift = shift.mean(0) * size
-    offset = -to_centre - (-to_centre).mean(0)
-    contraction = (offset * (shift - shift.mean(0))).sum(0) / (offset**2).sum(0).clamp(min=1e-12)  # least squares
+    spread = base - base.mean(0)  # the offset from the centre, less its mean: a least-squares slope per axis
+    contraction = (spread * (shift - shift.mean(0))).sum(0) / (spread**2).sum(0).clamp(min=1e-12)
     return (f"{eval_dir}: moved {shift.norm(dim=1).mean() * size:.2f} px on average (mean shift "
             f"{mean_shift[0]:+.2f}, {mean_shift[1]:+.2f}; contraction x {contraction[0]:+.2f}, y {contraction[1]:+.2f}), "
             f"cosine with the way to the centre {cosine.mean():+.2f}, "
