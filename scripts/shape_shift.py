@@ -8,7 +8,8 @@ distance from the centre before and after, and how often the aligned image is th
 centre and in the other half. Also the contraction: per axis, the slope of the shift on the base shape's offset
 from the centre (-1 would put every shape at the centre, 0 moves them all alike, whatever the mean shift); and how
 often moving every base shape by the mean shift alone would bring it nearer (what a uniform move explains). It reads
-what the win rate alone hides: whether a model moved the shapes a lot or a little, and towards where. Images where either model drew no shape are left out (and counted).
+what the win rate alone hides: whether a model moved the shapes a lot or a little, and towards where. Images where
+either model drew no shape are left out (and counted).
 
     python scripts/shape_shift.py runs/generalise/centredness-seed0/dpo/eval [more eval folders]
 """
@@ -55,9 +56,11 @@ def summary(eval_dir: Path) -> str:
     shift, to_centre = aligned - base, 0.5 - base
     before, after = to_centre.norm(dim=1), (0.5 - aligned).norm(dim=1)
     cosine = (shift * to_centre).sum(1) / (shift.norm(dim=1) * before).clamp(min=1e-12)
-    nearer = (after < before).double() + 0.5 * (after == before).double()
-    uniform = (0.5 - base - shift.mean(0)).norm(dim=1)  # every shape moved by the mean shift instead of its own
-    uniform_nearer = (uniform < before).double() + 0.5 * (uniform == before).double()
+    def nearer_than_base(distance):  # per image 1 if nearer the centre than the base shape, 0.5 on a tie, else 0
+        return (distance < before).double() + 0.5 * (distance == before).double()
+
+    nearer = nearer_than_base(after)
+    uniform_nearer = nearer_than_base((to_centre - shift.mean(0)).norm(dim=1))  # all moved by the mean shift instead
     far = torch.zeros_like(before, dtype=torch.bool)
     far[before.argsort(descending=True)[: len(names) // 2]] = True  # the half farther from the centre, ties by rank
     mean_shift = shift.mean(0) * size
