@@ -113,7 +113,7 @@ def _make_pairs(args: argparse.Namespace) -> None:
     weights, rewards = _weights(args), _rewards(args)
     print(make_pairs(args.base, args.prompts, rewards, args.out, per_prompt=args.per_prompt, adapter=args.adapter,
                      pairing=args.pairing, margin=args.margin, weights=weights, sampling=args.sampling,
-                     same_start=args.same_start))
+                     same_start=args.same_start, refine=args.refine))
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a prompt's K images start from one x_T (image 0's) and differ only by the sampler's noise "
                         "(needs --eta > 0; drawn with DDIM where the model's scheduler has no eta): each pair then "
                         "shows which way to go from the same start")
+    p.add_argument("--refine", type=float, default=0.0, metavar="STRENGTH",
+                   help="also draw K img2img variants of each prompt's best image at this strength (0-1; 0.35 keeps "
+                        "a testbed image's layout) and pair them too: pairs that differ in detail, not in layout")
     p.add_argument("--out", required=True, help="output folder (rerun with the same settings to resume)")
     p.set_defaults(func=_make_pairs)
 

@@ -43,6 +43,7 @@ class Budget:
     seed: int = 0  # of the whole pipeline: the pairs' images, training (train.seed) and the evaluation's seeds
     testbed: str = "sd15"  # which testbed model: the SD1.5 or the SDXL architecture (same scenes, same checker)
     same_start: bool = False  # training pairs: a prompt's images from one x_T, differing by η = 1 noise (make-pairs)
+    refine: float = 0.0  # training pairs: also best vs worst of img2img variants of the best image (make-pairs --refine)
 
     def sampling(self, offset: int = 0, **changes) -> Sampling:
         """The testbed's sampling at this budget's steps, seeded ``offset`` past this budget's seed (seed 0: the
@@ -92,8 +93,8 @@ def make_testbed_pairs(out: Path, reward: str, budget: Budget, adapter: str | No
     kwargs = dict(per_prompt=budget.per_prompt, adapter=adapter, same_start=budget.same_start,
                   sampling=budget.sampling(eta=1.0) if budget.same_start else budget.sampling())
     model = str(tb.testbed_path(budget.testbed))
-    make_pairs(model, train_prompts, heads, out / "pairs", pairing="thumbs", **kwargs)
-    train = make_pairs(model, train_prompts, heads, out / "pairs", **kwargs)  # the same images
+    make_pairs(model, train_prompts, heads, out / "pairs", pairing="thumbs", refine=budget.refine, **kwargs)
+    train = make_pairs(model, train_prompts, heads, out / "pairs", refine=budget.refine, **kwargs)  # the same images
     # Every ordered pair of the held-out images (28 per prompt, not 1): the held-out accuracies then move in steps
     # of 1/448, not 1/16, fine enough to rank runs (what `diffalign sweep` picks by).
     held = make_pairs(model, held_prompts, heads, out / "held_out_pairs", per_prompt=budget.held_out_per_prompt,

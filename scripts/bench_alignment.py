@@ -165,6 +165,9 @@ def main() -> None:
     parser.add_argument("--same-start", action="store_true",
                         help="training pairs from images of one prompt that share x_T and differ by η = 1 noise "
                              "(make-pairs --same-start; use a new --out)")
+    parser.add_argument("--refine", type=float, default=0.0, metavar="STRENGTH",
+                        help="training pairs also best vs worst of img2img variants of each prompt's best image at "
+                             "this strength (make-pairs --refine; use a new --out)")
     parser.add_argument("--set", action="append", default=[], metavar="OBJECTIVE:KEY=VALUE",
                         help="config override for one objective, e.g. dpo:optim.lr=1e-4 (repeatable)")
     parser.add_argument("--eval-seeds", type=int, default=FULL.eval_seeds,
@@ -179,7 +182,7 @@ def main() -> None:
     for seed in map(int, args.seeds.split(",")):
         for reward in rewards_of(args.rewards):
             budget = dataclasses.replace(FULL, seed=seed, testbed=args.testbed, per_prompt=args.per_prompt,
-                                         same_start=args.same_start)
+                                         same_start=args.same_start, refine=args.refine)
             folder = out / f"{reward}-seed{seed}"
             start = time.time()
             pairs = make_testbed_pairs(folder / "shared", reward, budget)  # read back when made earlier

@@ -209,3 +209,43 @@ def test_make_pairs_from_the_same_start(tmp_path, kind, request, capsys):
     assert main(["make-pairs", "--base", str(base), "--prompts", str(prompts), "--reward", "brightness", "--steps",
                  "2", "--same-start", "--out", str(tmp_path / "bad")]) == 2
     assert "--same-start with --eta None" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["tiny_sd15", "tiny_sdxl"])
+def test_make_pairs_refines_the_best_image(tmp_path, kind, request, monkeypatch, capsys):
+    """--refine: K img2img variants of each prompt's best image, exactly what the stock img2img pipeline draws from
+    it with the variants' seeds, paired among themselves (never with an image of another layout); resumable."""
+    from diffusers import AutoPipelineForImage2Image, DiffusionPipeline
+
+    base = request.getfixturevalue(kind)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    out = tmp_path / "pairs"
+    args = ["make-pairs", "--base", str(base), "--prompts", str(prompts), "--per-prompt", "3", "--reward",
+            "brightness", "--steps", "4", "--height", "32", "--width", "32", "--refine", "0.5", "--out", str(out)]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == 4  # best vs worst of the images, and of the variants, per prompt
+    img2img = AutoPipelineForImage2Image.from_pipe(DiffusionPipeline.from_pretrained(str(base)))
+    img2img.set_progress_bar_config(disable=True)
+    for rec, (coarse, fine) in zip(records, zip(rows[::2], rows[1::2])):
+        best = rec["variant_of"]
+        assert rec["scores"]["brightness"][best] == max(rec["scores"]["brightness"])
+        assert rec["variant_seeds"] == [s + make_pairs_module.REFINE_SEED_OFFSET for s in rec["seeds"]]
+        assert {coarse["chosen"], coarse["rejected"]} <= set(rec["images"])
+        assert {fine["chosen"], fine["rejected"]} <= set(rec["variants"])
+        assert fine["chosen_brightness"] == max(rec["variant_scores"]["brightness"])
+        assert fine["chosen_brightness"] == pytest.approx(_brightness(out / fine["chosen"]), abs=1e-5)
+        stock = img2img(rec["prompt"], image=Image.open(out / rec["images"][best]), strength=0.5, num_inference_steps=4,
+                        guidance_scale=5.0, num_images_per_prompt=3,
+                        generator=[torch.Generator().manual_seed(s) for s in rec["variant_seeds"]]).images
+        for mine, theirs in zip(rec["variants"], stock):
+            diff = np.abs(np.asarray(Image.open(out / mine), dtype=np.float64) - np.asarray(theirs, dtype=np.float64))
+            assert diff.max() <= 1  # the same draw (PNG rounding aside)
+
+    monkeypatch.setattr("diffalign.pipelines.load_aligned_pipeline", lambda *a, **k: pytest.fail("regenerated"))
+    assert main(args) == 0  # everything done: nothing drawn again
+    capsys.readouterr()
+    assert main([*args[:-4], "--refine", "1", "--out", str(tmp_path / "bad")]) == 2
+    assert "--refine 1.0: the img2img strength of the variants must be in (0, 1)" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 Layout of the output folder::
 
     images/p00003_2.png   image k of prompt 3 (seed + 3·K + k with the default seed policy: sampling.settings)
+    images/p00003_r2.png  with ``refine``: variant k of prompt 3's best image (img2img; its seed + REFINE_SEED_OFFSET)
     scores.jsonl          one line per finished prompt: prompt, image paths, seeds, every head's scores
     pairs.jsonl           the local-pairs dataset (data.md), rebuilt from scores.jsonl at the end
     unpaired.jsonl        instead, with ``pairing="thumbs"``: unpaired labels for KTO (the top half of each prompt's
@@ -36,6 +37,8 @@ from .settings import Sampling
 
 log = logging.getLogger(__name__)
 
+REFINE_SEED_OFFSET = 1_000_003  # a refined variant's seed: its image's seed plus this, so no draw reuses a seed
+
 
 def _finished(out: Path, prompts: list[str]) -> dict[int, dict]:
     """Records of prompts already done, keeping only whole lines whose images exist (a kill mid-write loses at
@@ -51,7 +54,7 @@ def _finished(out: Path, prompts: list[str]) -> dict[int, dict]:
             continue
         pid = rec.get("prompt_id")
         if isinstance(pid, int) and pid < len(prompts) and rec.get("prompt") == prompts[pid] \
-                and all((out / p).is_file() for p in rec.get("images", [])):
+                and all((out / p).is_file() for p in rec.get("images", []) + rec.get("variants", [])):
             done[pid] = rec
     return done
 
@@ -112,12 +115,15 @@ def shared_start(pipe, generators: list[torch.Generator], sampling: Sampling) ->
 def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, RewardModel], out: str | Path,
                per_prompt: int = 4, adapter: str | None = None, pairing: str = "best-worst", margin: float = 0.0,
                weights: list[float] | None = None, sampling: Sampling | None = None, device: str | None = None,
-               same_start: bool = False) -> Path:
+               same_start: bool = False, refine: float = 0.0) -> Path:
     """Generate (as ``sampling`` says; default :class:`Sampling`), score and pair; returns the path of
     ``pairs.jsonl`` (``unpaired.jsonl`` with ``pairing="thumbs"``). Resumable: finished prompts are skipped.
     ``same_start``: a prompt's images start from one x_T (:func:`shared_start`) and differ only by the sampler's η
     noise, so a pair shows which way to go *from the same start* (needs η > 0; a model whose scheduler has no η,
-    as SDXL's Euler, draws with DDIM)."""
+    as SDXL's Euler, draws with DDIM). ``refine`` (an img2img strength in (0, 1)): also draw K variants of each
+    prompt's best image, re-noised to that fraction of the schedule and denoised again, and pair them as well (the
+    same ``pairing``): such a pair keeps the layout and differs in detail, so it says what the best image's details
+    should be rather than which of two layouts is better."""
     from ..pipelines import load_aligned_pipeline
 
     if per_prompt < 2:
@@ -129,9 +135,13 @@ def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, Reward
         raise DataError(f"--same-start with --eta {sampling.eta}: from one x_T a deterministic sampler draws the same "
                         "image every time; give --eta > 0 (1: as stochastic as DDPM) and a scheduler that reads it "
                         "(DDIM)")
+    if not 0 <= refine < 1:
+        raise DataError(f"--refine {refine}: the img2img strength of the variants must be in (0, 1) (0: none); "
+                        "0.35 keeps a testbed image's layout (README, \"Pairs that differ in detail\")")
     settings = {"base": str(base), "adapter": str(adapter) if adapter else None, "prompts": prompts,
                 "per_prompt": per_prompt, "rewards": list(rewards), "weights": weights, **sampling.as_dict(),
-                **({"same_start": True} if same_start else {})}  # absent when off: older folders still resume
+                **({"same_start": True} if same_start else {}),  # absent when off: older folders still resume
+                **({"refine": refine} if refine else {})}
     _check_settings(out, settings)
     done = _finished(out, prompts)
     todo = [i for i in range(len(prompts)) if i not in done]
@@ -146,6 +156,7 @@ def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, Reward
             # SDXL ships Euler, which has no η: from one start it would draw one image K times
             log.info("make-pairs --same-start: %s has no η; drawing with DDIM", type(pipe.scheduler).__name__)
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        refiner = _img2img(pipe) if refine else None
         (out / "images").mkdir(exist_ok=True)
         for pid in tqdm(todo, desc="prompts", unit="prompt", initial=len(done), total=len(prompts)):
             seeds = [sampling.seed_of(pid, k, per_prompt) for k in range(per_prompt)]
@@ -155,33 +166,71 @@ def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, Reward
                           **sampling.pipeline_kwargs()).images
             files = [f"images/p{pid:05d}_{k}.png" for k in range(per_prompt)]
             scores = score_images(rewards, images, [prompts[pid]] * per_prompt)  # a failing head writes nothing
-            _save_prompt_images(out, files, images)
             record = {"prompt_id": pid, "prompt": prompts[pid], "images": files, "seeds": seeds, "scores": scores}
+            if refiner is not None:
+                best = max(range(per_prompt), key=combine(scores, _higher(rewards), weights).__getitem__)
+                variant_seeds = [s + REFINE_SEED_OFFSET for s in seeds]
+                variants = refiner(prompts[pid], image=images[best], num_images_per_prompt=per_prompt, strength=refine,
+                                   generator=[torch.Generator().manual_seed(s) for s in variant_seeds],
+                                   **_without_size(sampling.pipeline_kwargs())).images
+                record.update(variant_of=best, variants=[f"images/p{pid:05d}_r{k}.png" for k in range(per_prompt)],
+                              variant_seeds=variant_seeds,
+                              variant_scores=score_images(rewards, variants, [prompts[pid]] * per_prompt))
+                files, images = files + record["variants"], images + variants
+            _save_prompt_images(out, files, images)
             with (out / "scores.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
             done[pid] = record
     return write_pairs(out, [done[i] for i in sorted(done)], rewards, pairing, margin, weights)
 
 
+def _img2img(pipe):
+    """The img2img pipeline of ``pipe``'s own components (stock diffusers; nothing loaded again)."""
+    from diffusers import AutoPipelineForImage2Image
+
+    refiner = AutoPipelineForImage2Image.from_pipe(pipe)
+    refiner.set_progress_bar_config(disable=True)
+    return refiner
+
+
+def _without_size(kwargs: dict) -> dict:
+    """img2img keeps its image's size: no height or width."""
+    return {k: v for k, v in kwargs.items() if k not in ("height", "width")}
+
+
+def _higher(rewards: Mapping[str, RewardModel]) -> dict[str, bool]:
+    return {name: r.higher_is_better for name, r in rewards.items()}
+
+
+def _groups(record: dict) -> list[tuple[list[str], dict[str, list[float]]]]:
+    """The (images, scores) groups of one prompt that are paired among themselves: its K images, and with
+    ``refine`` its K variants of the best one (a variant is never paired with an image of another layout)."""
+    groups = [(record["images"], record["scores"])]
+    if "variants" in record:
+        groups.append((record["variants"], record["variant_scores"]))
+    return groups
+
+
 def write_pairs(out: Path, records: list[dict], rewards: Mapping[str, RewardModel], pairing: str, margin: float,
                 weights: list[float] | None) -> Path:
     """Rebuild ``pairs.jsonl`` (``unpaired.jsonl`` for ``thumbs``; and a clean ``scores.jsonl``) from the per-prompt
     records."""
-    lines, higher = [], {name: r.higher_is_better for name, r in rewards.items()}
+    lines, higher = [], _higher(rewards)
     for rec in records:
-        combined = combine(rec["scores"], higher, weights)
-        if pairing == "thumbs":
-            for k, label in thumbs_from_scores(combined, margin):
-                lines.append(json.dumps({"prompt": rec["prompt"], "image": rec["images"][k], "label": label,
-                                         "score": combined[k], **{n: rec["scores"][n][k] for n in rewards}}) + "\n")
-            continue
-        table = torch.tensor([rec["scores"][h] for h in rewards], dtype=torch.float64).T  # [K, heads]
-        for w, l in pairs_from_scores(signed(table, list(higher.values())), pairing, combined, margin):
-            row = {"prompt": rec["prompt"], "chosen": rec["images"][w], "rejected": rec["images"][l],
-                   "chosen_score": combined[w], "rejected_score": combined[l]}
-            for name in rewards:
-                row[f"chosen_{name}"], row[f"rejected_{name}"] = rec["scores"][name][w], rec["scores"][name][l]
-            lines.append(json.dumps(row) + "\n")
+        for images, scores in _groups(rec):
+            combined = combine(scores, higher, weights)
+            if pairing == "thumbs":
+                for k, label in thumbs_from_scores(combined, margin):
+                    lines.append(json.dumps({"prompt": rec["prompt"], "image": images[k], "label": label,
+                                             "score": combined[k], **{n: scores[n][k] for n in rewards}}) + "\n")
+                continue
+            table = torch.tensor([scores[h] for h in rewards], dtype=torch.float64).T  # [K, heads]
+            for w, l in pairs_from_scores(signed(table, list(higher.values())), pairing, combined, margin):
+                row = {"prompt": rec["prompt"], "chosen": images[w], "rejected": images[l],
+                       "chosen_score": combined[w], "rejected_score": combined[l]}
+                for name in rewards:
+                    row[f"chosen_{name}"], row[f"rejected_{name}"] = scores[name][w], scores[name][l]
+                lines.append(json.dumps(row) + "\n")
     what, name = ("labels", "unpaired.jsonl") if pairing == "thumbs" else ("pairs", "pairs.jsonl")
     if not lines:
         raise DataError(f"{out}: no {what}: every prompt's images tie within margin {margin} ({pairing}); lower "
