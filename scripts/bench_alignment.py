@@ -7,7 +7,8 @@ measured in one run.
 
 From the same base (the shipped testbed, ``diffalign/resources/testbed``, or with ``--testbed sdxl`` its SDXL twin)
 and, per reward and seed, the same reward-labelled pairs (``make-pairs``: 8 images per training prompt, best vs
-worst; thumbs of the same images for KTO), each objective trains its shipped ``testbed-*`` recipe (the online
+worst, and best vs worst of 8 img2img variants of the best one, ``--refine 0.35``; thumbs of the same images for
+KTO), each objective trains its shipped ``testbed-*`` recipe (the online
 ones, D3PO, DDPO, GRPO and reward backprop, sample their own images and score them with the same reward) while
 measuring the held-out pairs (every ordered pair of the held-out prompts' 8 images), and is evaluated on the
 held-out prompts x 8 seeds: reward win rate vs base with a 95% interval over prompts, prompt following (both colours
@@ -165,9 +166,10 @@ def main() -> None:
     parser.add_argument("--same-start", action="store_true",
                         help="training pairs from images of one prompt that share x_T and differ by η = 1 noise "
                              "(make-pairs --same-start; use a new --out)")
-    parser.add_argument("--refine", type=float, default=0.0, metavar="STRENGTH",
+    parser.add_argument("--refine", type=float, default=FULL.refine, metavar="STRENGTH",
                         help="training pairs also best vs worst of img2img variants of each prompt's best image at "
-                             "this strength (make-pairs --refine; use a new --out)")
+                             "this strength (make-pairs --refine); 0: the images alone, as every table before the "
+                             "round that adopted it (use a new --out)")
     parser.add_argument("--set", action="append", default=[], metavar="OBJECTIVE:KEY=VALUE",
                         help="config override for one objective, e.g. dpo:optim.lr=1e-4 (repeatable)")
     parser.add_argument("--eval-seeds", type=int, default=FULL.eval_seeds,

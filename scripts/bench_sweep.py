@@ -114,6 +114,9 @@ def main() -> None:
                         help="comma-separated testbed rewards, or 'tuning' / 'report' for the benchmark's sets")
     parser.add_argument("--seed", type=int, default=0, help="seed of the whole pipeline (pairs, training, evaluation)")
     parser.add_argument("--testbed", choices=("sd15", "sdxl"), default="sd15", help="the testbed model's architecture")
+    parser.add_argument("--refine", type=float, default=FULL.refine, metavar="STRENGTH",
+                        help="training pairs also best vs worst of img2img variants of each prompt's best image "
+                             "(make-pairs --refine); 0: the images alone, as in the README's sweep tables")
     parser.add_argument("--lr", default="3e-4,1e-3,3e-3", help="learning rates")
     parser.add_argument("--beta", default="20000,80000,320000",
                         help="betas (around testbed-dpo's 80000 on ε errors; the earlier v-error recipe's grid, "
@@ -127,7 +130,7 @@ def main() -> None:
                         help="seeds per held-out test prompt (more: the grid's win rates on these prompts known "
                              "better; the first 8 are the default test's, whose images are reused)")
     args = parser.parse_args()
-    budget = dataclasses.replace(FULL, seed=args.seed, testbed=args.testbed)
+    budget = dataclasses.replace(FULL, seed=args.seed, testbed=args.testbed, refine=args.refine)
     axes = {"optim.lr": [float(v) for v in args.lr.split(",")], "objective.beta": [float(v) for v in args.beta.split(",")]}
     if args.max_steps:
         axes["train.max_steps"] = [int(v) for v in args.max_steps.split(",")]
