@@ -8,12 +8,12 @@ measured in one run.
 From the same base (the shipped testbed, ``diffalign/resources/testbed``, or with ``--testbed sdxl`` its SDXL twin)
 and, per reward and seed, the same reward-labelled pairs (``make-pairs``: 8 images per training prompt, best vs
 worst, and best vs worst of 8 img2img variants of the best one, ``--refine 0.35``; thumbs of the same images for
-KTO), each objective trains its shipped ``testbed-*`` recipe (the online
-ones, D3PO, DDPO, GRPO and reward backprop, sample their own images and score them with the same reward) while
-measuring the held-out pairs (every ordered pair of the held-out prompts' 8 images), and is evaluated on the
-held-out prompts x 8 seeds: reward win rate vs base with a 95% interval over prompts, prompt following (both colours
-right, the testbed checker) before and after (the guard), implicit and ranking accuracy on the held-out pairs,
-steps, images sampled (online) and wall time (for the offline objectives including the time to make the pairs).
+KTO), each objective trains its shipped ``testbed-*`` recipe (the online ones, D3PO, DDPO, GRPO and reward
+backprop, sample their own images and score them with the same reward) while measuring the held-out pairs (every
+ordered pair of the held-out prompts' 8 images), and is evaluated on the held-out prompts x 8 seeds: reward win
+rate vs base with a 95% interval over prompts, prompt following (both colours right, the testbed checker) before
+and after (the guard), implicit and ranking accuracy on the held-out pairs, steps, images sampled (online) and wall
+time (for the offline objectives including the time to make the pairs).
 A seed is of the whole pipeline: the pairs' images, ``train.seed`` and the evaluation's seeds (seed 0 is every
 earlier table's).
 
