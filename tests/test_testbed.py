@@ -186,7 +186,11 @@ def test_demo_quick(kind, tmp_path, capsys):
     assert min(label.getdata()) < 100  # the row labels are written
     assert f"all {report['seconds']:.0f} s" in printed and report["seconds"] >= report["pair_seconds"]
     rows = [json.loads(line) for line in (out / "pairs" / "pairs.jsonl").read_text().splitlines()]
-    assert len(rows) == 12 and all(r["chosen_shape_size"] >= r["rejected_shape_size"] for r in rows)
+    assert all(r["chosen_shape_size"] >= r["rejected_shape_size"] for r in rows)
+    # per prompt, best vs worst of its images, then of the variants of its best image (none where the two tie)
+    variant = [("_r" in r["chosen"], "_r" in r["rejected"]) for r in rows]
+    assert variant.count((False, False)) == 12 and 1 <= variant.count((True, True)) <= 12
+    assert len(rows) == 12 + variant.count((True, True))
 
 
 def load_script(name: str):
