@@ -92,11 +92,11 @@ def make_testbed_pairs(out: Path, reward: str, budget: Budget, adapter: str | No
 
     train_prompts, held_prompts = write_prompt_files(out / "prompts", budget)
     heads = {reward: load_reward(reward)}
-    kwargs = dict(per_prompt=budget.per_prompt, adapter=adapter, same_start=budget.same_start,
+    kwargs = dict(per_prompt=budget.per_prompt, adapter=adapter, same_start=budget.same_start, refine=budget.refine,
                   sampling=budget.sampling(eta=1.0) if budget.same_start else budget.sampling())
     model = str(tb.testbed_path(budget.testbed))
-    make_pairs(model, train_prompts, heads, out / "pairs", pairing="thumbs", refine=budget.refine, **kwargs)
-    train = make_pairs(model, train_prompts, heads, out / "pairs", refine=budget.refine, **kwargs)  # the same images
+    make_pairs(model, train_prompts, heads, out / "pairs", pairing="thumbs", **kwargs)
+    train = make_pairs(model, train_prompts, heads, out / "pairs", **kwargs)  # the same images
     # Every ordered pair of the held-out images (28 per prompt, not 1): the held-out accuracies then move in steps
     # of 1/448, not 1/16, fine enough to rank runs (what `diffalign sweep` picks by).
     held = make_pairs(model, held_prompts, heads, out / "held_out_pairs", per_prompt=budget.held_out_per_prompt,

@@ -1,6 +1,7 @@
 """How much absolute position the frozen testbed UNet's features carry where the default LoRA acts: a ridge probe
 from each token's feature vector, at the input of every attention block, to the token's (row, col) and its distance
-from the centre (city-block, in tokens: ``|row - c| + |col - c|``), fitted on half of the images and scored (R², 1 = fully linear in the features) on the other half.
+from the centre (city-block, in tokens: ``|row - c| + |col - c|``), fitted on half of the images and scored (R², 1 =
+fully linear in the features) on the other half.
 
 Why: ``centredness`` asks each shape to move towards the centre, a direction that depends on where the shape is, and
 every objective (reward backprop with the reward's own gradient too) stays near chance on it. The attention layers

@@ -25,6 +25,7 @@ from ..data.prompts import read_prompts
 from ..files import atomic_save_image, atomic_write_text
 from ..pipelines.grids import labelled_grid
 from ..rewards import RewardModel
+from ..rewards.combine import directions
 from ..sampling.settings import Sampling
 from .card import update_card_with_eval
 from .metrics import outcomes, pair_accuracies, paired_difference, prompt_groups, win_rate
@@ -171,7 +172,7 @@ def evaluate(base: str, adapters: Sequence[str | Path], prompts_file: str | Path
         n = min(len(prompts), 8)  # base over this adapter, first seed of the first prompts, enlarged and labelled
         atomic_save_image(grids[name], labelled_grid({m if m == "base" else "aligned": [
             Image.open(images[m][i * seeds]) for i in range(n)] for m in ("base", name)}))
-    write_html(out, report, {h: r.higher_is_better for h, r in rewards.items()})
+    write_html(out, report, directions(rewards))
     for name, adapter in zip(names[1:], adapters):
         update_card_with_eval(Path(adapter), name, report, grids[name])
     return report

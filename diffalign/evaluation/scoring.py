@@ -25,7 +25,7 @@ from ..data.prompts import read_prompts
 from ..data.readers import local_pairs_file, open_hf_dataset
 from ..files import atomic_write, atomic_write_text
 from ..rewards import RewardModel, score
-from ..rewards.combine import combine
+from ..rewards.combine import combine, directions
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -111,7 +111,7 @@ def _score_local(rewards, path: Path, out, weights, batch_size) -> Path:
         where = local_row_name(path, i)
         images = [decode_image(local_image(root, row, key, where), f"{where}: {key}") for key in ("chosen", "rejected")]
         s = score_images(rewards, images, [str(row["prompt"] or "")] * 2, batch_size)
-        row["chosen_score"], row["rejected_score"] = combine(s, {n: r.higher_is_better for n, r in rewards.items()}, weights)
+        row["chosen_score"], row["rejected_score"] = combine(s, directions(rewards), weights)
         for name in rewards:
             row[f"chosen_{name}"], row[f"rejected_{name}"] = s[name]
     atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
@@ -127,7 +127,7 @@ def _score_pickapic(rewards, spec: str, out: Path, weights, batch_size) -> Path:
     for i, row in enumerate(tqdm(ds.select_columns(["caption", "jpg_0", "jpg_1"]), desc="scoring pairs", unit="pair")):
         images = [decode_image(row[f"jpg_{k}"], f"{spec}, row {i}: jpg_{k}") for k in (0, 1)]
         s = score_images(rewards, images, [row["caption"] or ""] * 2, batch_size)
-        for k, value in zip((0, 1), combine(s, {n: r.higher_is_better for n, r in rewards.items()}, weights)):
+        for k, value in zip((0, 1), combine(s, directions(rewards), weights)):
             columns.setdefault(f"score_{k}", []).append(value)
             for name in rewards:
                 columns.setdefault(f"score_{k}_{name}", []).append(s[name][k])

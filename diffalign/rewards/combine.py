@@ -16,6 +16,11 @@ from torch import Tensor
 PAIRINGS = ("best-worst", "all", "pareto", "thumbs")  # thumbs: unpaired labels (thumbs_from_scores)
 
 
+def directions(rewards: Mapping) -> dict[str, bool]:
+    """``{head: higher_is_better}`` of named reward heads (what :func:`combine` reads)."""
+    return {name: r.higher_is_better for name, r in rewards.items()}
+
+
 def signed(scores: Tensor, higher_is_better: Sequence[bool] | None = None) -> Tensor:
     """``scores`` [..., H] with lower-is-better heads negated, so that higher is better on every head."""
     signs = torch.tensor([1.0 if h else -1.0 for h in (higher_is_better or [True] * scores.shape[-1])])

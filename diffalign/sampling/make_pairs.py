@@ -32,7 +32,7 @@ from ..data.prompts import read_prompts
 from ..evaluation.scoring import score_images
 from ..files import atomic_save_image, atomic_write_text
 from ..rewards import RewardModel
-from ..rewards.combine import PAIRINGS, combine, pairs_from_scores, signed, thumbs_from_scores
+from ..rewards.combine import PAIRINGS, combine, directions, pairs_from_scores, signed, thumbs_from_scores
 from .settings import Sampling
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, Reward
     ``same_start``: a prompt's images start from one x_T (:func:`shared_start`) and differ only by the sampler's η
     noise, so a pair shows which way to go *from the same start* (needs η > 0; a model whose scheduler has no η,
     as SDXL's Euler, draws with DDIM). ``refine`` (an img2img strength in (0, 1)): also draw K variants of each
-    prompt's best image, re-noised to that fraction of the schedule and denoised again, and pair them as well (the
+    prompt's best image (the highest combined score), re-noised to that fraction of the schedule and denoised again, and pair them as well (the
     same ``pairing``): such a pair keeps the layout and differs in detail, so it says what the best image's details
     should be rather than which of two layouts is better."""
     from ..pipelines import load_aligned_pipeline
@@ -168,11 +168,11 @@ def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, Reward
             scores = score_images(rewards, images, [prompts[pid]] * per_prompt)  # a failing head writes nothing
             record = {"prompt_id": pid, "prompt": prompts[pid], "images": files, "seeds": seeds, "scores": scores}
             if refiner is not None:
-                best = max(range(per_prompt), key=combine(scores, _higher(rewards), weights).__getitem__)
+                best = max(range(per_prompt), key=combine(scores, directions(rewards), weights).__getitem__)
                 variant_seeds = [s + REFINE_SEED_OFFSET for s in seeds]
                 variants = refiner(prompts[pid], image=images[best], num_images_per_prompt=per_prompt, strength=refine,
                                    generator=[torch.Generator().manual_seed(s) for s in variant_seeds],
-                                   **_without_size(sampling.pipeline_kwargs())).images
+                                   **sampling.pipeline_kwargs(with_size=False)).images
                 record.update(variant_of=best, variants=[f"images/p{pid:05d}_r{k}.png" for k in range(per_prompt)],
                               variant_seeds=variant_seeds,
                               variant_scores=score_images(rewards, variants, [prompts[pid]] * per_prompt))
@@ -193,15 +193,6 @@ def _img2img(pipe):
     return refiner
 
 
-def _without_size(kwargs: dict) -> dict:
-    """img2img keeps its image's size: no height or width."""
-    return {k: v for k, v in kwargs.items() if k not in ("height", "width")}
-
-
-def _higher(rewards: Mapping[str, RewardModel]) -> dict[str, bool]:
-    return {name: r.higher_is_better for name, r in rewards.items()}
-
-
 def _groups(record: dict) -> list[tuple[list[str], dict[str, list[float]]]]:
     """The (images, scores) groups of one prompt that are paired among themselves: its K images, and with
     ``refine`` its K variants of the best one (a variant is never paired with an image of another layout)."""
@@ -215,7 +206,7 @@ def write_pairs(out: Path, records: list[dict], rewards: Mapping[str, RewardMode
                 weights: list[float] | None) -> Path:
     """Rebuild ``pairs.jsonl`` (``unpaired.jsonl`` for ``thumbs``; and a clean ``scores.jsonl``) from the per-prompt
     records."""
-    lines, higher = [], _higher(rewards)
+    lines, higher = [], directions(rewards)
     for rec in records:
         for images, scores in _groups(rec):
             combined = combine(scores, higher, weights)

@@ -94,15 +94,16 @@ class Sampling:
         height = self.height or default
         return height, self.width or height
 
-    def pipeline_kwargs(self, default_size: int | None = None) -> dict[str, Any]:
+    def pipeline_kwargs(self, default_size: int | None = None, with_size: bool = True) -> dict[str, Any]:
         """Keyword arguments of a stock diffusers pipeline call; size and η only when set (a pipeline's own size
-        is the model's), or the size from ``default_size``."""
+        is the model's), or the size from ``default_size``; no size with ``with_size=False`` (img2img keeps its
+        image's)."""
         kw: dict[str, Any] = {"num_inference_steps": self.steps, "guidance_scale": self.guidance}
         if self.negative_prompt:
             kw["negative_prompt"] = self.negative_prompt
         if self.eta is not None:
             kw["eta"] = self.eta
-        if self.height or self.width or default_size:
+        if with_size and (self.height or self.width or default_size):
             kw["height"], kw["width"] = self.size(default_size or self.height or self.width)
         return kw
 
