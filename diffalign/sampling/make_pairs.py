@@ -121,9 +121,9 @@ def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, Reward
     ``same_start``: a prompt's images start from one x_T (:func:`shared_start`) and differ only by the sampler's η
     noise, so a pair shows which way to go *from the same start* (needs η > 0; a model whose scheduler has no η,
     as SDXL's Euler, draws with DDIM). ``refine`` (an img2img strength in (0, 1)): also draw K variants of each
-    prompt's best image (the highest combined score), re-noised to that fraction of the schedule and denoised again, and pair them as well (the
-    same ``pairing``): such a pair keeps the layout and differs in detail, so it says what the best image's details
-    should be rather than which of two layouts is better."""
+    prompt's best image (the highest combined score), re-noised to that fraction of the schedule and denoised
+    again, and pair them as well (the same ``pairing``): such a pair keeps the layout and differs in detail, so it
+    says what the best image's details should be rather than which of two layouts is better."""
     from ..pipelines import load_aligned_pipeline
 
     if per_prompt < 2:
@@ -156,7 +156,7 @@ def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, Reward
             # SDXL ships Euler, which has no η: from one start it would draw one image K times
             log.info("make-pairs --same-start: %s has no η; drawing with DDIM", type(pipe.scheduler).__name__)
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        refiner = _img2img(pipe) if refine else None
+        refiner, higher = (_img2img(pipe) if refine else None), directions(rewards)
         (out / "images").mkdir(exist_ok=True)
         for pid in tqdm(todo, desc="prompts", unit="prompt", initial=len(done), total=len(prompts)):
             seeds = [sampling.seed_of(pid, k, per_prompt) for k in range(per_prompt)]
@@ -168,7 +168,7 @@ def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, Reward
             scores = score_images(rewards, images, [prompts[pid]] * per_prompt)  # a failing head writes nothing
             record = {"prompt_id": pid, "prompt": prompts[pid], "images": files, "seeds": seeds, "scores": scores}
             if refiner is not None:
-                best = max(range(per_prompt), key=combine(scores, directions(rewards), weights).__getitem__)
+                best = max(range(per_prompt), key=combine(scores, higher, weights).__getitem__)
                 variant_seeds = [s + REFINE_SEED_OFFSET for s in seeds]
                 variants = refiner(prompts[pid], image=images[best], num_images_per_prompt=per_prompt, strength=refine,
                                    generator=[torch.Generator().manual_seed(s) for s in variant_seeds],
