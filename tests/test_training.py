@@ -180,3 +180,43 @@ def test_adamw8bit_without_bitsandbytes_says_how_to_install(tiny_sd15, make_conf
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(ImportError, match=r"pip install 'diffalign\[bnb\]'"):
         Trainer(make_config(tiny_sd15, "optim.name=adamw8bit"))
+
+
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_refined_pairs_draw_their_timesteps_below_their_strength(tmp_path, tiny_sd15, make_config, cache, caplog):
+    """train.refined_pair_timesteps=below_strength: a pair with refine_strength S draws t in [0, round(S·T)), the
+    off run's draw scaled into that range; the other pairs draw exactly what they draw with the option off."""
+    import json
+
+    from diffalign.testing import write_pairs_jsonl
+
+    path = write_pairs_jsonl(tmp_path / "pairs", n=6, size=40)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    strengths = {1: 0.35, 3: 0.1, 4: 1.0}
+    path.write_text("".join(json.dumps({**r, **({"refine_strength": strengths[i]} if i in strengths else {})}) + "\n"
+                            for i, r in enumerate(rows)))
+    common = [f"data.dataset={path}", f"cache.enabled={cache}", "train.batch_size=6"]
+    off = Trainer(make_config(tiny_sd15, *common, out="off")).feed
+    trainer = Trainer(make_config(tiny_sd15, *common, "train.refined_pair_timesteps=below_strength", out="on"))
+    on = trainer.feed
+    total = on.backbone.scheduler.config.num_train_timesteps
+    limits = torch.tensor([round(strengths.get(i, 1.0) * total) for i in range(6)])
+    seen = []
+    for step in range(40):
+        batch = on.encoded(next(iter(on.epoch_loader(step))))
+        t_off, noise_off, _ = off.draw(batch, batch["latents_w"].shape, step)
+        t_on, noise_on, _ = on.draw(batch, batch["latents_w"].shape, step)
+        lim = limits[batch["row"]]
+        assert torch.equal(t_on, t_off * lim // total) and torch.equal(noise_on, noise_off)
+        assert torch.equal(t_on[lim == total], t_off[lim == total])
+        seen.append(torch.stack([batch["row"], t_on], 1))
+    seen = torch.cat(seen)
+    for row, limit in enumerate(limits.tolist()):
+        t = seen[seen[:, 0] == row, 1]
+        assert t.max() < limit and t.max() > 0.7 * limit, (row, t.max())  # below the limit, and spread up to it
+    loss, _ = on.loss(trainer.unet, batch, micro_step=0)
+    assert torch.isfinite(loss)
+
+    caplog.clear()
+    Trainer(make_config(tiny_sd15, "train.refined_pair_timesteps=below_strength", out="none"))
+    assert "no pair of" in caplog.text and "has a refine_strength" in caplog.text
