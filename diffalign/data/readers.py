@@ -19,8 +19,15 @@ from typing import Any
 
 from ..config import DataConfig
 from .errors import DataError
-from .local_rows import (file_ids, local_image, local_label, local_row_name, read_local_rows, score_value,
-                         strength_value)
+from .local_rows import (
+    file_ids,
+    local_image,
+    local_label,
+    local_row_name,
+    read_local_rows,
+    score_value,
+    strength_value,
+)
 
 log = logging.getLogger(__name__)
 
