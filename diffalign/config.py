@@ -214,12 +214,6 @@ class TrainConfig:
                                         "ones and shrinks the errors, so β must grow (a deviation from the official "
                                         "codes there; the same thing on an ε-prediction model). The held-out pair "
                                         "metrics (data.eval_pairs) are measured in the same space.")
-    refined_pair_timesteps: str = _f("all", "Where the timesteps of pairs with a refine_strength S (img2img variants of "
-                                            "one image: make-pairs --refine) are drawn (pair objectives: dpo, mapo, "
-                                            "inpo, smpo). all: over the whole schedule [0, T), as for every pair and "
-                                            "as the papers do. below_strength: over [0, S·T), the noise levels where "
-                                            "the two images differ (above them they agree by construction); a "
-                                            "deviation from the papers' uniform draw.")
     heldout_every: int = _f(50, "Measure data.eval_pairs every N optimizer steps (and at the last step); 0: only at "
                                 "the last step.")
 
@@ -231,7 +225,6 @@ class TrainConfig:
         _choice("train", "mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         _choice("train", "attention", self.attention, ("sdpa", "xformers"))
         _choice("train", "error_space", self.error_space, ERROR_SPACES)
-        _choice("train", "refined_pair_timesteps", self.refined_pair_timesteps, ("all", "below_strength"))
 
 
 @dataclass

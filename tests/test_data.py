@@ -78,12 +78,9 @@ def test_local_jsonl_and_csv(tmp_path):
     src = load_pairs(DataConfig(dataset=str(path)))
     assert len(src) == 3 and src[0].winner.name == "0_w.png"
     csv = tmp_path / "pairs" / "pairs.csv"
-    csv.write_text("prompt,chosen,rejected,chosen_score,rejected_score,refine_strength\n"
-                   "hi,imgs/0_w.png,imgs/0_l.png,0.3,0.1,0.35\nho,imgs/1_w.png,imgs/1_l.png,0.2,0.1,\n")
-    src = load_pairs(DataConfig(dataset=str(csv)))
-    pair = src[0]
-    assert (pair.caption, pair.score_w, pair.score_l, pair.refine_strength) == ("hi", 0.3, 0.1, 0.35)
-    assert [src.refine_strength_of(r) for r in src.rows] == [0.35, None]
+    csv.write_text("prompt,chosen,rejected,chosen_score,rejected_score\nhi,imgs/0_w.png,imgs/0_l.png,0.3,0.1\n")
+    pair = load_pairs(DataConfig(dataset=str(csv)))[0]
+    assert (pair.caption, pair.score_w, pair.score_l) == ("hi", 0.3, 0.1)
 
 
 @pytest.mark.parametrize("line, message", [
@@ -91,10 +88,6 @@ def test_local_jsonl_and_csv(tmp_path):
     ({"prompt": "x", "chosen": "../outside.png", "rejected": "imgs/0_l.png"}, "leaves the dataset folder"),
     ({"prompt": "x", "chosen": "imgs/nope.png", "rejected": "imgs/0_l.png"}, "chosen image 'imgs/nope.png' does not exist"),
     ({"prompt": "x", "chosen": "imgs/0_w.png", "rejected": "imgs/0_l.png", "chosen_score": "high"}, "chosen_score='high' is not a number"),
-    ({"prompt": "x", "chosen": "imgs/0_w.png", "rejected": "imgs/0_l.png", "refine_strength": 35},
-     r"line 1: refine_strength=35 must be in \(0, 1\]"),
-    ({"prompt": "x", "chosen": "imgs/0_w.png", "rejected": "imgs/0_l.png", "refine_strength": "low"},
-     "line 1: refine_strength='low' is not a number"),
 ])
 def test_local_pairs_bad_rows_are_named(tmp_path, line, message):
     folder = write_pairs_jsonl(tmp_path / "pairs", n=1, size=40).parent

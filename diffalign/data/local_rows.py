@@ -102,13 +102,3 @@ def score_value(row: dict, key: str, where: str) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         raise DataError(f"{where}: {key}={value!r} is not a number") from None
-
-
-def strength_value(row: dict, key: str, where: str) -> float | None:
-    """``row[key]`` as a fraction of the noise schedule in (0, 1], None where it is missing or empty; an error names
-    the row and key."""
-    value = score_value(row, key, where)
-    if value is not None and not 0 < value <= 1:
-        raise DataError(f"{where}: {key}={row[key]!r} must be in (0, 1] (an img2img strength: the fraction of the "
-                        "noise schedule below which the pair's images differ)")
-    return value

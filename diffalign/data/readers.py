@@ -19,15 +19,7 @@ from typing import Any
 
 from ..config import DataConfig
 from .errors import DataError
-from .local_rows import (
-    file_ids,
-    local_image,
-    local_label,
-    local_row_name,
-    read_local_rows,
-    score_value,
-    strength_value,
-)
+from .local_rows import file_ids, local_image, local_label, local_row_name, read_local_rows, score_value
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +40,6 @@ class Pair:
     score_w: float | None = None
     score_l: float | None = None
     label: int | None = None
-    refine_strength: float | None = None  # the pair's images agree above this fraction of the noise schedule
 
 
 # Counts that only the pass decoding every image (or reading every caption with the tokenizer) knows; None
@@ -80,7 +71,6 @@ class PairSource:
     tiny_image_pairs: int | None = None  # pairs with an image whose shorter side is below the tiny limit
     truncated_captions: int | None = None  # captions longer than the text encoder's token limit
     desirable: Any = None  # unpaired data: callable source row index -> bool (label 1), read without decoding
-    refine_strength_of: Any = None  # callable: source row index -> the pair's refine_strength or None (local pairs)
 
     @property
     def unit(self) -> str:
@@ -356,8 +346,7 @@ def _local_pairs(path: Path, cfg: DataConfig) -> PairSource:
             files.append(f)
             sizes[f] = st.st_size
         scores = [score_value(r, k, where) for k in ("chosen_score", "rejected_score")]
-        pairs.append(Pair(str(r["prompt"] or ""), files[0], files[1], *scores,
-                          refine_strength=strength_value(r, "refine_strength", where)))
+        pairs.append(Pair(str(r["prompt"] or ""), files[0], files[1], *scores))
         if str(r.get("tie", "")).lower() in ("true", "1") and not cfg.keep_ties:
             ties += 1
         else:
@@ -369,5 +358,4 @@ def _local_pairs(path: Path, cfg: DataConfig) -> PairSource:
 
     return PairSource(str(path), f"{digest.hexdigest()}:{cfg.keep_ties}", pairs.__getitem__, rows, ties,
                       lambda i: (pairs[i].score_w, pairs[i].score_l), lambda i: ("chosen_score", "rejected_score"),
-                      lambda i: pairs[i].caption, lambda i: local_label(path, i), keys,
-                      refine_strength_of=lambda i: pairs[i].refine_strength)
+                      lambda i: pairs[i].caption, lambda i: local_label(path, i), keys)

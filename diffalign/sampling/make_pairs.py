@@ -181,7 +181,7 @@ def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, Reward
             with (out / "scores.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
             done[pid] = record
-    return write_pairs(out, [done[i] for i in sorted(done)], rewards, pairing, margin, weights, refine)
+    return write_pairs(out, [done[i] for i in sorted(done)], rewards, pairing, margin, weights)
 
 
 def _img2img(pipe):
@@ -193,23 +193,22 @@ def _img2img(pipe):
     return refiner
 
 
-def _groups(record: dict, refine: float) -> list[tuple[list[str], dict[str, list[float]], dict]]:
-    """The (images, scores, extra row fields) groups of one prompt that are paired among themselves: its K images,
-    and with ``refine`` its K variants of the best one (a variant is never paired with an image of another layout),
-    whose pairs carry ``refine_strength``: their images agree above that noise level (data.md)."""
-    groups = [(record["images"], record["scores"], {})]
+def _groups(record: dict) -> list[tuple[list[str], dict[str, list[float]]]]:
+    """The (images, scores) groups of one prompt that are paired among themselves: its K images, and with
+    ``refine`` its K variants of the best one (a variant is never paired with an image of another layout)."""
+    groups = [(record["images"], record["scores"])]
     if "variants" in record:
-        groups.append((record["variants"], record["variant_scores"], {"refine_strength": refine}))
+        groups.append((record["variants"], record["variant_scores"]))
     return groups
 
 
 def write_pairs(out: Path, records: list[dict], rewards: Mapping[str, RewardModel], pairing: str, margin: float,
-                weights: list[float] | None, refine: float = 0.0) -> Path:
+                weights: list[float] | None) -> Path:
     """Rebuild ``pairs.jsonl`` (``unpaired.jsonl`` for ``thumbs``; and a clean ``scores.jsonl``) from the per-prompt
-    records (``refine``: the img2img strength their variants were drawn with)."""
+    records."""
     lines, higher = [], directions(rewards)
     for rec in records:
-        for images, scores, extra in _groups(rec, refine):
+        for images, scores in _groups(rec):
             combined = combine(scores, higher, weights)
             if pairing == "thumbs":
                 for k, label in thumbs_from_scores(combined, margin):
@@ -222,7 +221,6 @@ def write_pairs(out: Path, records: list[dict], rewards: Mapping[str, RewardMode
                        "chosen_score": combined[w], "rejected_score": combined[l]}
                 for name in rewards:
                     row[f"chosen_{name}"], row[f"rejected_{name}"] = scores[name][w], scores[name][l]
-                row.update(extra)
                 lines.append(json.dumps(row) + "\n")
     what, name = ("labels", "unpaired.jsonl") if pairing == "thumbs" else ("pairs", "pairs.jsonl")
     if not lines:

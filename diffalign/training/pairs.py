@@ -53,28 +53,9 @@ class PairFeed:
         self.backbone = Backbone.load(m.pretrained, m.vae, m.prediction_type, m.revision, weight_dtype,
                                       text_encoders=need_text)
         self.objective = objective_cls(cfg.objective.options, num_timesteps=self.backbone.scheduler.config.num_train_timesteps)
-        self.timestep_limits = self._timestep_limits(raw_pairs) \
-            if cfg.train.refined_pair_timesteps == "below_strength" else None
         self.dataset, self.empty_prompt = self._prepare_data(raw, cache)
         if self.accelerator.is_main_process:
             log.info("data: %s", raw_pairs.summary())
-
-    def _timestep_limits(self, source) -> torch.Tensor | None:
-        """Per source row, the end of the range its timesteps are drawn from: round(S·T) for a pair with a
-        ``refine_strength`` S, T for the others (``train.refined_pair_timesteps: below_strength``); None when no
-        pair has one."""
-        total = self.backbone.scheduler.config.num_train_timesteps
-        strengths = {row: source.refine_strength_of(row) for row in source.rows} if source.refine_strength_of else {}
-        refined = {row: s for row, s in strengths.items() if s is not None}
-        if not refined:
-            log.warning("train.refined_pair_timesteps=below_strength: no pair of %s has a refine_strength (written by "
-                        "make-pairs --refine); every timestep is drawn from the whole schedule", source.name)
-            return None
-        limits = torch.full((max(source.rows) + 1,), total, dtype=torch.long)
-        for row, s in refined.items():
-            limits[row] = max(1, round(s * total))
-        log.info("%d of %d pairs draw their timesteps below their refine_strength", len(refined), len(source.rows))
-        return limits
 
     def read_source(self, cfg: Config):
         """The training data as a :class:`~diffalign.data.readers.PairSource`."""
@@ -158,12 +139,9 @@ class PairFeed:
 
     def draw(self, batch: dict, shape: torch.Size, micro_step: int) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
         """One timestep and one noise per row of ``shape`` (on the device) and the batch's conditioning with caption
-        dropout applied, all from the generator of ``micro_step``; a refined pair's timestep below its limit
-        (:meth:`_timestep_limits`)."""
-        g, n, total = self._generator(micro_step), shape[0], self.backbone.scheduler.config.num_train_timesteps
-        t = torch.randint(0, total, (n,), generator=g)
-        if self.timestep_limits is not None:  # the same draw scaled into [0, limit): other runs' streams unchanged
-            t = t * self.timestep_limits[batch["row"].long()] // total
+        dropout applied, all from the generator of ``micro_step``."""
+        g, n = self._generator(micro_step), shape[0]
+        t = torch.randint(0, self.backbone.scheduler.config.num_train_timesteps, (n,), generator=g)
         noise = torch.randn(shape, generator=g)
         drop = torch.rand(n, generator=g) < self.cfg.data.caption_dropout
         cond = batch_conditioning(self.backbone, batch, self.resolution)
