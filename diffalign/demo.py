@@ -44,7 +44,8 @@ class Budget:
     testbed: str = "sd15"  # which testbed model: the SD1.5 or the SDXL architecture (same scenes, same checker)
     same_start: bool = False  # training pairs: a prompt's images from one x_T, differing by η = 1 noise (make-pairs)
     # training pairs also best vs worst of 8 img2img variants of each prompt's best image (make-pairs --refine): pairs
-    # that differ in detail, not layout. Adopted on the tuning rewards (README, "Pairs that differ in detail"); 0: none
+    # that differ in detail, not layout. Adopted on the tuning rewards (docs/benchmarks.md, "Pairs that differ in
+    # detail"); 0: none
     refine: float = 0.35
 
     def sampling(self, offset: int = 0, **changes) -> Sampling:

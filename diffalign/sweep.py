@@ -4,17 +4,17 @@ user's own data, picking by a signal that needs no reward model and never sees t
 Every trial trains the recipe with its grid point into ``OUT/trial-NN/run`` while measuring held-out pairs
 (``data.eval_pairs``: pairs the run never trains on). The pick, without a reward: by default the highest final
 held-out winner gain (how much better than the reference the policy denoises the held-out winners). Chosen on the
-testbed benchmark's tuning rewards over DPO lr x beta grids (the README's "Rewards nobody tuned for"): it and the
-held-out loss came within 0.05 of the grid's best win rate on 2 of 3 rewards, the margin and the implicit accuracy
-on 1; within one sweep over step sizes the margin and accuracy grow with the step while the images get worse, and
-the winner gain mostly turns negative there (not always: on jpeg_compressibility the best trial's was negative
-too). With a reward (``reward`` + ``prompts``): the highest win rate against the base on those prompts
+testbed benchmark's tuning rewards over DPO lr x beta grids (docs/benchmarks.md, "Rewards nobody tuned for"): it
+and the held-out loss came within 0.05 of the grid's best win rate on 2 of 3 rewards, the margin and the implicit
+accuracy on 1; within one sweep over step sizes the margin and accuracy grow with the step while the images get
+worse, and the winner gain mostly turns negative there (not always: on jpeg_compressibility the best trial's was
+negative too). With a reward (``reward`` + ``prompts``): the highest win rate against the base on those prompts
 (``diffalign eval``'s), and the table also gives each signal's rank correlation with it over the grid and each
 trial's win rate minus the chosen one's on the same comparisons, with its interval over prompts. Give validation
-prompts, not the ones you will report on, as many as you have (a warning under 32; your training prompts with fresh
-seeds will do): picked on all 128 training prompts x 8 fresh seeds, it came within 0.05 of the grid's best test win
-rate (32 seeds of the held-out prompts) on 8 of 9 report rewards x seeds, on 64 prompts 7 and on 32 prompts 6 of 9
-(``scripts/bench_sweep.py``).
+prompts, not the ones you will report on, as many as you have (a warning under 32; your training prompts with
+fresh seeds will do): picked on all 128 training prompts x 8 fresh seeds, it came within 0.05 of the grid's best
+test win rate (32 seeds of the held-out prompts) on 8 of 9 report rewards x seeds, on 64 prompts 7 and on 32
+prompts 6 of 9 (``scripts/bench_sweep.py``).
 
 Resumable: a finished trial's ``trial.json`` is read back (the grid point must match); an interrupted one resumes
 from its last checkpoint. Writes ``sweep.json`` (every trial), ``best.yaml`` (the chosen trial's config, which
@@ -37,7 +37,8 @@ from .data.prompts import read_prompts
 from .files import atomic_write_text
 
 log = logging.getLogger(__name__)
-MIN_VALIDATION_PROMPTS = 32  # fewer and the reward pick is mostly which prompts (README, "How precise one win rate is")
+# fewer and the reward pick is mostly which prompts (docs/benchmarks.md, "How precise one win rate is")
+MIN_VALIDATION_PROMPTS = 32
 
 SHORT = {"lr": "optim.lr", "beta": "objective.beta", "max_steps": "train.max_steps"}
 # The held-out signals a pick without a reward can maximise (all from the final held-out measurement):

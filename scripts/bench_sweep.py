@@ -59,8 +59,8 @@ from diffalign.sweep import (  # noqa: E402
 TARGET_GAP = 0.05
 # The reward pick's validation prompts (every training prompt). Each trial is first validated on the 32 of
 # `diffalign sweep`'s floor (every 4th, its trial record), then on these: 128 brought the pick within 0.05 of the
-# grid's best 32-seed test win rate on 8 of 9 (reward, seed) cases, 64 on 7 and 32 on 6 (README, "128 validation
-# prompts").
+# grid's best 32-seed test win rate on 8 of 9 (reward, seed) cases, 64 on 7 and 32 on 6 (docs/benchmarks.md,
+# "128 validation prompts").
 PICK_VALIDATION_PROMPTS = 128
 
 
@@ -116,11 +116,12 @@ def main() -> None:
     parser.add_argument("--testbed", choices=("sd15", "sdxl"), default="sd15", help="the testbed model's architecture")
     parser.add_argument("--refine", type=float, default=FULL.refine, metavar="STRENGTH",
                         help="training pairs also best vs worst of img2img variants of each prompt's best image "
-                             "(make-pairs --refine); 0: the images alone, as in the README's sweep tables")
+                             "(make-pairs --refine); 0: the images alone, as in docs/benchmarks.md's older sweep "
+                             "tables")
     parser.add_argument("--lr", default="3e-4,1e-3,3e-3", help="learning rates")
     parser.add_argument("--beta", default="20000,80000,320000",
                         help="betas (around testbed-dpo's 80000 on ε errors; the earlier v-error recipe's grid, "
-                             "in the README's older sweep tables, was 1000,5000,20000)")
+                             "in the older sweep tables of docs/benchmarks.md, was 1000,5000,20000)")
     parser.add_argument("--max-steps", default="", help="training steps (default: the recipe's)")
     parser.add_argument("--validation-prompts", type=int, default=PICK_VALIDATION_PROMPTS,
                         help="training prompts the reward pick validates on (every 128/N-th); more than 32: each trial "

@@ -137,7 +137,7 @@ def make_pairs(base: str, prompts_file: str | Path, rewards: Mapping[str, Reward
                         "(DDIM)")
     if not 0 <= refine < 1:
         raise DataError(f"--refine {refine}: the img2img strength of the variants must be in (0, 1) (0: none); "
-                        "0.35 keeps a testbed image's layout (README, \"Pairs that differ in detail\")")
+                        "0.35 keeps a testbed image's layout (docs/benchmarks.md, \"Pairs that differ in detail\")")
     settings = {"base": str(base), "adapter": str(adapter) if adapter else None, "prompts": prompts,
                 "per_prompt": per_prompt, "rewards": list(rewards), "weights": weights, **sampling.as_dict(),
                 **({"same_start": True} if same_start else {}),  # absent when off: older folders still resume
