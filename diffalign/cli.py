@@ -39,19 +39,23 @@ USER_ERRORS = (ConfigError, DataError, ExportError, ModelLoadError, OutputDirErr
                FileNotFoundError)
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from .training.trainer import train
 
     result = train(load_config(args.config, args.set))
     if not PartialState().is_main_process:
-        return
+        return 1 if result.stopped else 0
     if result.interrupted:
         print(f"interrupted at step {result.steps}; checkpoint-{result.steps} is in {result.output_dir}. Resume "
               "with the same command plus --set train.resume=latest")
-    else:
-        print(f"adapter: {result.adapter}\nmodel card: {result.output_dir / 'README.md'}")
+        return 0
+    print(f"adapter: {result.adapter}\nmodel card: {result.output_dir / 'README.md'}")
+    if result.stopped:  # an adapter, but not the run the config asked for: a script should notice
+        print(f"stopped early: {result.stopped}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -367,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate" and args.scale and len(args.scale) != len(args.adapter or []):
             raise ArgumentError(f"{len(args.adapter or [])} --adapter but {len(args.scale)} --scale")
         quiet_libraries()
-        args.func(args)
+        status = args.func(args)
     except RewardFailed as e:  # one line naming the head and prompt(s), then the head's own traceback
         print(f"error: {e}", file=sys.stderr)
         cause = e.__cause__ or e
@@ -379,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

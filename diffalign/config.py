@@ -57,7 +57,7 @@ class DataConfig:
     on_bad_image: str = _f("skip", "What to do with undecodable images: 'skip' (counted warning) or 'error'.")
     num_workers: int = _f(0, "DataLoader worker processes when training from raw images.")
     prompts: str = _f("", "D3PO online: prompts file (.txt one per line, or .jsonl with \"prompt\").")
-    eval_prompts: str = _f("", "D3PO online: held-out prompts for the mean-reward evaluation.")
+    eval_prompts: str = _f("", "Online objectives: held-out prompts for the mean-reward (and guard) evaluation.")
     labels: str = _f("", "D3PO human feedback: label JSONL ({prompt_id, scores, annotator}) for `diffalign sample` "
                          "output.")
     rollouts: str = _f("", "D3PO human feedback: the `diffalign sample` folder; empty: the labels file's folder.")

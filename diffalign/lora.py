@@ -81,6 +81,14 @@ def diffusers_naming(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
+def peft_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the adapter's weights with peft's key names (what checkpoints hold and
+    ``set_peft_model_state_dict`` loads back); a copy even on a CPU, so later training does not change it."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+
+
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's weights with diffusers' key names (``<module>.lora.down.weight`` / ``.lora.up.weight``,
     without the ``unet.`` prefix), one naming for every adapted module."""

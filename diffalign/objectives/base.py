@@ -7,7 +7,7 @@ from typing import Literal, Protocol
 
 from torch import Tensor
 
-from ..options import ConfigError, check_choice
+from ..options import ConfigError, check_choice, check_positive
 
 # The help of ``objective.min_step_std``, an option of every rollout objective (D3PO, DDPO, GRPO).
 MIN_STEP_STD_HELP = (
@@ -30,6 +30,19 @@ STEP_WEIGHTING_HELP = (
 def check_step_weighting(options) -> None:
     """``objective.step_weighting`` names a rule of :data:`STEP_WEIGHTINGS`."""
     check_choice("objective", "step_weighting", options.step_weighting, STEP_WEIGHTINGS)
+
+
+# The reward-hacking guard's options, shared by every online objective (training/reward_guard.py).
+GUARD_HELP = ("Reward-hacking guard: head(s) scored on the evaluation images of data.eval_prompts (every "
+              "objective.eval_every), not trained on; logged as eval_guard_<head>.")
+GUARD_OPTIONS_HELP = "Guard heads' keyword arguments as HEAD.KEY=VALUE strings."
+GUARD_MARGIN_HELP = ("Stop when a guard's mean falls more than this below its first evaluation (before training), "
+                     "handing back the adapter of the last evaluation where every guard held; 0: only log.")
+
+
+def check_guard(options) -> None:
+    """``objective.guard_margin`` is not negative."""
+    check_positive("objective", "guard_margin", options.guard_margin, allow_zero=True)
 
 
 @dataclass

@@ -21,9 +21,13 @@ from torch import Tensor
 from ..config import ConfigError, check_positive, option
 from ..rewards.combine import pairs_from_scores, signed
 from .base import (
+    GUARD_HELP,
+    GUARD_MARGIN_HELP,
+    GUARD_OPTIONS_HELP,
     MIN_STEP_STD_HELP,
     STEP_WEIGHTING_HELP,
     StepLogProbs,
+    check_guard,
     check_step_weighting,
     implicit_accuracy,
 )
@@ -67,7 +71,10 @@ class D3POOptions:
     timestep_fraction: float = option(1.0, "Fraction of each trajectory's steps trained (a random subset per pair).")
     min_step_std: float = option(0.0, MIN_STEP_STD_HELP)
     step_weighting: str = option("none", STEP_WEIGHTING_HELP)
-    eval_every: int = option(0, "Online: mean reward on data.eval_prompts every N rounds (0: never).")
+    eval_every: int = option(0, "Online: mean reward (and guard) on data.eval_prompts every N rounds (0: never).")
+    guard: list[str] = option([], GUARD_HELP)
+    guard_options: list[str] = option([], GUARD_OPTIONS_HELP)
+    guard_margin: float = option(0.0, GUARD_MARGIN_HELP)
 
     def __post_init__(self) -> None:
         check_positive("objective", "beta", self.beta)
@@ -83,6 +90,7 @@ class D3POOptions:
         check_positive("objective", "eval_every", self.eval_every, allow_zero=True)
         check_positive("objective", "min_step_std", self.min_step_std, allow_zero=True)
         check_step_weighting(self)
+        check_guard(self)
 
 
 class D3PO:

@@ -27,9 +27,13 @@ from torch import Tensor
 from ..config import ConfigError, check_positive, option
 from ..rewards.combine import weighted
 from .base import (
+    GUARD_HELP,
+    GUARD_MARGIN_HELP,
+    GUARD_OPTIONS_HELP,
     MIN_STEP_STD_HELP,
     STEP_WEIGHTING_HELP,
     StepRatios,
+    check_guard,
     check_reward_weights,
     check_step_weighting,
 )
@@ -133,7 +137,10 @@ class DDPOOptions:
                                            "sample).")
     min_step_std: float = option(0.0, MIN_STEP_STD_HELP)
     step_weighting: str = option("none", STEP_WEIGHTING_HELP)
-    eval_every: int = option(0, "Mean reward on data.eval_prompts every N rounds (0: never).")
+    eval_every: int = option(0, "Mean reward (and guard) on data.eval_prompts every N rounds (0: never).")
+    guard: list[str] = option([], GUARD_HELP)
+    guard_options: list[str] = option([], GUARD_OPTIONS_HELP)
+    guard_margin: float = option(0.0, GUARD_MARGIN_HELP)
 
     def __post_init__(self) -> None:
         check_rollout_options(self)
@@ -156,6 +163,7 @@ def check_rollout_options(o) -> None:
     check_positive("objective", "min_step_std", o.min_step_std, allow_zero=True)
     check_step_weighting(o)
     check_reward_weights(o)
+    check_guard(o)
 
 
 class DDPO:

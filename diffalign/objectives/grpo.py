@@ -24,7 +24,14 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError, check_positive, option
-from .base import MIN_STEP_STD_HELP, STEP_WEIGHTING_HELP, StepRatios
+from .base import (
+    GUARD_HELP,
+    GUARD_MARGIN_HELP,
+    GUARD_OPTIONS_HELP,
+    MIN_STEP_STD_HELP,
+    STEP_WEIGHTING_HELP,
+    StepRatios,
+)
 from .ddpo import check_rollout_options, clipped_surrogate
 
 
@@ -76,7 +83,10 @@ class GRPOOptions:
                                            "60%).")
     min_step_std: float = option(0.0, MIN_STEP_STD_HELP)
     step_weighting: str = option("none", STEP_WEIGHTING_HELP)
-    eval_every: int = option(0, "Mean reward on data.eval_prompts every N rounds (0: never).")
+    eval_every: int = option(0, "Mean reward (and guard) on data.eval_prompts every N rounds (0: never).")
+    guard: list[str] = option([], GUARD_HELP)
+    guard_options: list[str] = option([], GUARD_OPTIONS_HELP)
+    guard_margin: float = option(0.0, GUARD_MARGIN_HELP)
 
     @property
     def per_prompt(self) -> int:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError, check_positive, option
-from .base import check_reward_weights
+from .base import GUARD_HELP, GUARD_MARGIN_HELP, GUARD_OPTIONS_HELP, check_guard, check_reward_weights
 
 
 def reward_backprop_loss(rewards: Tensor, weights: list[float] | None = None) -> tuple[Tensor, dict[str, float]]:
@@ -43,11 +43,9 @@ class RewardBackpropOptions:
     backprop_steps_max: int = option(0, "> backprop_steps: K drawn uniformly from [backprop_steps, "
                                         "backprop_steps_max] per micro-batch (AlignProp); 0: K fixed.")
     checkpointing: bool = option(True, "Gradient checkpointing of the K steps' UNet calls and of the VAE decode.")
-    guard: list[str] = option([], "Reward-hacking guard: head(s) scored on data.eval_prompts at every evaluation "
-                                  "(not trained on).")
-    guard_options: list[str] = option([], "Guard heads' keyword arguments as HEAD.KEY=VALUE strings.")
-    guard_margin: float = option(0.0, "Stop (with a checkpoint) when a guard's mean falls more than this below its "
-                                      "first evaluation; 0: only warn.")
+    guard: list[str] = option([], GUARD_HELP)
+    guard_options: list[str] = option([], GUARD_OPTIONS_HELP)
+    guard_margin: float = option(0.0, GUARD_MARGIN_HELP)
     eval_every: int = option(0, "Mean reward (and guard) on data.eval_prompts every N optimizer steps (0: never).")
 
     def __post_init__(self) -> None:
@@ -57,7 +55,7 @@ class RewardBackpropOptions:
         if self.backprop_steps_max and self.backprop_steps_max < self.backprop_steps:
             raise ConfigError(f"objective.backprop_steps_max={self.backprop_steps_max!r} must be 0 or >= "
                               f"objective.backprop_steps ({self.backprop_steps})", ("objective.backprop_steps_max",))
-        check_positive("objective", "guard_margin", self.guard_margin, allow_zero=True)
+        check_guard(self)
         check_positive("objective", "eval_every", self.eval_every, allow_zero=True)
         check_reward_weights(self)
 

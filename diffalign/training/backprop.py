@@ -8,13 +8,12 @@ DRaFT and AlignProp sample), CFG included, under the accelerator's autocast.
 
 Every ``objective.eval_every`` updates the mean reward of one fixed-noise sample per ``data.eval_prompts``
 prompt is logged (``eval_reward_<head>``), and so is every guard head (``eval_guard_<head>``): the reward-hacking
-guard. A guard falling more than ``objective.guard_margin`` below its first evaluation stops training.
+guard (training/reward_guard.py). A guard falling more than ``objective.guard_margin`` below its first evaluation
+stops training, with the adapter of the last evaluation where every guard held.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 
 import torch
@@ -23,16 +22,12 @@ from torch.utils.checkpoint import checkpoint
 from ..config import Config, ConfigError
 from ..data.errors import DataError
 from ..data.prompts import read_prompts
-from ..files import atomic_write_text
 from ..models import Backbone
 from ..rewards import load_rewards, parse_reward_options, score
 from ..rewards.combine import signed
 from ..sampling.trajectories import ddim_scheduler, guided_prediction
-from .guards import TrainingStopped
+from .reward_guard import RewardGuard
 from .rollouts import online_resolution, position_generator
-
-log = logging.getLogger(__name__)
-GUARD_FILE = "guard.json"
 
 
 class RewardBackpropFeed:
@@ -58,7 +53,7 @@ class RewardBackpropFeed:
                 raise ConfigError(f"objective.reward: head {head!r} is not differentiable (its `differentiable` is "
                                   f"False); {name} needs the reward's gradient. Use a differentiable head, or an "
                                   "online objective that only needs scores (ddpo, grpo, d3po)", ("objective.reward",))
-        self.guards = load_rewards(o.guard, parse_reward_options(o.guard_options)) if o.guard else {}
+        self.guard = RewardGuard(cfg)
         m = cfg.model
         self.resolution = online_resolution(cfg)
         self.backbone = Backbone.load(m.pretrained, m.vae, m.prediction_type, m.revision, weight_dtype)
@@ -71,7 +66,6 @@ class RewardBackpropFeed:
         self.negative = self.backbone.at_resolution(self.backbone.encode_negative(cfg.sampling.negative_prompt),
                                                    self.resolution)
         self.rank = accelerator.process_index
-        self.guard_baseline: dict[str, float] = {}
         self._metrics: dict[str, float] = {}
 
     def ready(self) -> None:
@@ -117,7 +111,7 @@ class RewardBackpropFeed:
         every ``objective.eval_every`` updates)."""
         every, t = self.cfg.objective.options.eval_every, self.cfg.train
         if every and epoch % every == 0 and skip == 0:
-            self._metrics.update(self.evaluate(self.backbone.unet))
+            self._metrics.update(self.evaluate(self.backbone.unet, epoch))
         self._metrics["samples"] = float(t.batch_size * t.grad_accum * self.accelerator.num_processes)
         batches = []
         for i in range(self.cfg.train.grad_accum):
@@ -138,8 +132,9 @@ class RewardBackpropFeed:
         return loss, metrics
 
     @torch.no_grad()
-    def evaluate(self, unet) -> dict[str, float]:
-        """Mean reward and guard of one fixed-noise sample per held-out prompt; stops on a guard fall."""
+    def evaluate(self, unet, epoch: int) -> dict[str, float]:
+        """Mean reward and guard of one fixed-noise sample per held-out prompt, before update ``epoch``; stops on
+        a guard fall (:class:`~diffalign.training.reward_guard.GuardFell`)."""
         if not self.eval_prompts:
             return {}
         was_training = unet.training
@@ -150,28 +145,16 @@ class RewardBackpropFeed:
             unet.train(was_training)
         metrics = {f"eval_reward_{n}": v.mean().item() for n, v in
                    zip(self.rewards, self._scores(self.rewards, images, self.eval_prompts).unbind(-1))}
-        if self.guards:
-            values = self._scores(self.guards, images, self.eval_prompts)
-            for i, (name, head) in enumerate(self.guards.items()):
-                value = values[:, i].mean().item() * (1 if head.higher_is_better else -1)
-                metrics[f"eval_guard_{name}"] = values[:, i].mean().item()
-                first = self.guard_baseline.setdefault(name, value)
-                margin = self.cfg.objective.options.guard_margin
-                if first - value > margin > 0:
-                    raise TrainingStopped(f"reward-hacking guard {name!r} fell from {first:.4g} to {value:.4g} on "
-                                          f"data.eval_prompts (more than objective.guard_margin={margin:g}); stopped")
-                if first - value > 0:
-                    log.info("guard %s: %.4g (first evaluation %.4g)", name, value, first)
-        return metrics
+        return {**metrics, **self.guard.check(images, self.eval_prompts, unet, epoch)}
 
     def take_metrics(self) -> dict[str, float]:
         metrics, self._metrics = self._metrics, {}
         return metrics
 
     def save(self, folder: Path) -> None:
-        """The guard's first evaluation (what a fall is measured from); everything else is drawn from seeds."""
-        atomic_write_text(folder / GUARD_FILE, json.dumps(self.guard_baseline))
+        """The guard's state (its first evaluation and the adapter to hand back); everything else is drawn from
+        seeds."""
+        self.guard.save(folder)
 
     def restore(self, folder: Path, epoch: int) -> None:
-        if (folder / GUARD_FILE).is_file():
-            self.guard_baseline = json.loads((folder / GUARD_FILE).read_text())
+        self.guard.restore(folder)

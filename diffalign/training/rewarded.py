@@ -67,7 +67,7 @@ class RewardedRolloutFeed:
     # ----- rounds -----
     def _new_round(self, index: int) -> RewardedRound:
         unet, every = self.backbone.unet, self.cfg.objective.eval_every
-        metrics = self.source.evaluate(unet, self.accelerator.autocast) if every and index % every == 0 else {}
+        metrics = self.source.evaluate(unet, index, self.accelerator.autocast) if every and index % every == 0 else {}
         rollouts, scores, round_metrics = self.source.sample_round(index, unet, self.accelerator.autocast)
         advantages = self._advantages(rollouts, scores)
         spread = scores.amax(dim=1) - scores.amin(dim=1)  # [P, heads]
@@ -146,6 +146,7 @@ class RewardedRolloutFeed:
     def save(self, folder: Path) -> None:
         """The round's rollouts, scores and advantages, and the objective's state (DDPO's per-prompt statistics,
         already updated with this round), so a resume mid-round trains on exactly the same items."""
+        self.source.guard.save(folder)
         if self.round is None:
             return
         self.round.rollouts.save(folder / ROUND_FILE)
@@ -155,6 +156,7 @@ class RewardedRolloutFeed:
         atomic_write_text(folder / ROUND_STATE, json.dumps(state))
 
     def restore(self, folder: Path, epoch: int) -> None:
+        self.source.guard.restore(folder)
         if not (folder / ROUND_STATE).is_file():
             return  # checkpointed before the first round
         state = json.loads((folder / ROUND_STATE).read_text())

@@ -33,6 +33,7 @@ from ..rewards import load_rewards, parse_reward_options, score
 from ..sampling.settings import Sampling
 from ..sampling.trajectories import Rollouts, ddim_scheduler, guided_prediction, sample_rollouts
 from .logprob import ddim_step_distribution, gaussian_log_prob, step_stds, step_weights
+from .reward_guard import RewardGuard
 
 log = logging.getLogger(__name__)
 ROUND_FILE = "rollouts.safetensors"
@@ -77,6 +78,10 @@ class RolloutSource:
         if cfg.data.labels:
             from ..sampling.human import load_labelled_rollouts
 
+            if getattr(o, "guard", None):
+                raise ConfigError(f"objective.guard={o.guard}: a guard scores samples drawn during training; with "
+                                  "data.labels (stored, human-labelled rollouts) nothing is drawn", ("objective.guard",))
+
             self.stored, scores, settings = load_labelled_rollouts(cfg.data.labels, cfg.data.rollouts or None)
             self.sampling = Sampling(steps=settings["steps"], guidance=settings["guidance"], eta=settings["eta"])
             log.info("%s: steps, guidance and η of the stored trajectories (%d, %g, %g), not the sampling section's",
@@ -93,6 +98,7 @@ class RolloutSource:
         else:
             raise DataError(f"objective.name={name} needs data.prompts (online, with objective.reward)" +
                             (" or data.labels (human feedback on `diffalign sample` output)" if labels_allowed else ""))
+        self.guard = RewardGuard(cfg)
         self.steps, self.guidance = self.sampling.steps, self.sampling.guidance
         self.eta = self.sampling.trajectory_eta()
 
@@ -205,13 +211,16 @@ class RolloutSource:
         return metrics
 
     @torch.no_grad()
-    def evaluate(self, unet, autocast=None) -> dict[str, float]:
-        """Mean reward of one sample per held-out prompt, with fixed noise (the same every evaluation)."""
+    def evaluate(self, unet, index: int, autocast=None) -> dict[str, float]:
+        """Mean reward (and guard, which may stop the run: training/reward_guard.py) of one sample per held-out
+        prompt, with fixed noise (the same every evaluation), before round ``index``."""
         if not self.eval_prompts:
             return {}
-        # the same noise on every rank, so every rank logs the same number
+        # the same noise on every rank, so every rank logs the same number (and every rank's guard agrees)
         rollouts = self._sample(unet, self.eval_prompts, self._generator(-1, shared=True), autocast, per_prompt=1)
-        return {f"eval_{k}": v for k, v in self._score_metrics(self._score(rollouts)).items()}
+        metrics = {f"eval_{k}": v for k, v in self._score_metrics(self._score(rollouts)).items()}
+        images = rollouts.images.reshape(-1, *rollouts.images.shape[2:])
+        return {**metrics, **self.guard.check(images, list(rollouts.prompts), unet, index)}
 
     def batches(self, rnd: Round, batch_size: int) -> list[dict]:
         """This rank's micro-batches of the round: the pairs in a seeded order, ``batch_size`` at a time, and for
@@ -345,7 +354,7 @@ class RolloutFeed:
     def _new_round(self, index: int) -> Round:
         """Evaluate (every ``eval_every`` rounds), then sample and score round ``index`` with the current policy."""
         unet, every = self.backbone.unet, self.cfg.objective.eval_every
-        metrics = self.source.evaluate(unet, self.accelerator.autocast) if every and index % every == 0 else {}
+        metrics = self.source.evaluate(unet, index, self.accelerator.autocast) if every and index % every == 0 else {}
         rnd = self.source.new_round(index, unet, self.accelerator.autocast)
         self._idle_rounds = 0 if rnd.pairs else self._idle_rounds + 1
         if self._idle_rounds >= 5:
@@ -359,10 +368,12 @@ class RolloutFeed:
         return metrics
 
     def save(self, folder: Path) -> None:
-        """The current round's rollouts go into the checkpoint."""
+        """The current round's rollouts and the guard's state go into the checkpoint."""
         if self.round is not None:
             self.source.save_round(self.round, folder)
+        self.source.guard.save(folder)
 
     def restore(self, folder: Path, epoch: int) -> None:
         """Resume mid-round on exactly the checkpointed samples."""
         self.round = self.source.load_round(epoch, folder)
+        self.source.guard.restore(folder)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError
 from ..files import atomic_save_image, atomic_write_text
-from ..lora import add_lora, save_lora
+from ..lora import add_lora, peft_state, save_lora
 from ..models import Conditioning
 from ..registry import objective_class
 from . import checkpoint as ckpt
@@ -27,6 +27,7 @@ from .checkpoint import OutputDirError, check_writable
 from .feeds import Feed, make_feed
 from .guards import StopSignals, TrainingStopped, any_process, grads_finite, zero_loss
 from .optim import build_optimizer, check_available
+from .reward_guard import GuardFell
 from .watch import HeldOutPairs, RunWatcher
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # metrics per optimizer step of this run (metrics.json: all)
     interrupted: bool = False
     warnings: list[str] = field(default_factory=list)  # what the run watcher warned about (training/watch.py)
+    stopped: str | None = None  # why the run ended before train.max_steps with an adapter (a reward-hacking guard)
 
 
 class Trainer:
@@ -150,6 +152,9 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         step, epoch, batch_in_epoch = 0, 0, 0
         self._earlier_history: list[dict] = []
+        # the optimizer step at which each epoch began, where it is not the epoch itself (a guard's adapter is named
+        # by its epoch: an update of reward backprop, a round of the rollout objectives)
+        self._epoch_steps: dict[int, int] = {}
         if cfg.train.resume:
             step, epoch, batch_in_epoch = self._resume(ckpt.find_resume(self.output_dir, cfg.train.resume))
         if acc.is_main_process:
@@ -167,7 +172,14 @@ class Trainer:
         self.unet.train()
         with StopSignals() as signals:
             while step < cfg.train.max_steps:
-                for batch in self.feed.batches(epoch, batch_in_epoch):
+                if batch_in_epoch == 0 and step != epoch:  # not a resume mid-epoch
+                    self._epoch_steps[epoch] = step
+                try:
+                    batches = self.feed.batches(epoch, batch_in_epoch)
+                except GuardFell as fell:
+                    bar.close()
+                    return self._guard_stop(fell, history)
+                for batch in batches:
                     metrics = self.training_step(batch, step * acc.gradient_accumulation_steps + len(pending))
                     batch_in_epoch += 1
                     pending.append(metrics)
@@ -234,6 +246,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             position = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                         "num_processes": self.accelerator.num_processes}
+            position["epoch_steps"] = self._epoch_steps
             position["lora"] = {"rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha,
                                 "targets": list(self.cfg.lora.targets)}
             history = self._earlier_history + self._history
@@ -247,9 +260,7 @@ class Trainer:
             ckpt.rotate(self.output_dir, self.cfg.train.checkpoints_keep)
 
     def _peft_state(self) -> dict[str, torch.Tensor]:
-        from peft.utils import get_peft_model_state_dict
-
-        return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.accelerator.unwrap_model(self.unet)).items()}
+        return peft_state(self.accelerator.unwrap_model(self.unet))
 
     def _resume(self, folder: Path) -> tuple[int, int, int]:
         from peft.utils import set_peft_model_state_dict
@@ -258,6 +269,7 @@ class Trainer:
         ckpt.check_lora_shape(folder, pos, weights, self.cfg.lora)
         set_peft_model_state_dict(self.accelerator.unwrap_model(self.unet), weights)
         self._earlier_history = ckpt.load_history(folder, pos["step"])
+        self._epoch_steps = {int(e): s for e, s in pos.get("epoch_steps", {}).items()}
         self.feed.restore(folder, pos["epoch"])
         then, now = pos.get("num_processes", 1), self.accelerator.num_processes
         batch = pos["batch_in_epoch"]
@@ -272,6 +284,19 @@ class Trainer:
                      pos["batch_in_epoch"], batch)
         log.info("resumed from %s at step %d", folder, pos["step"])
         return pos["step"], pos["epoch"], batch
+
+    def _guard_stop(self, fell: GuardFell, history: list[dict]) -> TrainResult:
+        """A reward-hacking guard fell: the adapter of its last evaluation that held becomes the run's adapter."""
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.accelerator.unwrap_model(self.unet), fell.adapter)
+        step = self._epoch_steps.get(fell.epoch, fell.epoch)
+        message = (f"{fell}: the adapter written is the one of the last evaluation where every guard held, at step "
+                   f"{step}")
+        self.watcher.warn("guard", message)
+        result = self._finish(step, history)
+        result.stopped = message
+        return result
 
     def _finish(self, step: int, history: list[dict]) -> TrainResult:
         acc = self.accelerator

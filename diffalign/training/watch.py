@@ -94,7 +94,7 @@ class RunWatcher:
             if self.best_held_out is None or acc > self.best_held_out[0]:
                 self.best_held_out = (acc, step)
             elif self.best_held_out[0] - acc >= HELD_OUT_FALL:
-                new += self._warn("falling", f"step {step}: held-out implicit accuracy fell from "
+                new += self.warn("falling", f"step {step}: held-out implicit accuracy fell from "
                                   f"{self.best_held_out[0]:.2f} (step {self.best_held_out[1]}) to {acc:.2f}; the run is "
                                   f"past its best: fewer steps (train.max_steps={self.best_held_out[1]}) or a lower "
                                   "optim.lr would do better")
@@ -107,23 +107,23 @@ class RunWatcher:
             if collapsed:
                 where = (f"training pairs at implicit accuracy {acc:.2f} and loss {loss:.4f} (from {self.first_loss:.4f})")
                 if self.last_held_out is None:
-                    new += self._warn("collapsed", f"step {step}: {where}: the loss has collapsed; with no held-out "
+                    new += self.warn("collapsed", f"step {step}: {where}: the loss has collapsed; with no held-out "
                                       "pairs (data.eval_pairs) nothing tells memorising the training pairs from "
                                       "learning the preference")
                 elif self.last_held_out < HELD_OUT_LOW:
-                    new += self._warn("overfitting", f"step {step}: overfitting: {where}, but held-out pairs at "
+                    new += self.warn("overfitting", f"step {step}: overfitting: {where}, but held-out pairs at "
                                       f"{self.last_held_out:.2f}; lower optim.lr or train.max_steps, or use more pairs")
         if collapsed and all("margin" in m for m in self.recent):
             margin = sum(m["margin"] for m in self.recent) / WINDOW
             if margin > RUNAWAY_MARGIN:
-                new += self._warn("margin", f"step {step}: the training margin is running away ({margin:.1f} > "
+                new += self.warn("margin", f"step {step}: the training margin is running away ({margin:.1f} > "
                                   f"{RUNAWAY_MARGIN:.0f}, where the loss is flat): the policy keeps moving from the "
                                   "reference with nothing left to learn; lower optim.lr or objective.beta")
         if "per_prompt_share" in logged:
             self.per_prompt_shares.append(float(logged["per_prompt_share"]))
             full_rounds = len(self.per_prompt_shares) == WINDOW
             if full_rounds and (share := sum(self.per_prompt_shares) / WINDOW) < PER_PROMPT_LOW:
-                new += self._warn("per_prompt", f"step {step}: only {share:.0%} of the last {WINDOW} rounds' "
+                new += self.warn("per_prompt", f"step {step}: only {share:.0%} of the last {WINDOW} rounds' "
                                   "advantages were normalised by their own prompt's rewards: each prompt is drawn too "
                                   "rarely to gather objective.stat_min_count of them, so the rest were normalised over "
                                   "the whole round, where differences between prompts pass for differences between "
@@ -131,7 +131,8 @@ class RunWatcher:
                                   "round) or train on fewer prompts")
         return new
 
-    def _warn(self, kind: str, message: str) -> list[str]:
+    def warn(self, kind: str, message: str) -> list[str]:
+        """Log ``message`` and keep it in :attr:`warnings`, once per ``kind``; the new warnings."""
         if kind in self.warned:
             return []
         self.warned.add(kind)
