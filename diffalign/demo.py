@@ -125,7 +125,9 @@ def train_on_testbed(out: Path, objective: str, pairs: str, budget: Budget, rewa
     base = [f"model.pretrained={tb.testbed_path(budget.testbed)}", f"train.output_dir={out / 'adapter'}",
             f"cache.dir={out / 'cache'}", "log.to=none"]
     if is_online(objective):  # it samples its own rollouts and scores them with the reward
-        base += [f"data.prompts={prompts}", f"objective.reward=[{reward}]"]
+        # the evaluation (and any objective.guard) draws from the training prompts with its own fixed noise: the
+        # held-out prompts stay for the test
+        base += [f"data.prompts={prompts}", f"data.eval_prompts={prompts}", f"objective.reward=[{reward}]"]
     elif objective_class(objective).data == "unpaired":  # KTO: thumbs of the images the pairs came from
         base.append(f"data.dataset={Path(pairs).with_name('unpaired.jsonl')}")
     else:

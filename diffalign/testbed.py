@@ -217,6 +217,21 @@ def prompt_following(images: Tensor, prompts: list[str]) -> dict[str, float]:
     return {key: value / len(prompts) for key, value in hits.items()}
 
 
+class PromptColours:
+    """1 where the checker reads both colours the prompt names (the shape's and the background's), else 0: the
+    benchmark's guard per image, as a reward head, so an online run can use it as ``objective.guard`` (what CLIP
+    similarity is for a real model). Not differentiable."""
+
+    name, differentiable, higher_is_better = "prompt_colours", False, True
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        named = [parse_prompt(p) for p in prompts]
+        return torch.tensor([float(seen.colour == colour and seen.background == background)
+                             for seen, (_, colour, background) in zip(analyse(images), named)])
+
+
 SOFT_MASK_WIDTH = 0.05  # RGB-distance width of the sigmoid whose slope stands in for the hard mask's gradient
 
 

@@ -51,6 +51,22 @@ def test_a_falling_guard_hands_back_the_adapter_of_its_last_held_evaluation(name
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the held adapter, bit for bit
 
 
+@pytest.mark.parametrize("name", ["reward_backprop", "grpo"])
+def test_the_final_adapter_meets_the_guard_too(name, tiny_sd15, online_config, tmp_path, monkeypatch):
+    # two rounds (updates): evaluations before each hold, the one after the last step falls
+    steps = 2 if name == "reward_backprop" else 4
+    common = [*SIZES[name], "optim.lr=3e-3"]
+    guard = falling_guard(tmp_path, monkeypatch, f"falling_final_{name}")
+    guarded = train(online_config(tiny_sd15, name, *common, f"train.max_steps={steps}", f"objective.guard=[{guard}]",
+                                  "objective.guard_margin=0.1", out="guarded"))
+    held = steps // 2
+    assert guarded.stopped and f"at step {held}" in guarded.stopped and len(guarded.history) == steps
+    unguarded = train(online_config(tiny_sd15, name, *common, f"train.max_steps={held}", out="unguarded"))
+    assert "eval_reward_brightness" in unguarded.history[-1]  # the final adapter's evaluation, logged with its step
+    a, b = (load_file(r.adapter) for r in (guarded, unguarded))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_the_cli_exits_1_after_a_guard_stop_and_names_the_adapter(tiny_sd15, online_config, tmp_path, monkeypatch,
                                                                     capsys):
     guard = falling_guard(tmp_path, monkeypatch, "falling_cli")

@@ -53,6 +53,16 @@ def test_checker_on_many_random_scenes_and_on_an_empty_image():
         tb.prompt_following(blank, ["a", "b"])
 
 
+def test_prompt_colours_scores_both_colours_per_image():
+    image = _tensor([tb.render(tb.Scene("circle", "red", "gray", 9, 16, 16, 1.0))])[0]
+    prompts = ["a red circle on a gray background", "a red square on a gray background",  # the shape is not asked
+               "a blue circle on a gray background", "a red circle on a black background"]
+    images = image.expand(len(prompts), -1, -1, -1)
+    values = score(load_reward("prompt_colours"), images, prompts)
+    assert values.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert values.mean().item() == tb.prompt_following(images, prompts)["colour"]  # the benchmark's guard
+
+
 def test_rewards_rank_size_and_saturation():
     small, large = tb.Scene("circle", "red", "gray", 5), tb.Scene("circle", "red", "gray", 10)
     dull, vivid = tb.Scene("square", "blue", "black", 8, saturation=0.6), tb.Scene("square", "blue", "black", 8)

@@ -39,6 +39,7 @@ BUILTIN_REWARDS = {
     "left_position": "diffalign.testbed:LeftPosition",
     "centredness": "diffalign.testbed:Centredness",
     "edge_sharpness": "diffalign.testbed:EdgeSharpness",
+    "prompt_colours": "diffalign.testbed:PromptColours",
 }
 
 

@@ -147,6 +147,10 @@ class RewardBackpropFeed:
                    zip(self.rewards, self._scores(self.rewards, images, self.eval_prompts).unbind(-1))}
         return {**metrics, **self.guard.check(images, self.eval_prompts, unet, epoch)}
 
+    def final_evaluation(self, epoch: int) -> dict[str, float]:
+        """The evaluation of the final adapter, when the run evaluates at all."""
+        return self.evaluate(self.backbone.unet, epoch) if self.cfg.objective.options.eval_every else {}
+
     def take_metrics(self) -> dict[str, float]:
         metrics, self._metrics = self._metrics, {}
         return metrics

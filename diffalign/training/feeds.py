@@ -45,6 +45,10 @@ class Feed(Protocol):
     def restore(self, folder: Path, epoch: int) -> None:
         """Read it back on resume (``epoch``: the checkpoint's epoch or round)."""
 
+    # Optional (the online feeds): ``final_evaluation(epoch) -> dict[str, float]``, the evaluation of the final
+    # adapter (mean reward and reward-hacking guard, which may raise GuardFell) after the last step, at position
+    # ``epoch``; the trainer adds it to the last step's metrics.
+
 
 def feed_class(data: str) -> type:
     """The feed for an objective's ``data`` declaration."""

@@ -137,6 +137,9 @@ class RewardedRolloutFeed:
         return self.objective(StepRatios(log_prob, batch["old_log_prob"].to(self.device).float(),
                                          batch["advantages"].to(self.device), kl, batch["weight"].to(self.device)))
 
+    def final_evaluation(self, epoch: int) -> dict[str, float]:
+        return self.source.final_evaluation(self.backbone.unet, epoch, self.accelerator.autocast)
+
     def take_metrics(self) -> dict[str, float]:
         """The round's metrics (reward, advantages, timings), once: with the first optimizer step that trains on it."""
         metrics, self._metrics = self._metrics, {}

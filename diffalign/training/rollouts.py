@@ -210,6 +210,10 @@ class RolloutSource:
             metrics[f"reward_{name}_std"] = scores[..., i].std(unbiased=False).item()
         return metrics
 
+    def final_evaluation(self, unet, index: int, autocast=None) -> dict[str, float]:
+        """The evaluation of the final adapter (at position ``index``), when the run evaluates at all."""
+        return self.evaluate(unet, index, autocast) if self.cfg.objective.eval_every else {}
+
     @torch.no_grad()
     def evaluate(self, unet, index: int, autocast=None) -> dict[str, float]:
         """Mean reward (and guard, which may stop the run: training/reward_guard.py) of one sample per held-out
@@ -361,6 +365,9 @@ class RolloutFeed:
             raise DataError(f"5 rounds in a row without a pair: the reward ties on every sample ({rnd.metrics})")
         self._metrics = {**rnd.metrics, **metrics, "round": float(index)}
         return rnd
+
+    def final_evaluation(self, epoch: int) -> dict[str, float]:
+        return self.source.final_evaluation(self.backbone.unet, epoch, self.accelerator.autocast)
 
     def take_metrics(self) -> dict[str, float]:
         """The round's metrics (reward, pairs, timings), once: with the first optimizer step that trains on it."""

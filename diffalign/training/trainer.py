@@ -226,6 +226,12 @@ class Trainer:
                 else:
                     epoch, batch_in_epoch = epoch + 1, 0
         bar.close()
+        final = getattr(self.feed, "final_evaluation", None)  # online feeds: the last adapter meets the guard too
+        if final is not None and history:
+            try:
+                history[-1].update(final(epoch + 1))
+            except GuardFell as fell:
+                return self._guard_stop(fell, history)
         return self._finish(step, history)
 
     def _gather(self, pending: list[dict]) -> dict[str, float]:
