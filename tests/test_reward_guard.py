@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from diffalign.cli import main
 from diffalign.config import ConfigError
+from diffalign.training.guards import TrainingStopped
 from diffalign.training.reward_guard import RewardGuard
 from diffalign.training.trainer import Trainer, train
 
@@ -104,3 +105,12 @@ def test_a_guard_on_human_labelled_rollouts_is_refused(tiny_sd15, online_config,
     with pytest.raises(ConfigError, match=r"objective.guard=\['brightness'\]: .* with data.labels"):
         Trainer(online_config(tiny_sd15, "d3po", f"data.labels={tmp_path / 'labels.jsonl'}", "data.prompts=",
                               "objective.guard=[brightness]"))
+
+
+def test_a_fall_after_resuming_a_baseline_only_checkpoint_writes_no_adapter(tiny_sd15, online_config, tmp_path):
+    cfg = online_config(tiny_sd15, "grpo", "objective.guard=[brightness]", "objective.guard_margin=0.1")
+    (tmp_path / "guard.json").write_text('{"brightness": 0.9}')  # what reward backprop's checkpoints held before
+    guard = RewardGuard(cfg)
+    guard.restore(tmp_path)
+    with pytest.raises(TrainingStopped, match=r"fell from 0.9 to 0 .* no adapter is written"):
+        guard.check(torch.zeros(2, 3, 32, 32), ["a", "b"], None, 3)

@@ -67,11 +67,12 @@ class RewardGuard:
             elif first - sign * mean > 0:
                 log.info("guard %s: %.4g (first evaluation %.4g)", name, mean, sign * first)
         if fell:
-            if self.held is None:  # not reachable: the first evaluation is every head's baseline
-                raise RuntimeError("a guard fell at its first evaluation")
-            at, adapter = self.held
-            raise GuardFell(f"reward-hacking guard {', '.join(fell)} on data.eval_prompts (more than "
-                            f"objective.guard_margin={self.margin:g}); stopped", adapter, at)
+            message = (f"reward-hacking guard {', '.join(fell)} on data.eval_prompts (more than "
+                       f"objective.guard_margin={self.margin:g}); stopped")
+            if self.held is None:  # resumed from a checkpoint that kept the baseline alone: nothing to hand back
+                raise TrainingStopped(f"{message}; no evaluation since the resume held, so no adapter is written "
+                                      "(the checkpoints hold the earlier weights)")
+            raise GuardFell(message, self.held[1], self.held[0])
         if self.heads and self.margin > 0:
             self.held = (epoch, peft_state(unet))
         return metrics

@@ -41,7 +41,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # metrics per optimizer step of this run (metrics.json: all)
     interrupted: bool = False
     warnings: list[str] = field(default_factory=list)  # what the run watcher warned about (training/watch.py)
-    stopped: str | None = None  # why the run ended before train.max_steps with an adapter (a reward-hacking guard)
+    stopped: str | None = None  # why the adapter written is not the last step's (a reward-hacking guard fell)
 
 
 class Trainer:
