@@ -200,21 +200,28 @@ def analyse(images: Tensor) -> list[Analysis]:
     return out
 
 
-def prompt_following(images: Tensor, prompts: list[str]) -> dict[str, float]:
-    """Accuracy of shape colour, background colour, shape and all three together, plus ``colour`` (both colours
-    right), for images [B, 3, H, W] generated from testbed ``prompts``."""
+def followed(images: Tensor, prompts: list[str]) -> list[dict[str, bool]]:
+    """Per image [B, 3, H, W] generated from testbed ``prompts``: whether the checker reads the shape colour, the
+    background colour and the shape the prompt names, ``colour`` (both colours) and ``all`` (all three)."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-    hits = {"shape_colour": 0, "background": 0, "colour": 0, "shape": 0, "all": 0}
+    out = []
     for seen, prompt in zip(analyse(images), prompts):
         shape, colour, background = parse_prompt(prompt)
         ok = {"shape_colour": seen.colour == colour, "background": seen.background == background,
               "shape": seen.shape == shape}
         ok["colour"] = ok["shape_colour"] and ok["background"]
         ok["all"] = ok["colour"] and ok["shape"]
-        for key, value in ok.items():
-            hits[key] += int(value)
-    return {key: value / len(prompts) for key, value in hits.items()}
+        out.append(ok)
+    return out
+
+
+def prompt_following(images: Tensor, prompts: list[str]) -> dict[str, float]:
+    """Accuracy of shape colour, background colour, shape and all three together, plus ``colour`` (both colours
+    right), for images [B, 3, H, W] generated from testbed ``prompts``."""
+    judged = followed(images, prompts)
+    return {key: sum(ok[key] for ok in judged) / len(prompts)
+            for key in ("shape_colour", "background", "colour", "shape", "all")}
 
 
 class PromptColours:
@@ -225,11 +232,7 @@ class PromptColours:
     name, differentiable, higher_is_better = "prompt_colours", False, True
 
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        named = [parse_prompt(p) for p in prompts]
-        return torch.tensor([float(seen.colour == colour and seen.background == background)
-                             for seen, (_, colour, background) in zip(analyse(images), named)])
+        return torch.tensor([float(ok["colour"]) for ok in followed(images, prompts)])
 
 
 SOFT_MASK_WIDTH = 0.05  # RGB-distance width of the sigmoid whose slope stands in for the hard mask's gradient
