@@ -46,8 +46,11 @@ def test_a_falling_guard_hands_back_the_adapter_of_its_last_held_evaluation(name
     assert rounds == ([] if name == "reward_backprop" else [0.0, 1.0]) and len(guarded.history) < 12
     assert [h[f"eval_guard_{guard}"] for h in guarded.history if f"eval_guard_{guard}" in h] == [1.0, 1.0]
     assert guarded.stopped and "fell from 1 to 0.5" in guarded.stopped and f"at step {held}" in guarded.stopped
-    assert guarded.warnings[-1] == guarded.stopped and (guarded.output_dir / "README.md").is_file()
+    assert guarded.warnings[-1] == guarded.stopped
+    card = (guarded.output_dir / "README.md").read_text()  # the card says which adapter it describes, and why
+    assert f"for {held} optimizer steps" in card and f"**Stopped early.** {guarded.stopped}." in card
     stopped_there = train(online_config(tiny_sd15, name, *common, f"train.max_steps={held}", out="stopped"))
+    assert stopped_there.stopped is None and "Stopped early" not in (stopped_there.output_dir / "README.md").read_text()
     a, b = (load_file(r.adapter) for r in (guarded, stopped_there))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the held adapter, bit for bit
 

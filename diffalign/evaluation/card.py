@@ -60,9 +60,18 @@ def update_card_with_eval(adapter_dir: Path, name: str, report: dict, grid: Path
     return card
 
 
+def _stopped(stopped: str | None) -> str:
+    if stopped is None:
+        return ""
+    # The metrics table shows the last step run, which trained past the adapter handed back: say so beside it.
+    return (f"\n**Stopped early.** {stopped}. The training metrics below are those of the last step run, after that "
+            "adapter; `metrics.json` has every step, with the guard's readings (`eval_guard_*`).\n")
+
+
 def write_model_card(out_dir: Path, cfg: Config, kind: str, steps: int, history: list[dict],
-                     beta: float | None) -> Path:
-    """README.md with YAML metadata (base model, tags), how the adapter was trained and its last metrics."""
+                     beta: float | None, stopped: str | None = None) -> Path:
+    """README.md with YAML metadata (base model, tags), how the adapter was trained and its last metrics;
+    ``stopped``: why the adapter is an earlier step's than the last one run (a reward-hacking guard fell)."""
     meta = {"base_model": cfg.model.pretrained, "library_name": "diffusers", "license": "other",
             "tags": ["diffalign", "lora", "text-to-image", kind, f"diffalign-{cfg.objective.name}"]}
     last = history[-1] if history else {}
@@ -76,7 +85,7 @@ def write_model_card(out_dir: Path, cfg: Config, kind: str, steps: int, history:
 
 Trained with [diffalign](https://github.com/) objective `{o.name}`{f" (β = {beta:g})" if beta is not None else ""} on
 {_data(cfg)} at {cfg.data.resolution or "default"} px for {steps} optimizer steps.
-
+{_stopped(stopped)}
 | setting | value |
 |---|---|
 | LoRA rank / alpha / targets | {lo.rank} / {lo.alpha if lo.alpha is not None else lo.rank} / {", ".join(lo.targets)} |

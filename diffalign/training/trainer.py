@@ -300,11 +300,9 @@ class Trainer:
         message = (f"{fell}: the adapter written is the one of the last evaluation where every guard held, at step "
                    f"{step}")
         self.watcher.warn("guard", message)
-        result = self._finish(step, history)
-        result.stopped = message
-        return result
+        return self._finish(step, history, stopped=message)
 
-    def _finish(self, step: int, history: list[dict]) -> TrainResult:
+    def _finish(self, step: int, history: list[dict], stopped: str | None = None) -> TrainResult:
         acc = self.accelerator
         acc.wait_for_everyone()
         unet = acc.unwrap_model(self.unet)
@@ -323,9 +321,9 @@ class Trainer:
             from ..evaluation.card import write_model_card
 
             write_model_card(self.output_dir, self.cfg, self.backbone.kind, step, everything,
-                             getattr(self.objective.options, "beta", None))
+                             getattr(self.objective.options, "beta", None), stopped)
         self._close()
-        return TrainResult(self.output_dir, adapter, step, history, warnings=self.watcher.warnings)
+        return TrainResult(self.output_dir, adapter, step, history, warnings=self.watcher.warnings, stopped=stopped)
 
     def _close(self) -> None:
         """Trackers finished and the process group destroyed, by every process together: one that destroyed it
