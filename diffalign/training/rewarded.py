@@ -66,8 +66,8 @@ class RewardedRolloutFeed:
 
     # ----- rounds -----
     def _new_round(self, index: int) -> RewardedRound:
-        unet, every = self.backbone.unet, self.cfg.objective.eval_every
-        metrics = self.source.evaluate(unet, index, self.accelerator.autocast) if every and index % every == 0 else {}
+        unet = self.backbone.unet
+        metrics = self.source.evaluation_due(unet, index, self.accelerator.autocast)
         rollouts, scores, round_metrics = self.source.sample_round(index, unet, self.accelerator.autocast)
         advantages = self._advantages(rollouts, scores)
         spread = scores.amax(dim=1) - scores.amin(dim=1)  # [P, heads]
@@ -138,7 +138,7 @@ class RewardedRolloutFeed:
                                          batch["advantages"].to(self.device), kl, batch["weight"].to(self.device)))
 
     def final_evaluation(self, epoch: int) -> dict[str, float]:
-        return self.source.final_evaluation(self.backbone.unet, epoch, self.accelerator.autocast)
+        return self.source.evaluation_due(self.backbone.unet, epoch, self.accelerator.autocast, final=True)
 
     def take_metrics(self) -> dict[str, float]:
         """The round's metrics (reward, advantages, timings), once: with the first optimizer step that trains on it."""

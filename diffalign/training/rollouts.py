@@ -210,9 +210,11 @@ class RolloutSource:
             metrics[f"reward_{name}_std"] = scores[..., i].std(unbiased=False).item()
         return metrics
 
-    def final_evaluation(self, unet, index: int, autocast=None) -> dict[str, float]:
-        """The evaluation of the final adapter (at position ``index``), when the run evaluates at all."""
-        return self.evaluate(unet, index, autocast) if self.cfg.objective.eval_every else {}
+    def evaluation_due(self, unet, index: int, autocast=None, final: bool = False) -> dict[str, float]:
+        """The evaluation before round ``index`` where one is due (every ``objective.eval_every`` rounds) or, with
+        ``final``, of the final adapter after the last round; nothing when the run does not evaluate."""
+        every = self.cfg.objective.eval_every
+        return self.evaluate(unet, index, autocast) if every and (final or index % every == 0) else {}
 
     @torch.no_grad()
     def evaluate(self, unet, index: int, autocast=None) -> dict[str, float]:
@@ -357,8 +359,8 @@ class RolloutFeed:
 
     def _new_round(self, index: int) -> Round:
         """Evaluate (every ``eval_every`` rounds), then sample and score round ``index`` with the current policy."""
-        unet, every = self.backbone.unet, self.cfg.objective.eval_every
-        metrics = self.source.evaluate(unet, index, self.accelerator.autocast) if every and index % every == 0 else {}
+        unet = self.backbone.unet
+        metrics = self.source.evaluation_due(unet, index, self.accelerator.autocast)
         rnd = self.source.new_round(index, unet, self.accelerator.autocast)
         self._idle_rounds = 0 if rnd.pairs else self._idle_rounds + 1
         if self._idle_rounds >= 5:
@@ -367,7 +369,7 @@ class RolloutFeed:
         return rnd
 
     def final_evaluation(self, epoch: int) -> dict[str, float]:
-        return self.source.final_evaluation(self.backbone.unet, epoch, self.accelerator.autocast)
+        return self.source.evaluation_due(self.backbone.unet, epoch, self.accelerator.autocast, final=True)
 
     def take_metrics(self) -> dict[str, float]:
         """The round's metrics (reward, pairs, timings), once: with the first optimizer step that trains on it."""
