@@ -52,6 +52,7 @@ from diffalign.demo import (  # noqa: E402
     make_testbed_pairs,
     objective_overrides,
 )
+from diffalign.environment import package_versions  # noqa: E402
 from diffalign.evaluation.evaluate import reuse_images, shared_base_images  # noqa: E402
 from diffalign.evaluation.metrics import prompt_interval  # noqa: E402
 from diffalign.evaluation.report import comparisons, prompt_bounds  # noqa: E402
@@ -140,6 +141,16 @@ def summarise(results: list[dict], out: Path, seeds: int = FULL.eval_seeds) -> s
     return "\n".join(lines) + "\n"
 
 
+def software(results: list[dict]) -> str:
+    """The versions the runs were made with, one line per distinct set (with the runs from before this record):
+    tables made on other versions differ by more than their seeds' noise (docs/benchmarks.md, "A fresh install")."""
+    sets: dict[str, int] = {}
+    for r in results:
+        key = ", ".join(f"{k} {v}" for k, v in r["versions"].items()) if "versions" in r else "versions not recorded"
+        sets[key] = sets.get(key, 0) + 1
+    return "".join(f"{n} run{'s' if n > 1 else ''}: {key}\n" for key, n in sets.items())
+
+
 def reevaluate(out: Path, r: dict, seeds: int) -> dict:
     """Run ``r`` (a ``results.json`` entry) evaluated again on the held-out prompts x ``seeds`` into its
     ``eval<seeds>`` folder, nothing retrained: the default evaluation's images are its first seeds and are reused,
@@ -200,7 +211,7 @@ def main() -> None:
                     r = align_and_evaluate(run, name, reward, budget, pairs, overrides.get(name, []))
                 if not is_online(name):  # making the pairs is part of an offline run (online ones sample)
                     r["seconds"] += pair_seconds
-                r["seed"] = seed
+                r["seed"], r["versions"] = seed, package_versions()
                 results.append(r)
                 record.write_text(json.dumps(results, indent=1) + "\n")
                 print(row(r), flush=True)
@@ -219,7 +230,7 @@ def main() -> None:
     tables = []
     for reward, seed in sorted({(r["reward"], r["seed"]) for r in results}):
         tables.append(table([r for r in results if r["reward"] == reward and r["seed"] == seed], reward, seed))
-    text = "\n".join(tables) + "\n" + summarise(results, out, args.eval_seeds)
+    text = "\n".join(tables) + "\n" + summarise(results, out, args.eval_seeds) + "\n" + software(results)
     (out / f"{name}.md").write_text(text)
     print("\n" + text)
 

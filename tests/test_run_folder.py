@@ -38,11 +38,25 @@ def test_outputs_honour_the_umask(tiny_sd15, make_config, tmp_path):
         os.umask(old)
     out = result.output_dir
     written = [out / "pytorch_lora_weights.safetensors", out / "config.yaml", out / "README.md", out / "metrics.json",
+               out / "environment.json",
                out / "checkpoint-2" / "lora.safetensors", tmp_path / "eval" / "report.json",
                tmp_path / "eval" / "report.html"]
     for path in written:
         assert _mode(path) == 0o644, (path, oct(_mode(path)))
     assert _mode(out / "checkpoint-2") == 0o755
+
+
+def test_the_run_names_the_software_it_was_made_with(tiny_sd15, make_config):
+    import diffusers
+    import peft
+    import torch
+
+    out = train(make_config(tiny_sd15, "train.max_steps=1")).output_dir
+    versions = json.loads((out / "environment.json").read_text())
+    assert torch.__version__.split("+")[0] == versions["torch"].split("+")[0]  # the wheel may carry +cu130 or not
+    assert (versions["diffusers"], versions["peft"]) == (diffusers.__version__, peft.__version__)
+    assert versions["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert "not installed" not in (versions["diffalign"], versions["pillow"], versions["transformers"])
 
 
 def test_a_finished_run_is_not_overwritten_silently(tiny_sd15, make_config):

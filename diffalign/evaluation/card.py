@@ -109,7 +109,8 @@ pipe = load_aligned_pipeline("{cfg.model.pretrained}", "{out_dir}")
 |---|---|
 {metrics}
 
-The full configuration is in `config.yaml`; per-step metrics in `metrics.json`.
+The full configuration is in `config.yaml`; per-step metrics in `metrics.json`; the package versions it was
+trained with in `environment.json`.
 {_samples(out_dir)}{EVAL_START}
 ## Evaluation
 

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError
+from ..environment import package_versions
 from ..files import atomic_save_image, atomic_write_text
 from ..lora import add_lora, peft_state, save_lora
 from ..models import Conditioning
@@ -311,6 +312,7 @@ class Trainer:
             try:
                 save_lora(unet, self.output_dir, self.backbone.pipeline_class)
                 atomic_write_text(self.output_dir / "config.yaml", self.cfg.to_yaml())
+                atomic_write_text(self.output_dir / "environment.json", json.dumps(package_versions(), indent=1))
                 everything = self._earlier_history + history
                 atomic_write_text(self.output_dir / "metrics.json", json.dumps(everything, indent=1))
             except OSError as e:
