@@ -1,9 +1,9 @@
 """The software a run was made with, written beside its results so that a rerun can tell why its numbers differ.
 
-A fresh install of the same code on the same seeds need not give the same numbers: the testbed benchmark's pairs
-(img2img variants from stock diffusers, rewards as coarse as a JPEG's size in bytes) and its training (peft's LoRA,
-torch's kernels) go through libraries whose newer releases may change a draw or a rounding
-(``docs/benchmarks.md``, "A fresh install"). So every run folder and benchmark record names the versions.
+A fresh install of the same code on the same seeds need not give the same numbers: on a new machine the testbed
+benchmark's pairs were byte-identical, yet training on them moved one KTO run's win rate from 0.820 to 0.371
+(``docs/benchmarks.md``, "A fresh install"; the earlier versions were not recorded, so the cause is not traced).
+So every run folder and benchmark record names the versions.
 """
 
 from __future__ import annotations

@@ -143,7 +143,7 @@ def summarise(results: list[dict], out: Path, seeds: int = FULL.eval_seeds) -> s
 
 def software(results: list[dict]) -> str:
     """The versions the runs were made with, one line per distinct set (with the runs from before this record):
-    tables made on other versions differ by more than their seeds' noise (docs/benchmarks.md, "A fresh install")."""
+    a run made on other versions can land outside its seeds' noise (docs/benchmarks.md, "A fresh install")."""
     sets: dict[str, int] = {}
     for r in results:
         key = ", ".join(f"{k} {v}" for k, v in r["versions"].items()) if "versions" in r else "versions not recorded"
