@@ -192,6 +192,7 @@ def main() -> None:
     record = out / "results.json"
     results = json.loads(record.read_text()) if record.is_file() else []
     done = {(r["objective"], r["reward"], r["seed"]) for r in results}
+    versions = package_versions()  # recorded with each run: other versions can move a run's numbers
     for seed in map(int, args.seeds.split(",")):
         for reward in rewards_of(args.rewards):
             budget = dataclasses.replace(FULL, seed=seed, testbed=args.testbed, per_prompt=args.per_prompt,
@@ -211,7 +212,7 @@ def main() -> None:
                     r = align_and_evaluate(run, name, reward, budget, pairs, overrides.get(name, []))
                 if not is_online(name):  # making the pairs is part of an offline run (online ones sample)
                     r["seconds"] += pair_seconds
-                r["seed"], r["versions"] = seed, package_versions()
+                r["seed"], r["versions"] = seed, versions
                 results.append(r)
                 record.write_text(json.dumps(results, indent=1) + "\n")
                 print(row(r), flush=True)
