@@ -90,6 +90,19 @@ def test_history_continues_across_a_resume(tiny_sd15, make_config, tmp_path, cap
     assert [h["loss"] for h in saved] == [h["loss"] for h in full.history]
 
 
+def test_a_resume_on_another_install_says_what_changed(tiny_sd15, make_config, monkeypatch):
+    train(make_config(tiny_sd15, "train.max_steps=1", "train.checkpoint_every=1"))
+    same = train(make_config(tiny_sd15, "train.max_steps=2", "train.checkpoint_every=1", "train.resume=latest"))
+    assert not [w for w in same.warnings if "another install" in w]
+    real = ckpt.package_versions()
+    monkeypatch.setattr(ckpt, "package_versions", lambda: {**real, "torch": "9.9.9", "numpy": "0.1"})
+    moved = train(make_config(tiny_sd15, "train.max_steps=3", "train.resume=latest"))
+    assert moved.steps == 3  # it warns, and trains on
+    [warning] = [w for w in moved.warnings if "another install" in w]
+    assert "checkpoint-2 was written by another install" in warning and "\n" not in warning
+    assert f"numpy {real['numpy']} -> 0.1, torch {real['torch']} -> 9.9.9);" in warning
+
+
 def test_resume_with_another_lora_shape_is_one_line(tiny_sd15, make_config):
     train(make_config(tiny_sd15, "train.max_steps=1", "train.checkpoint_every=1"))
     with pytest.raises(ConfigError, match=r"holds a LoRA of rank 4, alpha None.*asks for lora.rank=8") as info:

@@ -2,7 +2,8 @@
 
 A checkpoint holds the LoRA weights, the optimizer state (tensors in safetensors, structure in JSON), the LR
 schedule, the gradient scaler, the torch RNG states, the trainer's position (step, epoch, batch), the LoRA's
-shape (rank, alpha, targets) and the metrics of every step so far (``history.json``).
+shape (rank, alpha, targets), the metrics of every step so far (``history.json``) and the versions of the software
+that wrote it (so that a resume on another install can say so).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import ConfigError
+from ..environment import package_versions
 from ..files import atomic_save_safetensors, atomic_write_text
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -85,7 +87,7 @@ def _write_checkpoint(tmp: Path, lora, optimizer, lr_scheduler, scaler, position
         rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     atomic_save_safetensors(tmp / "rng.safetensors", rng)
     state = {"position": position, "optimizer": opt_structure, "lr_scheduler": lr_scheduler.state_dict(),
-             "scaler": scaler.state_dict() if scaler is not None else None}
+             "scaler": scaler.state_dict() if scaler is not None else None, "environment": package_versions()}
     if extra is not None:
         extra(tmp)
     atomic_write_text(tmp / STATE, json.dumps(state, indent=1, default=_jsonable))  # last: marks the folder complete
@@ -217,3 +219,15 @@ def check_lora_shape(folder: Path, position: dict, weights: dict[str, torch.Tens
         raise ConfigError(f"train.resume: {folder} holds a LoRA of rank {rank}, alpha {alpha}, targets {targets}, "
                           f"but the config asks for lora.rank={lora.rank}, lora.alpha={lora.alpha}, "
                           f"lora.targets={list(lora.targets)}; resume with the checkpoint's lora settings")
+
+
+def install_changes(folder: Path) -> str | None:
+    """What differs between the install that wrote checkpoint ``folder`` and this one (``"torch 2.13.0 -> 2.14.1"``),
+    or None when nothing does or the checkpoint is older than the record."""
+    then = json.loads((folder / STATE).read_text()).get("environment")
+    if not then:
+        return None
+    now = package_versions()
+    changed = [f"{name} {then.get(name, 'not recorded')} -> {now.get(name, 'not installed')}"
+               for name in sorted(set(then) | set(now)) if then.get(name) != now.get(name)]
+    return ", ".join(changed) or None

@@ -274,6 +274,11 @@ class Trainer:
 
         weights, pos = ckpt.load_checkpoint(folder, self.optimizer, self.lr_scheduler, self.accelerator.scaler)
         ckpt.check_lora_shape(folder, pos, weights, self.cfg.lora)
+        if changed := ckpt.install_changes(folder):
+            # the run goes on, but the same code and seeds on another install have moved a testbed win rate by 0.45
+            # (docs/benchmarks.md, "A fresh install"): a resumed run need not match the one it continues
+            self.watcher.warn("install", f"train.resume: {folder} was written by another install ({changed}); "
+                                         "the resumed run need not match what the interrupted one would have given")
         set_peft_model_state_dict(self.accelerator.unwrap_model(self.unet), weights)
         self._earlier_history = ckpt.load_history(folder, pos["step"])
         self._epoch_steps = {int(e): s for e, s in pos.get("epoch_steps", {}).items()}
