@@ -100,7 +100,8 @@ def _jsonable(value):
 
 
 def load_checkpoint(folder: Path, optimizer, lr_scheduler, scaler) -> tuple[dict[str, torch.Tensor], dict]:
-    """Restore optimizer, schedule, scaler and RNG from ``folder``; return ``(lora weights, position)``."""
+    """Restore optimizer, schedule, scaler and RNG from ``folder``; return ``(lora weights, position)``, the position
+    with the versions that wrote it under ``environment`` (None for a checkpoint older than that record)."""
     state = json.loads((folder / STATE).read_text())
     optimizer.load_state_dict(_unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")),
                                                    state["optimizer"]))
@@ -113,7 +114,7 @@ def load_checkpoint(folder: Path, optimizer, lr_scheduler, scaler) -> tuple[dict
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
-    return load_file(str(folder / "lora.safetensors")), state["position"]
+    return load_file(str(folder / "lora.safetensors")), {**state["position"], "environment": state.get("environment")}
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -221,10 +222,9 @@ def check_lora_shape(folder: Path, position: dict, weights: dict[str, torch.Tens
                           f"lora.targets={list(lora.targets)}; resume with the checkpoint's lora settings")
 
 
-def install_changes(folder: Path) -> str | None:
-    """What differs between the install that wrote checkpoint ``folder`` and this one (``"torch 2.13.0 -> 2.14.1"``),
-    or None when nothing does or the checkpoint is older than the record."""
-    then = json.loads((folder / STATE).read_text()).get("environment")
+def install_changes(then: dict[str, str] | None) -> str | None:
+    """What differs between the install that wrote a checkpoint (``then``, its recorded versions) and this one
+    (``"torch 2.13.0 -> 2.14.1"``), or None when nothing does or the checkpoint is older than the record."""
     if not then:
         return None
     now = package_versions()

@@ -274,7 +274,7 @@ class Trainer:
 
         weights, pos = ckpt.load_checkpoint(folder, self.optimizer, self.lr_scheduler, self.accelerator.scaler)
         ckpt.check_lora_shape(folder, pos, weights, self.cfg.lora)
-        if changed := ckpt.install_changes(folder):
+        if changed := ckpt.install_changes(pos["environment"]):
             # the run goes on, but the same code and seeds on another install have moved a testbed win rate by 0.45
             # (docs/benchmarks.md, "A fresh install"): a resumed run need not match the one it continues
             self.watcher.warn("install", f"train.resume: {folder} was written by another install ({changed}); "
