@@ -99,9 +99,10 @@ def _jsonable(value):
     raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
 
 
-def load_checkpoint(folder: Path, optimizer, lr_scheduler, scaler) -> tuple[dict[str, torch.Tensor], dict]:
-    """Restore optimizer, schedule, scaler and RNG from ``folder``; return ``(lora weights, position)``, the position
-    with the versions that wrote it under ``environment`` (None for a checkpoint older than that record)."""
+def load_checkpoint(folder: Path, optimizer, lr_scheduler, scaler) -> tuple[dict[str, torch.Tensor], dict,
+                                                                          dict[str, str] | None]:
+    """Restore optimizer, schedule, scaler and RNG from ``folder``; return ``(lora weights, position, environment)``,
+    the environment being the versions that wrote it (None for a checkpoint older than that record)."""
     state = json.loads((folder / STATE).read_text())
     optimizer.load_state_dict(_unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")),
                                                    state["optimizer"]))
@@ -114,7 +115,7 @@ def load_checkpoint(folder: Path, optimizer, lr_scheduler, scaler) -> tuple[dict
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
-    return load_file(str(folder / "lora.safetensors")), {**state["position"], "environment": state.get("environment")}
+    return load_file(str(folder / "lora.safetensors")), state["position"], state.get("environment")
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

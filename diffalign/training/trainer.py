@@ -272,9 +272,10 @@ class Trainer:
     def _resume(self, folder: Path) -> tuple[int, int, int]:
         from peft.utils import set_peft_model_state_dict
 
-        weights, pos = ckpt.load_checkpoint(folder, self.optimizer, self.lr_scheduler, self.accelerator.scaler)
+        weights, pos, environment = ckpt.load_checkpoint(folder, self.optimizer, self.lr_scheduler,
+                                                         self.accelerator.scaler)
         ckpt.check_lora_shape(folder, pos, weights, self.cfg.lora)
-        if changed := ckpt.install_changes(pos["environment"]):
+        if changed := ckpt.install_changes(environment):
             # the run goes on, but the same code and seeds on another install have moved a testbed win rate by 0.45
             # (docs/benchmarks.md, "A fresh install"): a resumed run need not match the one it continues
             self.watcher.warn("install", f"train.resume: {folder} was written by another install ({changed}); "
