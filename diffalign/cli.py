@@ -144,7 +144,7 @@ def _sweep(args: argparse.Namespace) -> None:
     if not axes:
         raise ArgumentError("sweep: give at least one axis (--lr, --beta, --max-steps or --grid KEY=V1,V2)")
     trials, best = run_sweep(args.config, axes, args.eval_pairs, args.out, args.set, args.reward, args.prompts,
-                             args.seeds, args.sampling, args.pick)
+                             args.seeds, args.sampling, args.pick, args.hold_out_prompts)
     print(sweep_table(trials, best))
     print(f"best: {best.name} {best.values}\n{Path(args.out) / 'best.yaml'}")
 
@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", help="pick by this head's win rate vs the base on --prompts instead")
     p.add_argument("--prompts", help="validation prompts for the win rate (.txt or .jsonl): not the prompts you will report on")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt for the win rate")
+    p.add_argument("--hold-out-prompts", action="store_true",
+                   help="the trials do not train on the pairs whose prompt is among --prompts (data.exclude_prompts), "
+                        "so the pick is judged on prompts no trial saw; best.yaml trains on every pair")
     add_sampling_arguments(p, seed_policy="shared", helps={"steps": "denoising steps of the win-rate images"})
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     p.set_defaults(func=_sweep)

@@ -49,6 +49,10 @@ class DataConfig:
     caption_dropout: float = _f(0.0, "Probability per pair of training on the empty prompt (both images alike).")
     keep_ties: bool = _f(False, "Keep tied pairs (label_0 not in {0, 1}); they are dropped and counted by default.")
     max_pairs: int | None = _f(None, "Use at most this many pairs (after dropping ties; kto: images); None uses all.")
+    exclude_prompts: str = _f("", "A prompts file (.txt one per line, or .jsonl with \"prompt\"): pairs (kto: images) "
+                                  "whose caption is one of its prompts are not trained on, so a win rate on those "
+                                  "prompts is judged on prompts the run never saw (`diffalign sweep "
+                                  "--hold-out-prompts` sets it to the validation prompts).")
     random_flip: bool = _f(False, "Flip pairs horizontally with probability 0.5 (fixed per pair so the cache is exact). "
                                   "Off by default: a flip teaches the mirror image of any preference that is not "
                                   "mirror-symmetric (position, text, handedness); the Pick-a-Pic recipes turn it on "

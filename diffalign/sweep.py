@@ -67,6 +67,8 @@ class Trial:
     win_rate: float | None = None
     minutes: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    # with --hold-out-prompts: the validation prompts file whose pairs this trial did not train on
+    held_out: str = ""
     # with a reward: this trial's validation win rate minus the chosen trial's on the same comparisons, with its 95%
     # interval over prompts (difference, low, high); an interval holding 0 is "not measurably worse"
     vs_chosen: list[float] | None = None
@@ -150,8 +152,11 @@ def _train_trial(recipe: str | None, overrides: list[str], trial: Trial, folder:
 
 def run_sweep(recipe: str | None, axes: dict[str, list], eval_pairs: str, out: str | Path,
               overrides: list[str] = (), reward: str | None = None, prompts: str | None = None,
-              seeds: int = 4, sampling=None, pick: str = DEFAULT_PICK) -> tuple[list[Trial], Trial]:
+              seeds: int = 4, sampling=None, pick: str = DEFAULT_PICK,
+              hold_out_prompts: bool = False) -> tuple[list[Trial], Trial]:
     """Train every grid point of ``axes`` (config keys to values) and pick the best (see the module doc).
+    ``hold_out_prompts``: the trials do not train on the pairs of the validation ``prompts`` (their win rate is then
+    judged on prompts no trial saw); ``best.yaml`` trains the chosen setting on every pair.
     Returns every trial and the chosen one."""
     out = Path(out)
     check_pick(pick)  # a bad --pick fails before anything trains
@@ -159,6 +164,15 @@ def run_sweep(recipe: str | None, axes: dict[str, list], eval_pairs: str, out: s
         raise FileNotFoundError(f"--eval-pairs {eval_pairs}: no such file or folder")
     if bool(reward) != bool(prompts):
         raise ConfigError("sweep: --reward and --prompts go together (the win rate needs both)")
+    if hold_out_prompts and not prompts:
+        raise ConfigError("sweep: --hold-out-prompts leaves the validation prompts' pairs out of training; it needs "
+                          "--reward and --prompts")
+    if hold_out_prompts and any(o.startswith("data.exclude_prompts=") for o in overrides):
+        raise ConfigError("sweep: --hold-out-prompts sets data.exclude_prompts to the validation prompts; drop the "
+                          "--set data.exclude_prompts=... or the flag")
+    held_out = str(prompts) if hold_out_prompts else ""
+    if held_out:
+        overrides = [*overrides, f"data.exclude_prompts={held_out}"]
     if prompts and (count := len(read_prompts(prompts))) < MIN_VALIDATION_PROMPTS:
         log.warning("sweep: %d validation prompts in %s; the win rate that picks the trial varies mostly with which "
                     "prompts are drawn (on the testbed one over 16 prompts x 8 seeds is off by ~0.07, not Wilson's "
@@ -171,12 +185,16 @@ def run_sweep(recipe: str | None, axes: dict[str, list], eval_pairs: str, out: s
     out.mkdir(parents=True, exist_ok=True)
     trials = []
     for index, values in enumerate(grid(axes)):
-        trial, folder = Trial(index, values), out / f"trial-{index:02d}"
+        trial, folder = Trial(index, values, held_out=held_out), out / f"trial-{index:02d}"
         record = folder / "trial.json"
         if record.is_file():
             saved = json.loads(record.read_text())
             if saved["values"] != values:
                 raise ConfigError(f"{record}: made for {saved['values']}, not {values}; use a new --out for another grid")
+            if saved.get("held_out", "") != held_out:
+                raise ConfigError(f"{record}: trained " + (f"without the pairs of {saved['held_out']}" if
+                                  saved.get("held_out") else "on every pair") + "; use a new --out to "
+                                  + ("hold out " + held_out if held_out else "train on every pair"))
             trials.append(Trial(**saved))
             log.info("%s: done earlier", trial.name)
             continue
@@ -196,6 +214,8 @@ def run_sweep(recipe: str | None, axes: dict[str, list], eval_pairs: str, out: s
         _compare_with_chosen(trials, best, out, reward)
     chosen = load_config(out / best.name / "run" / "config.yaml")
     chosen.train.resume, chosen.train.overwrite = "", False  # a fresh run of the chosen setting
+    if held_out:  # the validation prompts were held out only to choose; the chosen setting trains on every pair
+        chosen.data.exclude_prompts = ""
     chosen.train.output_dir = str(out / "best")
     atomic_write_text(out / "best.yaml", chosen.to_yaml())
     atomic_write_text(out / "sweep.json", json.dumps({"axes": axes, "best": best.name,

@@ -44,6 +44,32 @@ def test_pickapic_winner_follows_label_and_ties_are_counted(pickapic):
     assert len(load_pairs(DataConfig(dataset=str(pickapic), max_pairs=3))) == 3
 
 
+def test_exclude_prompts_leaves_out_the_pairs_of_those_prompts(pickapic, tmp_path, caplog):
+    everything = load_pairs(DataConfig(dataset=str(pickapic)))
+    captions = [everything.caption_of(r) for r in everything.rows]
+    out = tmp_path / "validation.txt"
+    out.write_text(f"  {captions[0]}  \n\n{captions[3]}\nnot a caption here\n")  # stripped, blank lines skipped
+    with caplog.at_level("INFO", logger="diffalign.data.readers"):
+        kept = load_pairs(DataConfig(dataset=str(pickapic), exclude_prompts=str(out)))
+    left_out = sum(c in (captions[0], captions[3]) for c in captions)
+    assert len(kept) == len(everything) - left_out and left_out >= 2
+    assert not {kept.caption_of(r) for r in kept.rows} & {captions[0], captions[3]}
+    assert f"left out {left_out} pairs whose prompt is in data.exclude_prompts" in caplog.text
+    assert len(load_pairs(DataConfig(dataset=str(pickapic), exclude_prompts=str(out), max_pairs=2))) == 2
+    none = tmp_path / "none.txt"
+    none.write_text("no such caption\n")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="diffalign.data.readers"):
+        assert len(load_pairs(DataConfig(dataset=str(pickapic), exclude_prompts=str(none)))) == len(everything)
+    assert "none of the 1 prompts in data.exclude_prompts" in caplog.text  # most likely the wrong file
+    every = tmp_path / "every.txt"
+    every.write_text("\n".join(captions) + "\n")
+    with pytest.raises(DataError, match=r"every one of its 10 pairs has a prompt in data.exclude_prompts=.*every.txt"):
+        load_pairs(DataConfig(dataset=str(pickapic), exclude_prompts=str(every)))
+    with pytest.raises(DataError, match=r"prompts file .*missing.txt' does not exist"):
+        load_pairs(DataConfig(dataset=str(pickapic), exclude_prompts=str(tmp_path / "missing.txt")))
+
+
 def test_missing_columns_are_named(tmp_path):
     path = _parquet(tmp_path / "bad.parquet", make_pickapic_rows(3), drop=("label_0",))
     with pytest.raises(DataError, match=r"bad.parquet: missing column\(s\) label_0"):

@@ -129,6 +129,11 @@ def test_unpaired_jsonl_csv_and_folder_read_alike(unpaired, tmp_path):
                                                      for r in rows))
     from_csv = load_unpaired(DataConfig(dataset=str(csv)))
     assert [from_csv[i].label for i in range(12)] == [1, 0] * 6
+    held = tmp_path / "held.txt"  # data.exclude_prompts leaves out both images of the first prompt
+    held.write_text(rows[0]["prompt"] + "\n")
+    kept = load_unpaired(DataConfig(dataset=str(unpaired), exclude_prompts=str(held)))
+    assert len(kept) == 12 - sum(r["prompt"] == rows[0]["prompt"] for r in rows) == 10
+    assert rows[0]["prompt"] not in {kept.caption_of(r) for r in kept.rows}
 
 
 def test_an_hf_dataset_with_a_label_column(tmp_path, unpaired):

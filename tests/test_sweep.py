@@ -132,6 +132,37 @@ def test_with_a_reward_the_rigged_grid_is_picked_by_its_win_rate_on_validation_p
         assert sorted(p.name for p in (out / "r" / t.name / "eval" / "images" / "base").iterdir()) == base
 
 
+def test_hold_out_prompts_keeps_the_validation_prompts_out_of_every_trial(testbed_pairs):
+    good, flipped, held_out, out = testbed_pairs
+    from diffalign.config import load_config
+    from diffalign.sampling.settings import Sampling
+
+    train = (out / "train.txt").read_text().splitlines()
+    validation = out / "validation.txt"  # half the training prompts: the trials train on the other half's pairs
+    validation.write_text("\n".join(train[::2]) + "\n")
+    kwargs = dict(reward="shape_size", prompts=str(validation), seeds=1,
+                  sampling=Sampling(steps=4, guidance=5.0, seed=7, seed_policy="shared"), hold_out_prompts=True)
+    axes = {"data.dataset": [str(good), str(flipped)]}
+    trials, best = run_sweep("testbed-dpo", axes, str(held_out), out / "h", _common(out), **kwargs)
+    assert best.values["data.dataset"] == str(good) and all(t.held_out == str(validation) for t in trials)
+    run = load_config(out / "h" / best.name / "run" / "config.yaml")
+    assert run.data.exclude_prompts == str(validation)
+    from diffalign.data.readers import load_pairs
+
+    rows = [json.loads(line) for line in good.read_text().splitlines()]
+    assert len(load_pairs(run.data)) == sum(r["prompt"] not in train[::2] for r in rows) < len(rows)
+    assert load_config(out / "h" / "best.yaml").data.exclude_prompts == ""  # the chosen setting trains on every pair
+    with pytest.raises(ConfigError, match=r"trial.json: trained without the pairs of .*validation.txt; use a new "
+                                          r"--out to train on every pair"):
+        run_sweep("testbed-dpo", axes, str(held_out), out / "h", _common(out), **{**kwargs, "hold_out_prompts": False})
+    with pytest.raises(ConfigError, match="--hold-out-prompts leaves the validation prompts' pairs out of training; "
+                                          "it needs --reward and --prompts"):
+        run_sweep("testbed-dpo", axes, str(held_out), out / "x", _common(out), hold_out_prompts=True)
+    with pytest.raises(ConfigError, match="drop the --set data.exclude_prompts"):
+        run_sweep("testbed-dpo", axes, str(held_out), out / "x", [*_common(out), f"data.exclude_prompts={validation}"],
+                  **kwargs)
+
+
 def test_the_command_refuses_what_it_cannot_sweep(testbed_pairs, tmp_path, capsys):
     good, _, held_out, out = testbed_pairs
     base = ["sweep", "-c", "testbed-dpo", "--out", str(tmp_path / "o"), *sum((["--set", s] for s in _common(out)), [])]

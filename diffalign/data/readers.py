@@ -180,9 +180,33 @@ def load_pairs(cfg: DataConfig) -> PairSource:
         raise DataError(f"{source.name}: no usable preference pairs{why}")
     if source.ties_dropped:
         log.info("%s: dropped %d tied pairs, %d remain", source.name, source.ties_dropped, len(source))
+    if cfg.exclude_prompts:
+        leave_out_prompts(source, cfg.exclude_prompts)
     if cfg.max_pairs is not None:
         source.rows = source.rows[: cfg.max_pairs]
     return source
+
+
+def leave_out_prompts(source: PairSource, prompts_file: str) -> None:
+    """Drop the pairs (unpaired data: images) whose caption is one of the prompts in ``prompts_file``
+    (``data.exclude_prompts``), matched after stripping surrounding white space; log how many. An error when none
+    remain; a warning when none matched (most likely the wrong file)."""
+    from .prompts import read_prompts
+
+    excluded = set(read_prompts(prompts_file))
+    caption_of = source.caption_of or (lambda r: source.get(r).caption)
+    before = len(source.rows)
+    source.rows = [r for r in source.rows if caption_of(r).strip() not in excluded]
+    left_out = before - len(source.rows)
+    if not source.rows:
+        raise DataError(f"{source.name}: every one of its {before} {source.unit} has a prompt in "
+                        f"data.exclude_prompts={prompts_file}; nothing is left to train on")
+    if left_out:
+        log.info("%s: left out %d %s whose prompt is in data.exclude_prompts=%s, %d remain", source.name, left_out,
+                 source.unit, prompts_file, len(source.rows))
+    else:
+        log.warning("%s: none of the %d prompts in data.exclude_prompts=%s is a caption here; nothing was left out",
+                    source.name, len(excluded), prompts_file)
 
 
 def _some(source: PairSource, rows: list[int], n: int = 5) -> str:

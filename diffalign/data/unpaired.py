@@ -24,7 +24,7 @@ from pathlib import Path
 from ..config import DataConfig
 from .errors import DataError
 from .local_rows import file_ids, local_image, local_label, local_row_name, read_local_rows
-from .readers import Pair, PairSource, drop_repeats, image_ids, open_hf_dataset
+from .readers import Pair, PairSource, drop_repeats, image_ids, leave_out_prompts, open_hf_dataset
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ def load_unpaired(cfg: DataConfig) -> PairSource:
     drop_repeats(source)
     if len(source) == 0:
         raise DataError(f"{source.name}: no labelled images")
+    if cfg.exclude_prompts:
+        leave_out_prompts(source, cfg.exclude_prompts)
     if cfg.max_pairs is not None:
         source.rows = source.rows[: cfg.max_pairs]
     good = sum(bool(source.desirable(r)) for r in source.rows)
