@@ -21,6 +21,12 @@ grid's win rates on these prompts known well enough to tell 0.05 apart; the pick
 The reward pick reads 128 validation prompts (every training prompt; ``--validation-prompts 64`` or ``32`` for the
 earlier every 2nd or 4th): each trial is validated on the 32 first, as its record holds, then on the N (the largest
 earlier validation's images reused); the report's file name says which.
+``--hold-out`` (``sweep --hold-out-prompts``): the trials never train on the validation prompts' pairs. The reward
+pick validates on 32 training prompts (every 4th) x ``--validation-seeds`` seeds, held out of every trial's training;
+the chosen setting (and each ``--also LR:BETA``) is then trained on every pair, as ``best.yaml`` would, and judged on
+the test at 8 and ``--test-seeds`` seeds (the 8 reproduce the full grid's earlier 8-seed win rates where the
+pipeline matches). Its own folders (``sweep-<objective>-holdout``, ``full-<objective>-<lr>-<beta>``); the grid's
+best comes from the full grid's run (this script without ``--hold-out``), not from here.
 Resumable (``diffalign sweep`` reads finished trials back). A folder made before the reward pick moved to the
 validation prompts holds test-prompt win rates in its trials: give a new ``--out``.
 """
@@ -106,6 +112,36 @@ def revalidate(folder: Path, trials: list[Trial], base: str, reward: str, n: int
             for t in trials]
 
 
+def hold_out_row(args, budget, reward: str, shared: Path, held_pairs: str, held_prompts: Path, axes: dict,
+                 overrides: list[str], base: str) -> str:
+    """The ``--hold-out`` reading for one reward: the grid trained without the validation prompts' pairs and picked
+    by its win rate on them, then the pick (and ``--also``) trained on every pair and judged on the test."""
+    recipe = str(testbed_recipe(args.objective, args.testbed))
+    validation = shared / "shared" / "prompts" / "holdout_validation_prompts.txt"
+    atomic_write_text(validation, "\n".join(validation_prompts(MIN_VALIDATION_PROMPTS)) + "\n")
+    trials, best = run_sweep(recipe, axes, held_pairs, shared / f"sweep-{args.objective}-holdout", overrides,
+                             reward=reward, prompts=str(validation), seeds=args.validation_seeds,
+                             sampling=budget.sampling(20_000, seed_policy="shared"), hold_out_prompts=True)
+    print(f"\n## {args.objective} on {reward}, seed {args.seed}, validation prompts held out of training\n\n"
+          f"{sweep_table(trials, best)}", flush=True)
+    points = [best.values] + [dict(zip(axes, (float(v) for v in also.split(":")))) for also in args.also]
+    cells = []
+    for values in points:
+        name = "-".join(f"{v:g}" for v in values.values())
+        folder = shared / f"full-{args.objective}-{name}"
+        [point], _ = run_sweep(recipe, {k: [v] for k, v in values.items()}, held_pairs, folder, overrides)
+        adapter = folder / point.name / "run"
+        rates = []
+        for seeds, test in ((FULL.eval_seeds, "test"), (args.test_seeds, f"test{args.test_seeds}")):
+            if seeds != FULL.eval_seeds:
+                reuse_images(folder / "test", folder / test)
+            rates.append(win_rate_vs_base(base, adapter, reward, str(held_prompts), seeds,
+                                          budget.sampling(seed_policy="shared"), shared / f"full-{test}_base_images",
+                                          folder / test))
+        cells.append(f"{name}: {rates[0]:.3f} / {rates[1]:.3f}")
+    return f"| {reward} | {best.values} | {best.win_rate:.3f} | " + " | ".join(cells) + " |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/generalise", help="output folder (bench_alignment's, to reuse its pairs)")
@@ -130,6 +166,13 @@ def main() -> None:
     parser.add_argument("--test-seeds", type=int, default=FULL.eval_seeds,
                         help="seeds per held-out test prompt (more: the grid's win rates on these prompts known "
                              "better; the first 8 are the default test's, whose images are reused)")
+    parser.add_argument("--hold-out", action="store_true",
+                        help="the reward pick validates on 32 training prompts held out of every trial's training "
+                             "(sweep --hold-out-prompts); the pick is then trained on every pair and tested")
+    parser.add_argument("--validation-seeds", type=int, default=32,
+                        help="--hold-out: seeds per validation prompt (32 x 32: the images of 128 prompts x 8)")
+    parser.add_argument("--also", action="append", default=[], metavar="LR:BETA",
+                        help="--hold-out: also train this grid point on every pair and test it (repeatable)")
     args = parser.parse_args()
     budget = dataclasses.replace(FULL, seed=args.seed, testbed=args.testbed, refine=args.refine)
     axes = {"optim.lr": [float(v) for v in args.lr.split(",")], "objective.beta": [float(v) for v in args.beta.split(",")]}
@@ -153,6 +196,9 @@ def main() -> None:
         overrides = [f"model.pretrained={base}", f"data.dataset={train_pairs}",
                      f"cache.dir={shared / 'sweep-cache'}", "log.to=none", f"train.seed={args.seed}",
                      "train.heldout_every=0"]  # the pick reads only the final held-out measurement
+        if args.hold_out:
+            lines.append(hold_out_row(args, budget, reward, shared, held_pairs, held_prompts, axes, overrides, base))
+            continue
         folder = shared / f"sweep-{args.objective}"
         trials, best = run_sweep(str(testbed_recipe(args.objective, args.testbed)), axes, held_pairs, folder, overrides,
                                  reward=reward, prompts=str(validation), seeds=budget.eval_seeds,
@@ -189,6 +235,14 @@ def main() -> None:
         lines.append(f"| {reward} | {len(trials)} | {top:.3f} ({top_trial.values}) | "
                      + " | ".join(f"**{won[p]:.3f}**" if p in close else f"{won[p]:.3f}" for p in picks)
                      + f" | {gap:+.3f} [{low:+.2f}, {high:+.2f}] [{seed_low:+.2f}, {seed_high:+.2f}] | {rho:+.2f} |")
+    if args.hold_out:
+        text = ("| reward | hold-out pick | its validation win rate | " + " | ".join(
+            ["pick trained on every pair: test win rate, 8 / N seeds"] + [f"{a}: 8 / N seeds" for a in args.also])
+            + " |\n|" + "---|" * (4 + len(args.also)) + "\n" + "\n".join(lines[2:]) + "\n")
+        name = f"sweep-{args.objective}-seed{args.seed}-{args.rewards.replace(',', '+')}-holdout-test{args.test_seeds}.md"
+        (Path(args.out) / name).write_text(text)
+        print("\n" + text)
+        return
     n = len(lines) - 2
     text = "\n".join(lines) + f"\n\nTest win rate ({args.test_seeds} seeds per held-out prompt) of each pick's " \
         f"trial. Bold: within {TARGET_GAP} of the grid's best. Within {TARGET_GAP}, of {n}: " + ", ".join(
