@@ -176,3 +176,5 @@ def test_the_command_refuses_what_it_cannot_sweep(testbed_pairs, tmp_path, capsy
     assert "is the training data; hold out pairs" in capsys.readouterr().err
     assert main([*base, "--eval-pairs", str(held_out), "--lr", "1e-3", "--reward", "shape_size"]) == 2
     assert "--reward and --prompts go together" in capsys.readouterr().err
+    assert main([*base, "--eval-pairs", str(held_out), "--lr", "1e-3", "--hold-out-prompts"]) == 2
+    assert "--hold-out-prompts leaves the validation prompts' pairs out of training" in capsys.readouterr().err
