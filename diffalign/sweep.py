@@ -16,8 +16,9 @@ fresh seeds will do): picked on all 128 training prompts x 8 fresh seeds, it cam
 test win rate (32 seeds of the held-out prompts) on 8 of 9 report rewards x seeds, on 64 prompts 7 and on 32
 prompts 6 of 9 (``scripts/bench_sweep.py``). ``hold_out_prompts`` (``--hold-out-prompts``) leaves the validation
 prompts' pairs out of every trial's training, so a trial that does better on the prompts it trained on cannot lead
-the validation for that: on 32 held-out prompts x 32 seeds it came within 0.05 on 3 of 3 at seed 0 (128 training
-prompts: 2 of 3; docs/benchmarks.md, "Validation prompts held out of training").
+the validation for that alone: on 32 held-out prompts x 32 seeds it came within 0.05 on 3 of 3 at seed 0 (128
+training prompts: 2 of 3) but missed at seed 1's left_position where they did not (docs/benchmarks.md, "Validation
+prompts held out of training").
 
 Resumable: a finished trial's ``trial.json`` is read back (the grid point must match); an interrupted one resumes
 from its last checkpoint. Writes ``sweep.json`` (every trial), ``best.yaml`` (the chosen trial's config, which
