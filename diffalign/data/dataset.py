@@ -147,8 +147,7 @@ def count_truncated(tokenizers, captions: Sequence[str], batch_size: int = 1024)
 def check_captions(source: PairSource, tokenizers) -> int:
     """Count the pairs whose caption the text encoders truncate, record it in ``source`` and warn once."""
     toks = _as_list(tokenizers)
-    caption_of = source.caption_of or (lambda r: source.get(r).caption)
-    n = count_truncated(toks, [caption_of(r) for r in source.rows])
+    n = count_truncated(toks, [source.caption(r) for r in source.rows])
     source.truncated_captions = n
     if n:
         limit = min(t.model_max_length for t in toks)

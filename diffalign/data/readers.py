@@ -83,6 +83,10 @@ class PairSource:
     def __getitem__(self, i: int) -> Pair:
         return self.get(self.rows[i])
 
+    def caption(self, row: int) -> str:
+        """Source row ``row``'s caption, read without decoding its images where the reader can."""
+        return self.caption_of(row) if self.caption_of else self.get(row).caption
+
     def label(self, row: int) -> str:
         """How a message names source row ``row``: ``row 3`` (datasets), ``line 4`` (JSONL), ``row 5`` (CSV)."""
         return self.label_of(row) if self.label_of else f"row {row}"
@@ -194,9 +198,8 @@ def leave_out_prompts(source: PairSource, prompts_file: str) -> None:
     from .prompts import read_prompts
 
     excluded = set(read_prompts(prompts_file))
-    caption_of = source.caption_of or (lambda r: source.get(r).caption)
     before = len(source.rows)
-    source.rows = [r for r in source.rows if caption_of(r).strip() not in excluded]
+    source.rows = [r for r in source.rows if source.caption(r).strip() not in excluded]
     left_out = before - len(source.rows)
     if not source.rows:
         raise DataError(f"{source.name}: every one of its {before} {source.unit} has a prompt in "
